@@ -1,0 +1,102 @@
+"""Wire the service together and run it under one root task group until a signal stops it."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from contextlib import AsyncExitStack
+
+import anyio
+import anyio.abc
+
+from .aws import open_clients
+from .builds import BuildBackend, CodeBuild
+from .git import Git
+from .health import Health, bound_port, serve_http
+from .intake import Intake
+from .job import Services
+from .metrics import Metrics
+from .queue import Leases, Queue
+from .settings import Settings
+from .storage import Storage
+from .worker import Worker
+
+log = logging.getLogger("branchbuild")
+
+
+class App:
+    """The running service; ``stopping`` may also be set by an embedding test."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.health = Health(liveness_timeout=settings.liveness_timeout)
+        self.stopping = anyio.Event()
+        self.http_port: int | None = None
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run until SIGTERM/SIGINT (or ``stopping``), drain, and return.
+
+        Raises:
+            ConfigurationError: a setting is unusable (e.g. no SSH key file).
+            AccessDenied, TransientError: a queue cannot be read at start-up.
+        """
+        s = self.settings
+        git = Git(s)  # fails fast on a bad SSH set-up
+        async with AsyncExitStack() as stack:
+            clients = await open_clients(
+                stack, max_pool=s.concurrency * (s.upload_concurrency + 1) + 10
+            )
+            intake_queue = Queue(clients.sqs, s.queue_url, name="intake")
+            work_queue = Queue(clients.sqs, s.work_queue_url, name="work")
+            await intake_queue.describe()
+            await work_queue.describe()
+            backend: BuildBackend = CodeBuild(clients.codebuild)
+            services = Services(
+                settings=s,
+                git=git,
+                storage=Storage(
+                    clients.s3,
+                    s.bucket,
+                    part_size=s.part_size,
+                    concurrency=s.upload_concurrency,
+                    max_bytes=s.max_archive_bytes,
+                ),
+                backend=backend,
+                backend_name=s.build_backend.value,
+                metrics=self.metrics,
+            )
+            leases = Leases(
+                visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
+            )
+            runner = await stack.enter_async_context(
+                serve_http(self.health, self.metrics, host=s.http_host, port=s.http_port)
+            )
+            self.http_port = bound_port(runner)
+            intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
+            worker = Worker(work_queue, services, leases, self.health)
+            async with anyio.create_task_group() as background:
+                background.start_soon(self._watch_signals, name="signals")
+                background.start_soon(leases.run, name="heartbeat")
+                async with anyio.create_task_group() as consumers:
+                    await consumers.start(intake.run, self.stopping)
+                    await consumers.start(worker.run, self.stopping)
+                    self.health.ready = True
+                    log.info("consuming %s and %s", s.queue_url, s.work_queue_url)
+                    task_status.started()
+                background.cancel_scope.cancel()
+        log.info("stopped")
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if not self.stopping.is_set():
+                    log.info(
+                        "%s: stopping; in-flight jobs get %s s",
+                        signal.Signals(signum).name,
+                        self.settings.shutdown_grace,
+                    )
+                    self.health.draining = True
+                    self.stopping.set()

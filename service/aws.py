@@ -1,0 +1,89 @@
+"""AWS clients and the mapping of botocore failures onto branchbuild's error tree."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import aioboto3
+from aiobotocore.config import AioConfig
+from botocore.exceptions import BotoCoreError, ClientError
+
+from .errors import AccessDenied, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codebuild import CodeBuildClient
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_sqs import SQSClient
+
+# Codes that no retry can fix: the configuration or the permissions must change first.
+PERMANENT_CODES = frozenset(
+    {
+        "AccessDenied",
+        "AccessDeniedException",
+        "AllAccessDisabled",
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "QueueDoesNotExist",
+        "InvalidAccessKeyId",
+        "KMS.AccessDeniedException",
+        "NoSuchBucket",
+        "ResourceNotFoundException",
+        "InvalidInputException",
+        "SignatureDoesNotMatch",
+        "UnrecognizedClientException",
+    }
+)
+
+
+def error_code(exc: BaseException) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", ""))
+    return ""
+
+
+@contextmanager
+def translated(
+    action: str,
+    *,
+    transient: type[TransientError] = TransientError,
+    permanent: type[PermanentError] = AccessDenied,
+) -> Iterator[None]:
+    """Re-raise botocore failures of ``action`` as transient or permanent branchbuild errors."""
+    try:
+        yield
+    except ClientError as exc:
+        code = error_code(exc)
+        message = exc.response.get("Error", {}).get("Message", "")
+        detail = f"cannot {action}: {code}{': ' + message if message else ''}"
+        if code in PERMANENT_CODES:
+            raise permanent(detail) from exc
+        raise transient(detail) from exc
+    except (BotoCoreError, OSError) as exc:
+        raise transient(f"cannot {action}: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class Clients:
+    sqs: SQSClient
+    s3: S3Client
+    codebuild: CodeBuildClient
+
+
+async def open_clients(stack: AsyncExitStack, *, max_pool: int) -> Clients:
+    """Open one long-lived client per service (never one per event).
+
+    Endpoints, region and credentials come from the standard AWS variables.
+    """
+    session = aioboto3.Session()
+    config = AioConfig(
+        retries={"mode": "standard", "max_attempts": 4},
+        connect_timeout=5,
+        read_timeout=40,  # above the 20 s long poll
+        max_pool_connections=max_pool,
+    )
+    sqs = await stack.enter_async_context(session.client("sqs", config=config))
+    s3 = await stack.enter_async_context(session.client("s3", config=config))
+    codebuild = await stack.enter_async_context(session.client("codebuild", config=config))
+    return Clients(sqs=sqs, s3=s3, codebuild=codebuild)

@@ -1,0 +1,124 @@
+"""Start a CodeBuild build for an uploaded archive, at most once per (repository, ref, commit)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from .aws import error_code, translated
+from .errors import BuildError, PermanentError
+from .events import Push, RefType
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codebuild import CodeBuildClient
+    from types_aiobotocore_codebuild.type_defs import EnvironmentVariableTypeDef
+
+log = logging.getLogger("branchbuild.builds")
+
+_PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,254}")
+# Codes worth a few in-process retries while the message stays leased; botocore's own retries
+# already covered ThrottlingException once the call gets here.
+_RETRY_CODES = {"AccountLimitExceededException", "ThrottlingException"}
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    push: Push
+    project: str
+    bucket: str
+    key: str
+
+    @property
+    def commit(self) -> str:
+        assert self.push.commit is not None
+        return self.push.commit
+
+    @property
+    def idempotency_token(self) -> str:
+        """Stable for (repository, ref, commit): a redelivered message starts no second build."""
+        seed = f"{self.push.repository}\0{self.push.ref}\0{self.commit}"
+        return hashlib.sha256(seed.encode()).hexdigest()
+
+    @property
+    def environment(self) -> dict[str, str]:
+        name_variable = "BRANCH_NAME" if self.push.ref_type is RefType.BRANCH else "TAG_NAME"
+        return {
+            "COMMIT_ID": self.commit,
+            name_variable: self.push.name,
+            "REPOSITORY_NAME": self.push.repository,
+        }
+
+
+@dataclass(frozen=True)
+class StartedBuild:
+    build_id: str
+    project: str
+
+
+class BuildBackend(Protocol):
+    async def start(self, request: BuildRequest) -> StartedBuild: ...
+
+
+def project_name(template: str, push: Push) -> str:
+    """Render the CodeBuild project name for a push.
+
+    Raises:
+        PermanentError: the rendered name is not a valid CodeBuild project name.
+    """
+    name = template.format(repository=push.repository, branch=push.name)
+    if not _PROJECT.fullmatch(name):
+        raise PermanentError(f"{name!r} is not a valid CodeBuild project name")
+    return name
+
+
+class CodeBuild:
+    """The production backend: AWS CodeBuild's StartBuild with the source overridden."""
+
+    def __init__(self, client: CodeBuildClient, *, attempts: int = 5, max_wait: float = 30) -> None:
+        self.client = client
+        self.attempts = attempts
+        self.max_wait = max_wait
+
+    async def start(self, request: BuildRequest) -> StartedBuild:
+        """Start the build.
+
+        Raises:
+            BuildError: throttled or over the account's build limit after retries (transient).
+            AccessDenied: the project does not exist or may not be started (permanent).
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(lambda e: error_code(e.__cause__ or e) in _RETRY_CODES),
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_random_exponential(multiplier=1, max=self.max_wait),
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                return await self._start_once(request)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _start_once(self, request: BuildRequest) -> StartedBuild:
+        variables: list[EnvironmentVariableTypeDef] = [
+            {"name": name, "value": value, "type": "PLAINTEXT"}
+            for name, value in request.environment.items()
+        ]
+        with translated(f"start a build of project {request.project}", transient=BuildError):
+            reply = await self.client.start_build(
+                projectName=request.project,
+                sourceTypeOverride="S3",
+                sourceLocationOverride=f"{request.bucket}/{request.key}",
+                environmentVariablesOverride=variables,
+                artifactsOverride={"type": "NO_ARTIFACTS"},
+                idempotencyToken=request.idempotency_token,
+            )
+        return StartedBuild(build_id=reply["build"]["id"], project=request.project)

@@ -1,0 +1,76 @@
+"""Decide what a parsed event means *before* any work is done: build it, or skip it and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from fnmatch import fnmatchcase
+
+from .errors import RejectedEvent
+from .events import Action, OtherEvent, Push, RefType
+from .settings import Settings
+
+
+class Outcome(StrEnum):
+    """How a received event ended; the ``outcome`` label of ``branchbuild_events_total``."""
+
+    BUILT = "built"
+    PROTECTED = "protected"
+    EXCLUDED = "excluded"
+    SUPERSEDED = "superseded"
+    DELETED = "deleted"
+    IGNORED = "ignored"
+    DUPLICATE = "duplicate"
+    QUEUED = "queued"
+    RETRIED = "retried"
+    FAILED = "failed"
+    RELEASED = "released"
+
+
+@dataclass(frozen=True)
+class Skip:
+    """The event is acknowledged without a build."""
+
+    outcome: Outcome
+    reason: str
+
+
+def decide(event: Push | OtherEvent, settings: Settings) -> Push | Skip:
+    """Return the push to build, or why it is skipped.
+
+    Raises:
+        RejectedEvent: the event comes from an account, region or repository not allowed.
+    """
+    if isinstance(event, OtherEvent):
+        return Skip(Outcome.IGNORED, f"event {event.event!r} is not a ref change")
+    _check_allowed(event, settings)
+    if event.action is Action.DELETED:
+        return Skip(Outcome.DELETED, f"{event.ref} was deleted")
+    if event.ref_type is RefType.TAG:
+        if not settings.build_tags:
+            return Skip(Outcome.IGNORED, "tag builds are disabled (BRANCHBUILD_BUILD_TAGS)")
+        return event
+    if _matches(event.name, settings.protected_branches):
+        return Skip(Outcome.PROTECTED, f"branch {event.name!r} is protected")
+    if not _matches(event.name, settings.include_branches):
+        return Skip(Outcome.EXCLUDED, f"branch {event.name!r} is not in the include list")
+    return event
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def _check_allowed(push: Push, settings: Settings) -> None:
+    for value, allowed, what, variable in (
+        (push.account, settings.allowed_accounts, "account", "BRANCHBUILD_ALLOWED_ACCOUNTS"),
+        (push.region, settings.allowed_regions, "region", "BRANCHBUILD_ALLOWED_REGIONS"),
+        (
+            push.repository,
+            settings.allowed_repositories,
+            "repository",
+            "BRANCHBUILD_ALLOWED_REPOSITORIES",
+        ),
+    ):
+        if allowed and not _matches(value, allowed):
+            raise RejectedEvent(f"{what} {value!r} is not in {variable}")

@@ -1,0 +1,94 @@
+"""The exception tree: every failure is either transient (retry later) or permanent (never will)."""
+
+from __future__ import annotations
+
+
+class BranchbuildError(Exception):
+    """Root of every error branchbuild raises on purpose."""
+
+    #: A short, bounded label for metrics (``errors_total{kind=...}``).
+    kind = "error"
+
+
+class ConfigurationError(BranchbuildError):
+    """Raised at start-up when a setting is missing or invalid; the message names the variable."""
+
+    kind = "configuration"
+
+
+class TransientError(BranchbuildError):
+    """Raised when a retry may succeed: throttling, 5xx, network, an SSH drop, a timeout."""
+
+    kind = "transient"
+
+
+class PermanentError(BranchbuildError):
+    """Raised when a retry can never succeed: the message goes to the dead-letter queue."""
+
+    kind = "permanent"
+
+
+class MalformedEvent(PermanentError):
+    """Raised when a message body is not a well-formed CodeCommit push event."""
+
+    kind = "malformed_event"
+
+
+class RejectedEvent(PermanentError):
+    """Raised when a well-formed event comes from an account, region or repository not allowed."""
+
+    kind = "rejected_event"
+
+
+class GitError(TransientError):
+    """Raised when git fails in a way that may pass (network, SSH drop, server busy)."""
+
+    kind = "git"
+
+
+class HostKeyMismatch(PermanentError):
+    """Raised when the git host's SSH key does not match the pinned known_hosts entry."""
+
+    kind = "host_key"
+
+
+class GitAccessDenied(PermanentError):
+    """Raised when the git host refuses our key or the repository does not exist for us."""
+
+    kind = "git_access"
+
+
+class CommitNotFound(PermanentError):
+    """Raised when the pushed commit is no longer on the server (a force-push removed it)."""
+
+    kind = "commit_not_found"
+
+
+class ArchiveTooLarge(PermanentError):
+    """Raised when a file or the whole archive exceeds the configured size limits."""
+
+    kind = "archive_too_large"
+
+
+class StorageError(TransientError):
+    """Raised when S3 fails in a way that may pass (throttling, 5xx, network)."""
+
+    kind = "storage"
+
+
+class BuildError(TransientError):
+    """Raised when starting a build fails in a way that may pass (throttling, account limit)."""
+
+    kind = "build"
+
+
+class AccessDenied(PermanentError):
+    """Raised when AWS refuses an action for lack of permission or a missing resource."""
+
+    kind = "access_denied"
+
+
+class LeaseLost(TransientError):
+    """Raised when a message's visibility could not be extended: another consumer may own it."""
+
+    kind = "lease_lost"

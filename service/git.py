@@ -1,0 +1,320 @@
+"""Fetch the exact pushed commit over SSH into a per-repository bare cache, and archive it.
+
+* git runs as async subprocesses with an argument list and a clean environment: no shell, no
+  AWS credentials, no user or system git config. Names from events reach git only after
+  :mod:`service.events` validated them, and only inside a URL or a hashed ref.
+* SSH is OpenSSH with a generated config: our key only, strict host key checking against the
+  pinned known_hosts, batch mode. git starts it through a tiny exec wrapper (``GIT_SSH``), so
+  not even git's ``sh -c`` for ``GIT_SSH_COMMAND`` is involved.
+* Each repository has one bare repository on disk; a fetch brings only what is new. Fetches of
+  one repository are serialised by a lock; different repositories fetch in parallel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+from anyio.abc import ByteReceiveStream
+
+from .errors import (
+    ArchiveTooLarge,
+    CommitNotFound,
+    ConfigurationError,
+    GitAccessDenied,
+    GitError,
+    HostKeyMismatch,
+)
+from .events import Push
+from .settings import Settings
+
+log = logging.getLogger("branchbuild.git")
+
+_HOST_KEY = ("host key verification failed", "remote host identification has changed")
+_ACCESS = (
+    "permission denied",
+    "does not appear to be a git repository",
+    "repository not found",
+)
+_NOT_OUR_REF = (
+    "not our ref",
+    "couldn't find remote ref",
+    "unadvertised object",
+    "no such remote ref",
+    "remote error: upload-pack: not our ref",
+)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A commit present in the local cache."""
+
+    git_dir: Path
+    commit: str
+    cache_hit: bool
+
+
+class Git:
+    """The git cache and the SSH transport; one per service."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.root = settings.cache_dir
+        self.repos = self.root / "repos"
+        self._locks: dict[Path, anyio.Lock] = {}
+        self._env = self._prepare()
+
+    # -- set-up -----------------------------------------------------------------------------
+
+    def _prepare(self) -> dict[str, str]:
+        """Write the SSH config and wrapper; fail with the variable's name if something is off."""
+        s = self.settings
+        self.repos.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(self.root),
+            "LC_ALL": "C",
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_CONFIG_GLOBAL": os.devnull,
+            "GIT_ASKPASS": "/bin/false",
+            "SSH_ASKPASS": "/bin/false",
+        }
+        if not s.git_url_template.startswith("ssh://"):
+            return env
+        ssh = shutil.which("ssh")
+        if ssh is None:
+            raise ConfigurationError("the OpenSSH client 'ssh' is not installed")
+        private = self.root / "ssh"
+        private.mkdir(mode=0o700, exist_ok=True)
+        key = s.ssh_key_file
+        if s.ssh_private_key is not None:
+            key = private / "id"
+            key.touch(mode=0o600, exist_ok=True)
+            material = s.ssh_private_key.get_secret_value().strip() + "\n"
+            key.write_text(material)
+        if key is None or not key.is_file():
+            raise ConfigurationError(
+                "BRANCHBUILD_SSH_KEY_FILE (or BRANCHBUILD_SSH_PRIVATE_KEY) must name a readable "
+                f"private key for {s.git_url_template.split('@')[-1]}"
+            )
+        known = s.known_hosts_file
+        if known is None or not known.is_file():
+            raise ConfigurationError(
+                "BRANCHBUILD_KNOWN_HOSTS_FILE must name a known_hosts file with the git host's key"
+            )
+        config = private / "config"
+        config.write_text(
+            "Host *\n"
+            f"  IdentityFile {_ssh_quote(key)}\n"
+            "  IdentitiesOnly yes\n"
+            "  IdentityAgent none\n"
+            f"  UserKnownHostsFile {_ssh_quote(known)}\n"
+            "  GlobalKnownHostsFile /dev/null\n"
+            "  StrictHostKeyChecking yes\n"
+            "  CheckHostIP no\n"
+            "  BatchMode yes\n"
+            "  PasswordAuthentication no\n"
+            "  KbdInteractiveAuthentication no\n"
+            f"  ConnectTimeout {s.ssh_connect_timeout}\n"
+            "  ServerAliveInterval 15\n"
+            "  ServerAliveCountMax 3\n"
+            "  LogLevel ERROR\n"
+        )
+        wrapper = private / "git-ssh"
+        wrapper.write_text(
+            f"#!{sys.executable} -I -S\n"
+            "import os, sys\n"
+            f"os.execv({ssh!r}, [{ssh!r}, '-F', {str(config)!r}, *sys.argv[1:]])\n"
+        )
+        wrapper.chmod(0o700)
+        env.update(GIT_SSH=str(wrapper), GIT_SSH_VARIANT="ssh")
+        return env
+
+    def url(self, push: Push) -> str:
+        return self.settings.git_url_template.format(
+            repository=push.repository, region=push.region, ssh_key_id=self.settings.ssh_key_id
+        )
+
+    def git_dir(self, push: Push) -> Path:
+        url = self.url(push)
+        digest = hashlib.sha256(url.encode()).hexdigest()[:12]
+        return self.repos / f"{push.repository}-{digest}.git"
+
+    # -- fetch ------------------------------------------------------------------------------
+
+    async def fetch(self, push: Push) -> Fetched:
+        """Make ``push.commit`` present in the cache, fetching only what is missing.
+
+        Raises:
+            HostKeyMismatch, GitAccessDenied, CommitNotFound: permanent.
+            GitError: transient (network, SSH drop, timeout).
+        """
+        assert push.commit is not None
+        git_dir = self.git_dir(push)
+        lock = self._locks.setdefault(git_dir, anyio.Lock())
+        async with lock:
+            if not git_dir.exists():
+                await self._git(None, "init", "--bare", "--quiet", str(git_dir))
+                await self._git(git_dir, "config", "gc.auto", "0")
+            elif await self._has_commit(git_dir, push.commit):
+                return Fetched(git_dir, push.commit, cache_hit=True)
+            url = self.url(push)
+            # Keep what we fetch under a ref, so the next fetch negotiates from it and transfers
+            # only new objects; the ref name is a hash, never the branch name.
+            ref = "refs/branchbuild/" + hashlib.sha256(push.ref.encode()).hexdigest()[:32]
+            try:
+                await self._git(git_dir, *_FETCH, url, f"+{push.commit}:{ref}")
+            except _NotOurRef:
+                # The server refuses fetching by id: fetch its branches and look again.
+                log.info("fetch by commit id refused; fetching all branches of %s", push.repository)
+                try:
+                    await self._git(git_dir, *_FETCH, url, "+refs/heads/*:refs/remotes/origin/*")
+                except _NotOurRef as exc:
+                    raise GitError(str(exc)) from None
+                if not await self._has_commit(git_dir, push.commit):
+                    raise CommitNotFound(
+                        f"commit {push.commit} is no longer on the server (force-pushed away?)"
+                    ) from None
+                await self._git(git_dir, "update-ref", ref, push.commit)
+            if not await self._has_commit(git_dir, push.commit):
+                raise CommitNotFound(f"the server sent no commit {push.commit}")
+            return Fetched(git_dir, push.commit, cache_hit=False)
+
+    async def _has_commit(self, git_dir: Path, commit: str) -> bool:
+        result = await anyio.run_process(
+            ["git", f"--git-dir={git_dir}", "cat-file", "-e", f"{commit}^{{commit}}"],
+            env=self._env,
+            check=False,
+        )
+        return result.returncode == 0
+
+    # -- archive ----------------------------------------------------------------------------
+
+    async def check_sizes(self, fetched: Fetched) -> int:
+        """Return the total size of the commit's files.
+
+        Raises:
+            ArchiveTooLarge: a file or the sum exceeds the configured limits.
+        """
+        listing = await self._git(fetched.git_dir, "ls-tree", "-r", "-l", "-z", fetched.commit)
+        total = 0
+        for entry in listing.split(b"\0"):
+            if not entry:
+                continue
+            meta, _, path = entry.partition(b"\t")
+            size = meta.split()[-1]
+            if size == b"-":  # a submodule (gitlink): archived as an empty directory
+                continue
+            total += int(size)
+            if int(size) > self.settings.max_file_bytes:
+                raise ArchiveTooLarge(
+                    f"file {path.decode(errors='replace')!r} is {int(size)} bytes, over "
+                    f"BRANCHBUILD_MAX_FILE_BYTES={self.settings.max_file_bytes}"
+                )
+        if total > self.settings.max_archive_bytes:
+            raise ArchiveTooLarge(
+                f"the commit's files total {total} bytes, over "
+                f"BRANCHBUILD_MAX_ARCHIVE_BYTES={self.settings.max_archive_bytes}"
+            )
+        return total
+
+    @asynccontextmanager
+    async def archive(self, fetched: Fetched) -> AsyncIterator[ByteReceiveStream]:
+        """Stream a zip of the commit's tree: no ``.git``, symlinks stored as links.
+
+        Raises:
+            GitError: git archive failed.
+        """
+        args = [
+            "git",
+            f"--git-dir={fetched.git_dir}",
+            "archive",
+            "--format=zip",
+            f"-{self.settings.zip_level}",
+            fetched.commit,
+        ]
+        stderr = bytearray()
+        async with await anyio.open_process(args, env=self._env, stdin=None) as process:
+            assert process.stdout is not None and process.stderr is not None
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_drain, process.stderr, stderr)
+                try:
+                    yield process.stdout
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        process.kill()
+                        await process.wait()
+                    raise
+                returncode = await process.wait()
+        if returncode != 0:
+            raise GitError(f"git archive failed: {_tail(stderr)}")
+
+    # -- running git ------------------------------------------------------------------------
+
+    async def _git(self, git_dir: Path | None, *args: str) -> bytes:
+        command = ["git"] + ([f"--git-dir={git_dir}"] if git_dir else []) + list(args)
+        try:
+            with anyio.fail_after(self.settings.git_timeout):
+                result = await anyio.run_process(command, env=self._env, check=False)
+        except TimeoutError:
+            raise GitError(
+                f"git {args[0]} timed out after {self.settings.git_timeout:g} s"
+            ) from None
+        if result.returncode != 0:
+            raise _classify(args[0], result.stderr)
+        return result.stdout
+
+
+_FETCH = (
+    "-c",
+    "protocol.version=2",
+    "fetch",
+    "--quiet",
+    "--no-tags",
+    "--no-write-fetch-head",
+    "--no-recurse-submodules",
+    "--end-of-options",
+)
+
+
+class _NotOurRef(GitError):
+    """Raised internally when the server will not serve a commit by id."""
+
+
+def _classify(command: str, stderr: bytes) -> Exception:
+    text = _tail(stderr)
+    lowered = text.lower()
+    if any(marker in lowered for marker in _HOST_KEY):
+        return HostKeyMismatch(f"the git host's key does not match known_hosts: {text}")
+    if any(marker in lowered for marker in _NOT_OUR_REF):
+        return _NotOurRef(f"git {command}: {text}")
+    if any(marker in lowered for marker in _ACCESS):
+        return GitAccessDenied(f"git host refused access: {text}")
+    return GitError(f"git {command} failed: {text}")
+
+
+def _tail(stderr: bytes | bytearray, limit: int = 500) -> str:
+    text = bytes(stderr).decode("utf-8", errors="replace").strip().replace("\n", " | ")
+    return text[-limit:] or "(no output)"
+
+
+async def _drain(stream: ByteReceiveStream, into: bytearray, limit: int = 64 * 1024) -> None:
+    async for chunk in stream:
+        if len(into) < limit:
+            into += chunk[: limit - len(into)]
+
+
+def _ssh_quote(path: Path) -> str:
+    text = str(path)
+    if any(c in text for c in '"\n'):
+        raise ConfigurationError(f"path {text!r} cannot be used in an SSH config")
+    return f'"{text}"'

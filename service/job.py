@@ -1,0 +1,103 @@
+"""One push, start to finish: ledger → fetch → archive → upload → start build → ledger."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from .builds import BuildBackend, BuildRequest, project_name
+from .decide import Outcome
+from .events import Push, event_time
+from .git import Git
+from .metrics import Metrics
+from .settings import Settings
+from .storage import LedgerEntry, Storage
+
+log = logging.getLogger("branchbuild.job")
+
+
+@dataclass(frozen=True)
+class Services:
+    """What a job needs; built once at start-up and shared by every job."""
+
+    settings: Settings
+    git: Git
+    storage: Storage
+    backend: BuildBackend
+    backend_name: str
+    metrics: Metrics
+
+
+@dataclass(frozen=True)
+class JobResult:
+    outcome: Outcome
+    build_id: str | None
+    key: str
+
+
+def object_key(template: str, push: Push) -> str:
+    """The S3 key for a push's archive; names were validated, so no '..' or leading '/'."""
+    return template.format(
+        repository=push.repository, branch=push.name, ref=push.ref, commit=push.commit
+    )
+
+
+async def run_job(push: Push, services: Services) -> JobResult:
+    """Build one push.
+
+    Raises:
+        PermanentError: the push can never be built (see :mod:`service.errors`).
+        TransientError: a retry may succeed; nothing half-done is left behind.
+    """
+    s = services
+    assert push.commit is not None
+    key = object_key(s.settings.key_template, push)
+    project = project_name(s.settings.project_template, push)
+    context = {"repository": push.repository, "branch": push.name, "commit": push.commit}
+
+    previous = await s.storage.read_ledger(key)
+    if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
+        log.info("already built as %s", previous.build_id, extra=context)
+        return JobResult(Outcome.DUPLICATE, previous.build_id, key)
+
+    with _timed(s.metrics, "fetch"):
+        fetched = await s.git.fetch(push)
+    s.metrics.fetches.labels(result="hit" if fetched.cache_hit else "fetched").inc()
+
+    with _timed(s.metrics, "archive"):
+        await s.git.check_sizes(fetched)
+    with _timed(s.metrics, "upload"):
+        async with s.git.archive(fetched) as stream:
+            uploaded = await s.storage.upload(key, stream)
+    s.metrics.upload_bytes.inc(uploaded.size)
+    log.info(
+        "uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key, extra=context
+    )
+
+    request = BuildRequest(push=push, project=project, bucket=s.storage.bucket, key=key)
+    with _timed(s.metrics, "start_build"):
+        started = await s.backend.start(request)
+    s.metrics.builds.labels(backend=s.backend_name).inc()
+    pushed_at = event_time(push)
+    if pushed_at is not None:
+        s.metrics.latency.observe(max(0.0, (datetime.now(UTC) - pushed_at).total_seconds()))
+    log.info("started build %s", started.build_id, extra={**context, "build_id": started.build_id})
+
+    await s.storage.write_ledger(
+        key,
+        LedgerEntry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project),
+    )
+    return JobResult(Outcome.BUILT, started.build_id, key)
+
+
+@contextmanager
+def _timed(metrics: Metrics, stage: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        metrics.stage_seconds.labels(stage=stage).observe(time.perf_counter() - start)

@@ -1,0 +1,75 @@
+"""Prometheus metrics: one registry per service instance, few and bounded labels."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from . import __version__
+
+STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter(
+            "branchbuild_events",
+            "Events taken from the intake queue, by event type and outcome.",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.jobs = Counter(
+            "branchbuild_jobs",
+            "Build jobs taken from the work queue, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "branchbuild_stage_duration_seconds",
+            "Time spent in each stage of a job.",
+            ["stage"],
+            buckets=STAGE_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "branchbuild_event_to_build_seconds",
+            "From the push event's time to StartBuild returning.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.builds = Counter(
+            "branchbuild_builds_started", "Builds started.", ["backend"], registry=r
+        )
+        self.in_flight = Gauge(
+            "branchbuild_jobs_in_flight", "Jobs received and not yet settled.", registry=r
+        )
+        self.upload_bytes = Counter(
+            "branchbuild_upload_bytes", "Archive bytes uploaded to S3.", registry=r
+        )
+        self.errors = Counter("branchbuild_errors", "Errors, by kind.", ["kind"], registry=r)
+        self.fetches = Counter(
+            "branchbuild_git_fetches",
+            "Commits asked of the git cache, by result (hit: no network).",
+            ["result"],
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "branchbuild_receive_batch_size",
+            "Messages returned by one ReceiveMessage call.",
+            ["queue"],
+            buckets=(0, 1, 2, 3, 5, 8, 10),
+            registry=r,
+        )
+        self.heartbeats = Counter(
+            "branchbuild_visibility_extensions",
+            "Visibility timeout extensions of in-flight messages (heartbeats).",
+            registry=r,
+        )
+        self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
+        self.info.info({"version": __version__})

@@ -1,0 +1,262 @@
+"""SQS FIFO queues: receive, delete, release and heartbeat, always in batches of at most 10."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .aws import translated
+from .errors import AccessDenied, PermanentError, TransientError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.type_defs import (
+        ChangeMessageVisibilityBatchRequestEntryTypeDef,
+        SendMessageBatchRequestEntryTypeDef,
+    )
+
+    from .metrics import Metrics
+
+log = logging.getLogger("branchbuild.queue")
+
+BATCH = 10  # SQS's limit for ReceiveMessage and every *Batch call
+
+
+@dataclass(frozen=True)
+class Message:
+    """A received SQS message; the receipt handle is valid for this receive only."""
+
+    id: str
+    receipt: str
+    body: str
+    group: str
+    receive_count: int
+    sent_at_ms: int
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send to a FIFO queue."""
+
+    body: str
+    group: str
+    dedup: str
+
+
+class Queue:
+    """One SQS FIFO queue, with its dead-letter limit read from its RedrivePolicy."""
+
+    def __init__(self, client: SQSClient, url: str, *, name: str) -> None:
+        self.client = client
+        self.url = url
+        self.name = name
+        self.max_receive_count: int | None = None
+
+    async def describe(self) -> None:
+        """Read the queue's RedrivePolicy, to know when a failure is the last one.
+
+        Raises:
+            AccessDenied: the queue does not exist or may not be read.
+            TransientError: SQS could not be reached.
+        """
+        with translated(f"read attributes of the {self.name} queue"):
+            reply = await self.client.get_queue_attributes(
+                QueueUrl=self.url, AttributeNames=["RedrivePolicy", "FifoQueue"]
+            )
+        attributes = reply.get("Attributes", {})
+        if attributes.get("FifoQueue") != "true":
+            raise AccessDenied(f"the {self.name} queue {self.url} is not a FIFO queue")
+        policy = attributes.get("RedrivePolicy")
+        if policy:
+            self.max_receive_count = int(json.loads(policy)["maxReceiveCount"])
+        else:
+            log.warning("the %s queue has no dead-letter queue: failures retry forever", self.name)
+
+    def is_last_attempt(self, message: Message) -> bool:
+        return (
+            self.max_receive_count is not None and message.receive_count >= self.max_receive_count
+        )
+
+    async def receive(self, limit: int, *, wait: int, visibility: int) -> list[Message]:
+        """Long-poll for up to ``limit`` messages (at most 10)."""
+        with translated(f"receive from the {self.name} queue"):
+            reply = await self.client.receive_message(
+                QueueUrl=self.url,
+                MaxNumberOfMessages=max(1, min(BATCH, limit)),
+                WaitTimeSeconds=wait,
+                VisibilityTimeout=visibility,
+                MessageSystemAttributeNames=[
+                    "ApproximateReceiveCount",
+                    "MessageGroupId",
+                    "SentTimestamp",
+                ],
+            )
+        return [
+            Message(
+                id=m["MessageId"],
+                receipt=m["ReceiptHandle"],
+                body=m.get("Body", ""),
+                group=m.get("Attributes", {}).get("MessageGroupId", ""),
+                receive_count=int(m.get("Attributes", {}).get("ApproximateReceiveCount", "1")),
+                sent_at_ms=int(m.get("Attributes", {}).get("SentTimestamp", "0")),
+            )
+            for m in reply.get("Messages", [])
+        ]
+
+    async def send(self, messages: Sequence[Outgoing]) -> None:
+        """Send in order, in batches; raises if any entry was not accepted."""
+        for start in range(0, len(messages), BATCH):
+            chunk = messages[start : start + BATCH]
+            entries: list[SendMessageBatchRequestEntryTypeDef] = [
+                {
+                    "Id": str(i),
+                    "MessageBody": m.body,
+                    "MessageGroupId": m.group,
+                    "MessageDeduplicationId": m.dedup,
+                }
+                for i, m in enumerate(chunk)
+            ]
+            with translated(f"send to the {self.name} queue"):
+                reply = await self.client.send_message_batch(QueueUrl=self.url, Entries=entries)
+            failed = reply.get("Failed", [])
+            if failed:
+                first = failed[0]
+                error = f"{first.get('Code')}: {first.get('Message', '')}"
+                if first.get("SenderFault"):
+                    raise AccessDenied(f"the {self.name} queue refused a message: {error}")
+                raise TransientError(f"the {self.name} queue refused a message: {error}")
+
+    async def delete(self, messages: Sequence[Message]) -> list[Message]:
+        """Delete (acknowledge); returns the messages that could not be deleted."""
+        failed: list[Message] = []
+        for start in range(0, len(messages), BATCH):
+            chunk = messages[start : start + BATCH]
+            with translated(f"delete from the {self.name} queue"):
+                reply = await self.client.delete_message_batch(
+                    QueueUrl=self.url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m.receipt} for i, m in enumerate(chunk)
+                    ],
+                )
+            failed += [chunk[int(f["Id"])] for f in reply.get("Failed", [])]
+        return failed
+
+    async def change_visibility(self, messages: Sequence[Message], seconds: int) -> list[Message]:
+        """Extend (heartbeat) or release (``seconds=0``); returns the messages that failed."""
+        failed: list[Message] = []
+        for start in range(0, len(messages), BATCH):
+            chunk = messages[start : start + BATCH]
+            entries: list[ChangeMessageVisibilityBatchRequestEntryTypeDef] = [
+                {"Id": str(i), "ReceiptHandle": m.receipt, "VisibilityTimeout": seconds}
+                for i, m in enumerate(chunk)
+            ]
+            with translated(f"change visibility on the {self.name} queue"):
+                reply = await self.client.change_message_visibility_batch(
+                    QueueUrl=self.url, Entries=entries
+                )
+            failed += [chunk[int(f["Id"])] for f in reply.get("Failed", [])]
+        return failed
+
+
+def retry_delay(receive_count: int, *, base: int, cap: int) -> int:
+    """Exponential backoff keyed on the receive count, with jitter, capped (SQS max is 12 h)."""
+    delay = min(cap, base * 2 ** max(0, receive_count - 1))
+    return min(43200, int(delay * random.uniform(0.8, 1.2)))  # noqa: S311 - jitter, not crypto
+
+
+class Leases:
+    """Keeps received messages invisible while they are worked on (the visibility heartbeat).
+
+    One task extends every held message of every queue each ``interval`` seconds, in batches,
+    so a job that outlives the visibility timeout is never delivered twice.
+    """
+
+    def __init__(self, *, visibility: int, interval: float, metrics: Metrics) -> None:
+        self.visibility = visibility
+        self.interval = interval
+        self.metrics = metrics
+        self._held: dict[str, tuple[Queue, Message]] = {}
+        self.lost: set[str] = set()
+
+    def hold(self, queue: Queue, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self._held[message.receipt] = (queue, message)
+
+    def drop(self, messages: Sequence[Message]) -> None:
+        for message in messages:
+            self._held.pop(message.receipt, None)
+            self.lost.discard(message.receipt)
+
+    def __len__(self) -> int:
+        return len(self._held)
+
+    async def run(self) -> None:
+        """Heartbeat forever; cancelled by the owner's task group."""
+        while True:
+            await anyio.sleep(self.interval)
+            await self.extend_all()
+
+    async def extend_all(self) -> None:
+        by_queue: dict[int, tuple[Queue, list[Message]]] = {}
+        for queue, message in list(self._held.values()):
+            by_queue.setdefault(id(queue), (queue, []))[1].append(message)
+        for queue, messages in by_queue.values():
+            try:
+                failed = await queue.change_visibility(messages, self.visibility)
+            except TransientError as exc:
+                log.warning("heartbeat failed on the %s queue, will retry: %s", queue.name, exc)
+                self.metrics.errors.labels(kind="heartbeat").inc()
+                continue
+            self.metrics.heartbeats.inc(len(messages) - len(failed))
+            for message in failed:
+                if message.receipt in self._held and message.receipt not in self.lost:
+                    self.lost.add(message.receipt)
+                    self.metrics.errors.labels(kind="lease_lost").inc()
+                    log.warning(
+                        "lost the lease on message %s of the %s queue",
+                        message.id,
+                        queue.name,
+                        extra={"message_id": message.id},
+                    )
+
+
+async def receive_until(
+    queue: Queue, stopping: anyio.Event, *, limit: int, wait: int, visibility: int
+) -> list[Message]:
+    """Long-poll, but return at once (with nothing) when ``stopping`` is set.
+
+    A parked 20 s long poll must not delay shutdown. Messages that arrive in the very reply
+    we abandon are released, not stranded until their visibility timeout.
+    """
+    received: list[Message] = []
+    async with anyio.create_task_group() as tg:
+
+        async def poll() -> None:
+            received.extend(await queue.receive(limit, wait=wait, visibility=visibility))
+            tg.cancel_scope.cancel()
+
+        async def watch() -> None:
+            await stopping.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(poll)
+        tg.start_soon(watch)
+    if received and stopping.is_set():
+        with anyio.CancelScope(shield=True):
+            await queue.change_visibility(received, 0)
+        return []
+    return received
+
+
+def release_delay(error: BaseException, message: Message, *, base: int, cap: int) -> int:
+    """How long a failed message stays invisible: 0 for permanent errors (so SQS moves it to
+    the dead-letter queue at once after maxReceiveCount), a backoff for transient ones."""
+    if isinstance(error, PermanentError):
+        return 0
+    return retry_delay(message.receive_count, base=base, cap=cap)

@@ -1,0 +1,199 @@
+"""The one settings object: every ``BRANCHBUILD_*`` environment variable, typed and validated.
+
+AWS endpoints, region and credentials are *not* here: botocore reads the standard variables
+(``AWS_REGION``, ``AWS_ENDPOINT_URL``, ``AWS_ENDPOINT_URL_SQS``, ...) itself, so the same
+configuration runs against AWS, LocalStack or moto.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from .errors import ConfigurationError
+
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+CommaList = Annotated[tuple[str, ...], NoDecode]
+
+
+class BuildBackend(StrEnum):
+    CODEBUILD = "codebuild"
+
+
+class LogFormat(StrEnum):
+    AUTO = "auto"
+    JSON = "json"
+    TEXT = "text"
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "branchbuild"
+
+
+class Settings(BaseSettings):
+    """branchbuild's configuration, read once at start-up and passed in explicitly."""
+
+    model_config = SettingsConfigDict(env_prefix="BRANCHBUILD_", frozen=True, extra="ignore")
+
+    # Queues: the intake queue is the EventBridge rule's target (one static message group);
+    # the work queue holds one message group per repository and branch.
+    queue_url: str = Field(min_length=1)
+    work_queue_url: str = Field(min_length=1)
+    bucket: str = Field(min_length=3, max_length=63)
+
+    key_template: str = "{repository}/{branch}/{commit}.zip"
+    project_template: str = "{repository}"
+    protected_branches: CommaList = ("test", "develop", "staging")
+    include_branches: CommaList = ("*",)
+    build_tags: bool = False
+    allowed_accounts: CommaList = ()
+    allowed_regions: CommaList = ()
+    allowed_repositories: CommaList = ()
+
+    git_url_template: str = (
+        "ssh://{ssh_key_id}@git-codecommit.{region}.amazonaws.com/v1/repos/{repository}"
+    )
+    ssh_key_file: Path | None = None
+    ssh_private_key: SecretStr | None = None
+    ssh_key_id: str = ""
+    known_hosts_file: Path | None = None
+    ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
+    git_timeout: float = Field(default=900.0, gt=0)
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    cache_max_bytes: int = Field(default=20 * GiB, ge=0)
+
+    concurrency: int = Field(default=8, ge=1, le=256)
+    wait_time: int = Field(default=20, ge=0, le=20)
+    visibility_timeout: int = Field(default=120, ge=5, le=43200)
+    heartbeat_interval: float = Field(default=30.0, gt=0)
+    retry_base_delay: int = Field(default=10, ge=0, le=43200)
+    retry_max_delay: int = Field(default=300, ge=0, le=43200)
+    job_timeout: float = Field(default=3600.0, gt=0)
+    shutdown_grace: float = Field(default=90.0, ge=0, le=3600)
+
+    part_size: int = Field(default=8 * MiB, ge=5 * MiB, le=5 * GiB)
+    upload_concurrency: int = Field(default=4, ge=1, le=64)
+    zip_level: int = Field(default=6, ge=0, le=9)
+    max_archive_bytes: int = Field(default=5 * GiB, ge=1)
+    max_file_bytes: int = Field(default=2 * GiB, ge=1)
+
+    build_backend: BuildBackend = BuildBackend.CODEBUILD
+
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    liveness_timeout: float = Field(default=90.0, gt=0)
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "INFO"
+
+    @field_validator(
+        "protected_branches",
+        "include_branches",
+        "allowed_accounts",
+        "allowed_regions",
+        "allowed_repositories",
+        mode="before",
+    )
+    @classmethod
+    def _split_commas(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("key_template")
+    @classmethod
+    def _key_template_fields(cls, value: str) -> str:
+        _check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
+        return value
+
+    @field_validator("project_template")
+    @classmethod
+    def _project_template_fields(cls, value: str) -> str:
+        _check_template(value, {"repository", "branch"}, required=set())
+        return value
+
+    @field_validator("git_url_template")
+    @classmethod
+    def _git_url_template_fields(cls, value: str) -> str:
+        _check_template(value, {"repository", "region", "ssh_key_id"}, required={"repository"})
+        if not value.startswith(("ssh://", "file://", "/")):
+            raise ValueError("must be an ssh:// URL (or file:// for local tests)")
+        return value
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.ssh_key_file is not None and self.ssh_private_key is not None:
+            raise ValueError(
+                "set BRANCHBUILD_SSH_KEY_FILE or BRANCHBUILD_SSH_PRIVATE_KEY, not both"
+            )
+        if self.heartbeat_interval >= self.visibility_timeout:
+            raise ValueError(
+                "BRANCHBUILD_HEARTBEAT_INTERVAL must be shorter than BRANCHBUILD_VISIBILITY_TIMEOUT"
+            )
+        if self.retry_max_delay < self.retry_base_delay:
+            raise ValueError(
+                "BRANCHBUILD_RETRY_MAX_DELAY must be at least BRANCHBUILD_RETRY_BASE_DELAY"
+            )
+        return self
+
+
+def _check_template(template: str, allowed: set[str], *, required: set[str]) -> None:
+    import string
+
+    try:
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise ValueError(f"is not a valid template: {exc}") from None
+    unknown = fields - allowed
+    if unknown:
+        raise ValueError(
+            f"unknown field(s) {sorted(unknown)}; allowed: {', '.join(sorted(allowed))}"
+        )
+    missing = required - fields
+    if missing:
+        raise ValueError(f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}")
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings from the environment (and explicit overrides, for tests).
+
+    Raises:
+        ConfigurationError: with one line naming the first offending variable.
+    """
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    location = [str(part) for part in error["loc"]]
+    message = error["msg"].removeprefix("Value error, ")
+    if not location:
+        return message
+    variable = "BRANCHBUILD_" + location[0].upper()
+    if error["type"] == "missing":
+        return f"{variable} is required but not set"
+    value = error.get("input")
+    shown = (
+        ""
+        if isinstance(value, dict | SecretStr) or location[0] == "ssh_private_key"
+        else (f" (got {value!r})")
+    )
+    return f"{variable}: {message}{shown}"

@@ -1,0 +1,214 @@
+"""Stream an archive to S3 with a multipart upload, and keep the ledger of started builds.
+
+Memory is bounded by ``part_size × (upload_concurrency + 1)`` whatever the archive's size;
+nothing is written to disk. Part sizes double every 1,000 parts, so the 10,000-part limit is
+never reached before S3's 5 TiB object limit. Any failure or cancellation aborts the upload.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from anyio.abc import ByteReceiveStream
+
+from .aws import error_code, translated
+from .errors import ArchiveTooLarge, StorageError
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+log = logging.getLogger("branchbuild.storage")
+
+MAX_PARTS = 10_000
+PARTS_PER_TIER = 1_000
+
+
+def part_size(part_number: int, base: int) -> int:
+    """The size of 1-based part ``part_number``: ``base`` doubled every 1,000 parts."""
+    return int(base * 2 ** ((part_number - 1) // PARTS_PER_TIER))
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    key: str
+    size: int
+    parts: int
+    etag: str
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What was started for an archive: written after StartBuild, read before any work."""
+
+    commit: str
+    ref: str
+    build_id: str
+    project: str
+
+
+class Storage:
+    def __init__(
+        self,
+        s3: S3Client,
+        bucket: str,
+        *,
+        part_size: int,
+        concurrency: int,
+        max_bytes: int,
+    ) -> None:
+        self.s3 = s3
+        self.bucket = bucket
+        self.base_part_size = part_size
+        self.concurrency = concurrency
+        self.max_bytes = max_bytes
+
+    async def upload(self, key: str, stream: ByteReceiveStream) -> Uploaded:
+        """Upload everything ``stream`` yields to ``key``.
+
+        Raises:
+            StorageError: S3 failed (transient); the multipart upload was aborted.
+            AccessDenied: the bucket is missing or not writable (permanent).
+            ArchiveTooLarge: the stream exceeded ``max_bytes`` (permanent).
+        """
+        reader = _Reader(stream, self.max_bytes)
+        first = await reader.read(part_size(1, self.base_part_size))
+        if reader.eof:  # small archive: one request, no multipart bookkeeping
+            with translated(f"upload s3://{self.bucket}/{key}", transient=StorageError):
+                reply = await self.s3.put_object(
+                    Bucket=self.bucket, Key=key, Body=first, ContentType="application/zip"
+                )
+            return Uploaded(key, len(first), 1, reply.get("ETag", ""))
+        with translated(f"start an upload to s3://{self.bucket}/{key}", transient=StorageError):
+            created = await self.s3.create_multipart_upload(
+                Bucket=self.bucket, Key=key, ContentType="application/zip"
+            )
+        upload_id = created["UploadId"]
+        try:
+            parts = await self._upload_parts(key, upload_id, first, reader)
+            with translated(f"complete s3://{self.bucket}/{key}", transient=StorageError):
+                done = await self.s3.complete_multipart_upload(
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self._abort(key, upload_id)
+            raise
+        return Uploaded(key, reader.total, len(parts), done.get("ETag", ""))
+
+    async def _upload_parts(
+        self, key: str, upload_id: str, first: bytes, reader: _Reader
+    ) -> list[CompletedPartTypeDef]:
+        parts: dict[int, str] = {}
+        slots = anyio.Semaphore(self.concurrency)
+
+        async def send(number: int, body: bytes) -> None:
+            try:
+                with translated(f"upload part {number} of {key}", transient=StorageError):
+                    reply = await self.s3.upload_part(
+                        Bucket=self.bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                    )
+                parts[number] = reply["ETag"]
+            finally:
+                slots.release()
+
+        async with anyio.create_task_group() as tg:
+            number, body = 1, first
+            while True:
+                # Take a slot before reading the next part: at most `concurrency` parts in
+                # flight plus the one being read.
+                await slots.acquire()
+                tg.start_soon(send, number, body)
+                if reader.eof:
+                    break
+                number += 1
+                if number > MAX_PARTS:
+                    raise ArchiveTooLarge(f"archive needs more than {MAX_PARTS} parts")
+                body = await reader.read(part_size(number, self.base_part_size))
+                if not body:
+                    slots.release()
+                    break
+        return [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        try:
+            await self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except Exception as exc:  # the lifecycle rule removes what we could not
+            log.warning("could not abort the multipart upload of %s: %s", key, exc)
+
+    # -- ledger -----------------------------------------------------------------------------
+
+    @staticmethod
+    def ledger_key(key: str) -> str:
+        return key + ".build.json"
+
+    async def read_ledger(self, key: str) -> LedgerEntry | None:
+        """The build already started for ``key``, if any."""
+        try:
+            with translated(
+                f"read s3://{self.bucket}/{self.ledger_key(key)}", transient=StorageError
+            ):
+                reply = await self.s3.get_object(Bucket=self.bucket, Key=self.ledger_key(key))
+                body = await reply["Body"].read()
+        except StorageError as exc:
+            if error_code(exc.__cause__ or exc) in {"NoSuchKey", "404"}:
+                return None
+            raise
+        try:
+            data = json.loads(body)
+            return LedgerEntry(
+                commit=str(data["commit"]),
+                ref=str(data["ref"]),
+                build_id=str(data["build_id"]),
+                project=str(data["project"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable ledger entry at %s", self.ledger_key(key))
+            return None
+
+    async def write_ledger(self, key: str, entry: LedgerEntry) -> None:
+        body = json.dumps(entry.__dict__).encode()
+        with translated(f"write s3://{self.bucket}/{self.ledger_key(key)}", transient=StorageError):
+            await self.s3.put_object(
+                Bucket=self.bucket,
+                Key=self.ledger_key(key),
+                Body=body,
+                ContentType="application/json",
+            )
+
+
+class _Reader:
+    """Reads exact-size parts from a byte stream and enforces the size limit."""
+
+    def __init__(self, stream: ByteReceiveStream, limit: int) -> None:
+        self.stream = stream
+        self.limit = limit
+        self.total = 0
+        self.eof = False
+
+    async def read(self, size: int) -> bytes:
+        buffer = bytearray()
+        while len(buffer) < size and not self.eof:
+            try:
+                chunk = await self.stream.receive(min(size - len(buffer), 1024 * 1024))
+            except anyio.EndOfStream:
+                self.eof = True
+                break
+            buffer += chunk
+            self.total += len(chunk)
+            if self.total > self.limit:
+                raise ArchiveTooLarge(
+                    f"the archive exceeds BRANCHBUILD_MAX_ARCHIVE_BYTES={self.limit}"
+                )
+        return bytes(buffer)

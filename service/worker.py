@@ -1,0 +1,231 @@
+"""The work stage: concurrent jobs, one lane per branch, newest push wins.
+
+* A receive happens only when a job slot is free and no received job is still waiting for one
+  (limits before work); it asks for 10 messages so that several waiting pushes of one branch
+  arrive together and all but the newest are acknowledged as superseded.
+* Every held message is heartbeated (:class:`service.queue.Leases`) until it is settled.
+* A message is deleted only after its job succeeded or was deliberately skipped. A failure
+  makes it visible again: at once for a permanent error (SQS dead-letters it after
+  maxReceiveCount), after a backoff for a transient one.
+* On stop: no more receives, running jobs get ``shutdown_grace`` seconds, then the rest are
+  cancelled and released (visibility 0) so another instance takes them at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+
+import anyio
+import anyio.abc
+
+from .decide import Outcome
+from .errors import BranchbuildError, PermanentError, TransientError
+from .events import parse_work
+from .health import Health
+from .job import Services, run_job
+from .queue import Leases, Message, Queue, receive_until, release_delay
+
+log = logging.getLogger("branchbuild.worker")
+
+_POISON_MEMORY = 1024
+
+
+class Worker:
+    def __init__(self, queue: Queue, services: Services, leases: Leases, health: Health) -> None:
+        self.queue = queue
+        self.services = services
+        self.settings = services.settings
+        self.metrics = services.metrics
+        self.leases = leases
+        self.health = health
+        self._slots = anyio.CapacityLimiter(self.settings.concurrency)
+        self._active = 0  # received and not yet settled
+        self._changed = anyio.Event()
+        # Message ids that failed permanently: a redelivery is released without redoing work.
+        self._poison: OrderedDict[str, str] = OrderedDict()
+        self._waiting: set[anyio.CancelScope] = set()
+
+    async def run(
+        self,
+        stopping: anyio.Event,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Consume until ``stopping`` is set, then drain within the grace period."""
+        self.health.beat("worker")
+        async with anyio.create_task_group() as jobs:
+            task_status.started()
+            failures = 0
+            while not stopping.is_set():
+                if not await self._wait_for_capacity(stopping):
+                    continue
+                try:
+                    messages = await receive_until(
+                        self.queue,
+                        stopping,
+                        limit=10,
+                        wait=self.settings.wait_time,
+                        visibility=self.settings.visibility_timeout,
+                    )
+                    failures = 0
+                except BranchbuildError as exc:
+                    failures += 1
+                    self.metrics.errors.labels(kind=exc.kind).inc()
+                    log.error("worker: %s", exc)
+                    with anyio.move_on_after(min(30, 2**failures)):
+                        await stopping.wait()
+                    continue
+                finally:
+                    self.health.beat("worker")
+                self.metrics.batch_size.labels(queue="work").observe(len(messages))
+                for newest in await self._supersede(messages):
+                    self._active += 1
+                    self.metrics.in_flight.inc()
+                    jobs.start_soon(self._run, newest, name=f"job {newest.id}")
+            self.health.draining = True
+            for waiting in list(self._waiting):
+                waiting.cancel()
+            if self._active:
+                log.info(
+                    "draining %s job(s) for up to %s s", self._active, self.settings.shutdown_grace
+                )
+            jobs.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_grace
+        log.info("worker stopped")
+
+    async def _wait_for_capacity(self, stopping: anyio.Event) -> bool:
+        """Wait for a free slot (and no job still waiting for one); False to re-check stop."""
+        if self._active < self.settings.concurrency:
+            return True
+        self._changed = anyio.Event()
+        with anyio.move_on_after(self.settings.liveness_timeout / 3):
+            async with anyio.create_task_group() as tg:
+
+                async def until(event: anyio.Event) -> None:
+                    await event.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(until, self._changed)
+                tg.start_soon(until, stopping)
+        self.health.beat("worker")
+        return self._active < self.settings.concurrency and not stopping.is_set()
+
+    async def _supersede(self, messages: list[Message]) -> list[Message]:
+        """Keep the newest message of each branch's group; acknowledge the older ones."""
+        newest: dict[str, Message] = {}
+        older: list[Message] = []
+        for message in messages:  # FIFO order within a group: later is newer
+            if message.group in newest:
+                older.append(newest[message.group])
+            newest[message.group] = message
+        self.leases.hold(self.queue, list(newest.values()))
+        if older:
+            failed = await self.queue.delete(older)
+            self.metrics.jobs.labels(outcome=Outcome.SUPERSEDED.value).inc(len(older) - len(failed))
+            for message in older:
+                log.info(
+                    "superseded by a newer push of the same branch",
+                    extra={"message_id": message.id},
+                )
+        return list(newest.values())
+
+    async def _run(self, message: Message) -> None:
+        context = {"message_id": message.id}
+        try:
+            with anyio.CancelScope() as waiting:
+                self._waiting.add(waiting)
+                try:
+                    await self._slots.acquire()
+                finally:
+                    self._waiting.discard(waiting)
+            if waiting.cancelled_caught:  # stopping: never started, hand it back at once
+                await self._release(message, context, "not started before shutdown")
+                return
+            try:
+                await self._process(message, context)
+            finally:
+                self._slots.release()
+        except anyio.get_cancelled_exc_class():
+            await self._release(message, context, "cancelled at the end of the shutdown grace")
+            raise
+        finally:
+            self.leases.drop([message])
+            self._active -= 1
+            self.metrics.in_flight.dec()
+            self._changed.set()
+
+    async def _release(self, message: Message, context: dict[str, str], why: str) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.change_visibility([message], 0)
+            except BranchbuildError as exc:
+                log.warning("could not release the message: %s", exc, extra=context)
+        self.metrics.jobs.labels(outcome=Outcome.RELEASED.value).inc()
+        log.warning("job %s; message released", why, extra=context)
+
+    async def _process(self, message: Message, context: dict[str, str]) -> None:
+        if message.id in self._poison:
+            await self._fail(message, PermanentError(self._poison[message.id]), context)
+            return
+        try:
+            push = parse_work(message.body)
+            context |= {
+                "repository": push.repository,
+                "branch": push.name,
+                "commit": push.commit or "",
+            }
+            with anyio.fail_after(self.settings.job_timeout):
+                result = await run_job(push, self.services)
+        except BranchbuildError as exc:
+            await self._fail(message, exc, context)
+        except TimeoutError:
+            error = TransientError(
+                f"job exceeded BRANCHBUILD_JOB_TIMEOUT={self.settings.job_timeout:g} s"
+            )
+            await self._fail(message, error, context)
+        except Exception as exc:  # a bug: never let it kill the loop, retry like a transient
+            log.exception("unexpected error in job", extra=context)
+            await self._fail(
+                message, TransientError(f"unexpected {type(exc).__name__}: {exc}"), context
+            )
+        else:
+            with anyio.CancelScope(shield=True):
+                failed = await self.queue.delete([message])
+            if failed:
+                log.warning(
+                    "could not delete the message; a redelivery will find the ledger", extra=context
+                )
+            self.metrics.jobs.labels(outcome=result.outcome.value).inc()
+
+    async def _fail(
+        self, message: Message, error: BranchbuildError, context: dict[str, str]
+    ) -> None:
+        s = self.settings
+        last = self.queue.is_last_attempt(message)
+        if isinstance(error, PermanentError):
+            self._poison[message.id] = str(error)
+            while len(self._poison) > _POISON_MEMORY:
+                self._poison.popitem(last=False)
+        outcome = (
+            "dead_lettered"
+            if last
+            else (
+                Outcome.FAILED.value if isinstance(error, PermanentError) else Outcome.RETRIED.value
+            )
+        )
+        delay = release_delay(error, message, base=s.retry_base_delay, cap=s.retry_max_delay)
+        self.metrics.jobs.labels(outcome=outcome).inc()
+        self.metrics.errors.labels(kind=error.kind).inc()
+        log.error(
+            "job failed (%s, receive %s): %s; %s",
+            error.kind,
+            message.receive_count,
+            error,
+            "going to the dead-letter queue" if last else f"visible again in {delay} s",
+            extra=context,
+        )
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.queue.change_visibility([message], delay)
+            except BranchbuildError as exc:
+                log.warning("could not release the message: %s", exc, extra=context)

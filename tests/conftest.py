@@ -1,0 +1,95 @@
+"""Shared fixtures: an isolated AWS environment, a moto server over HTTP, real queues."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aioboto3
+import pytest
+
+from tests.helpers import AwsResources, create_resources
+
+REGION = "eu-west-1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(autouse=True)
+def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No ~/.aws, no stray AWS_* variables: every test talks only to its own emulator."""
+    for name in list(os.environ):
+        if name.startswith(("AWS_", "BRANCHBUILD_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_REGION", REGION)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real moto server on 127.0.0.1, over HTTP, with its request recorder on."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))
+    } | {"MOTO_ENABLE_RECORDING": "True"}
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto server did not start: {log.read_text()}") from None
+            time.sleep(0.1)
+    try:
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.fixture
+async def aws(
+    moto_endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> AsyncIterator[AwsResources]:
+    """Fresh queues (intake, work, their DLQs), bucket and CodeBuild project in moto."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
+    for path in ("/moto-api/reset", "/moto-api/recorder/reset-recording"):
+        urllib.request.urlopen(
+            urllib.request.Request(moto_endpoint + path, method="POST"), timeout=10
+        ).close()
+    urllib.request.urlopen(
+        urllib.request.Request(moto_endpoint + "/moto-api/recorder/start-recording", method="POST"),
+        timeout=10,
+    ).close()
+    session = aioboto3.Session()
+    async with (
+        session.client("sqs", endpoint_url=moto_endpoint) as sqs,
+        session.client("s3", endpoint_url=moto_endpoint) as s3,
+        session.client("codebuild", endpoint_url=moto_endpoint) as codebuild,
+    ):
+        yield await create_resources(moto_endpoint, sqs, s3, codebuild)

@@ -1,0 +1,339 @@
+"""Test helpers: emulator resources, a real git working copy, the service as a real process."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import sys
+import urllib.request
+import uuid
+import zipfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+import anyio
+import anyio.abc
+
+from service.localdev.githost import GitHost, RefChange, codecommit_event
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codebuild import CodeBuildClient
+    from types_aiobotocore_s3 import S3Client
+    from types_aiobotocore_sqs import SQSClient
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def wait_for(
+    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 30, what: str = "condition"
+) -> T:
+    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
+    with anyio.fail_after(timeout):
+        while True:
+            result = await probe()
+            if result:
+                return result
+            await anyio.sleep(0.05)
+
+
+@dataclass
+class AwsResources:
+    endpoint: str
+    sqs: SQSClient
+    s3: S3Client
+    codebuild: CodeBuildClient
+    intake_url: str
+    intake_dlq_url: str
+    work_url: str
+    work_dlq_url: str
+    bucket: str
+    project: str
+
+    async def send_event(self, event: dict[str, Any] | str) -> None:
+        """What the EventBridge rule does: the whole event, one static message group."""
+        body = event if isinstance(event, str) else json.dumps(event)
+        await self.sqs.send_message(
+            QueueUrl=self.intake_url,
+            MessageBody=body,
+            MessageGroupId="codecommit",
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
+
+    async def count(self, url: str) -> int:
+        reply = await self.sqs.get_queue_attributes(
+            QueueUrl=url,
+            AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+        )
+        a = reply["Attributes"]
+        return int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+
+    async def dlq_bodies(self, url: str) -> list[str]:
+        reply = await self.sqs.receive_message(
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0
+        )
+        return [m["Body"] for m in reply.get("Messages", [])]
+
+    async def keys(self) -> list[str]:
+        reply = await self.s3.list_objects_v2(Bucket=self.bucket)
+        return sorted(o["Key"] for o in reply.get("Contents", []))
+
+    async def object(self, key: str) -> bytes:
+        reply = await self.s3.get_object(Bucket=self.bucket, Key=key)
+        return await reply["Body"].read()
+
+    async def open_uploads(self) -> int:
+        reply = await self.s3.list_multipart_uploads(Bucket=self.bucket)
+        return len(reply.get("Uploads", []))
+
+    def start_builds(self) -> list[dict[str, Any]]:
+        """Every StartBuild request moto received, as sent on the wire."""
+        with urllib.request.urlopen(
+            self.endpoint + "/moto-api/recorder/download-recording", timeout=10
+        ) as reply:
+            lines = reply.read().decode().splitlines()
+        requests = []
+        for line in lines:
+            if not line.strip():
+                continue
+            entry = json.loads(line)
+            if entry.get("headers", {}).get("X-Amz-Target", "").endswith(".StartBuild"):
+                body = entry["body"]
+                if entry.get("body_encoded"):
+                    body = base64.b64decode(body).decode()
+                requests.append(json.loads(body))
+        return requests
+
+
+async def create_resources(
+    endpoint: str, sqs: SQSClient, s3: S3Client, codebuild: CodeBuildClient
+) -> AwsResources:
+    suffix = uuid.uuid4().hex[:8]
+
+    async def fifo(name: str, dlq_arn: str | None = None) -> tuple[str, str]:
+        attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+        if dlq_arn:
+            attributes["RedrivePolicy"] = json.dumps(
+                {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2}
+            )
+        url = (await sqs.create_queue(QueueName=f"{name}-{suffix}.fifo", Attributes=attributes))[
+            "QueueUrl"
+        ]
+        arn = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"]))[
+            "Attributes"
+        ]["QueueArn"]
+        return url, arn
+
+    intake_dlq, intake_dlq_arn = await fifo("intake-dlq")
+    intake, _ = await fifo("intake", intake_dlq_arn)
+    work_dlq, work_dlq_arn = await fifo("work-dlq")
+    work, _ = await fifo("work", work_dlq_arn)
+    bucket = f"artifacts-{suffix}"
+    await s3.create_bucket(
+        Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": "eu-west-1"}
+    )
+    return AwsResources(
+        endpoint=endpoint,
+        sqs=sqs,
+        s3=s3,
+        codebuild=codebuild,
+        intake_url=intake,
+        intake_dlq_url=intake_dlq,
+        work_url=work,
+        work_dlq_url=work_dlq,
+        bucket=bucket,
+        project="",
+    )
+
+
+async def create_project(aws: AwsResources, name: str) -> None:
+    await aws.codebuild.create_project(
+        name=name,
+        source={"type": "S3", "location": f"{aws.bucket}/placeholder.zip"},
+        artifacts={"type": "NO_ARTIFACTS"},
+        environment={
+            "type": "LINUX_CONTAINER",
+            "image": "aws/codebuild/standard:7.0",
+            "computeType": "BUILD_GENERAL1_SMALL",
+        },
+        serviceRole="arn:aws:iam::123456789012:role/codebuild",
+    )
+
+
+def zip_listing(data: bytes) -> list[str]:
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return sorted(archive.namelist())
+
+
+# -- git --------------------------------------------------------------------------------------
+
+
+@dataclass
+class GitWorld:
+    """A real SSH git host plus a client key and known_hosts, for pushing and for the service."""
+
+    host: GitHost
+    key: Path
+    known_hosts: Path
+    home: Path
+    changes: list[RefChange] = field(default_factory=list)
+
+    @property
+    def url_template(self) -> str:
+        return f"ssh://git@127.0.0.1:{self.host.port}/v1/repos/{{repository}}"
+
+    def env(self) -> dict[str, str]:
+        ssh = (
+            f"ssh -i {self.key} -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes "
+            f"-o UserKnownHostsFile={self.known_hosts} -o BatchMode=yes"
+        )
+        return {
+            "PATH": os.environ["PATH"],
+            "HOME": str(self.home),
+            "GIT_CONFIG_NOSYSTEM": "1",
+            "GIT_SSH_COMMAND": ssh,
+            "GIT_AUTHOR_NAME": "Test",
+            "GIT_AUTHOR_EMAIL": "test@example.com",
+            "GIT_COMMITTER_NAME": "Test",
+            "GIT_COMMITTER_EMAIL": "test@example.com",
+        }
+
+
+class WorkCopy:
+    """A working repository that pushes to the git host over SSH with the real git CLI."""
+
+    def __init__(self, world: GitWorld, path: Path, repository: str) -> None:
+        self.world = world
+        self.path = path
+        self.repository = repository
+
+    @classmethod
+    async def create(cls, world: GitWorld, tmp: Path, repository: str) -> WorkCopy:
+        world.host.create_repository(repository)
+        path = tmp / f"work-{repository}"
+        path.mkdir()
+        copy = cls(world, path, repository)
+        await copy.git("init", "--quiet", "--initial-branch=main")
+        port = world.host.port
+        await copy.git("remote", "add", "origin", f"ssh://git@127.0.0.1:{port}/v1/repos/{repository}")
+        return copy
+
+    async def git(self, *args: str) -> str:
+        result = await anyio.run_process(
+            ["git", *args], cwd=self.path, env=self.world.env(), check=False
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"git {' '.join(args)} failed: {result.stderr.decode()}")
+        return result.stdout.decode().strip()
+
+    async def commit(self, files: dict[str, str | bytes], message: str = "change") -> str:
+        for name, content in files.items():
+            target = self.path / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content)
+        await self.git("add", "--all")
+        await self.git("commit", "--quiet", "--allow-empty", "-m", message)
+        return await self.git("rev-parse", "HEAD")
+
+    async def checkout(self, branch: str, *, new: bool = True) -> None:
+        await self.git("checkout", "--quiet", *(["-b"] if new else []), branch)
+
+    async def push(self, *refspecs: str) -> None:
+        await self.git("push", "--quiet", "origin", *refspecs)
+
+    async def archive_listing(self, commit: str) -> list[str]:
+        data = await anyio.run_process(
+            ["git", "archive", "--format=zip", commit], cwd=self.path, env=self.world.env()
+        )
+        return zip_listing(data.stdout)
+
+
+def event_for(
+    repository: str, ref: str, new: str | None, old: str | None = None
+) -> dict[str, Any]:
+    return codecommit_event(RefChange(repository=repository, ref=ref, old=old, new=new))
+
+
+# -- the service as a real process ------------------------------------------------------------
+
+
+class ServiceProcess:
+    """``python -m service run`` as a child process, with real signals."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.env = env
+        self.log = log
+        self.process: anyio.abc.Process | None = None
+        self.port = int(env["BRANCHBUILD_HTTP_PORT"])
+
+    async def start(self) -> None:
+        out = self.log.open("ab")
+        self.process = await anyio.open_process(
+            [sys.executable, "-m", "service", "run"],
+            env=self.env,
+            stdout=out,
+            stderr=out,
+            cwd=ROOT,
+        )
+        out.close()
+        await wait_for(self.ready, timeout=30, what="readiness")
+
+    async def get(self, path: str) -> tuple[int, str]:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"http://127.0.0.1:{self.port}{path}") as reply:
+                return reply.status, await reply.text()
+
+    async def ready(self) -> bool:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"service exited {self.process.returncode}:\n{self.log.read_text()}")
+        try:
+            status, _ = await self.get("/readyz")
+        except aiohttp.ClientError:
+            return False
+        return status == 200
+
+    async def metric(self, name: str, **labels: str) -> float:
+        _, text = await self.get("/metrics")
+        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        total = 0.0
+        for line in text.splitlines():
+            if line.startswith("#"):
+                continue
+            series, _, value = line.rpartition(" ")
+            metric, _, label_text = series.partition("{")
+            if metric != name:
+                continue
+            present = set(label_text.rstrip("}").split(",")) if label_text else set()
+            if not wanted or set(wanted.split(",")) <= present:
+                total += float(value)
+        return total
+
+    def signal(self, signum: signal.Signals) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    async def wait(self, timeout: float = 30) -> int:
+        assert self.process is not None
+        with anyio.fail_after(timeout):
+            return await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                await self.wait(30)
+            except TimeoutError:
+                self.process.kill()
+                await self.process.wait()
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace")
