@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class BranchbuildError(Exception):
     """Root of every error branchbuild raises on purpose."""
@@ -92,3 +95,24 @@ class LeaseLost(TransientError):
     """Raised when a message's visibility could not be extended: another consumer may own it."""
 
     kind = "lease_lost"
+
+
+@contextmanager
+def unwrap_group() -> Iterator[None]:
+    """Re-raise the first real error of a task group's ExceptionGroup, so callers see the
+    transient/permanent error itself (cancellation stays as it is)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        errors = [e for e in _leaves(group) if isinstance(e, Exception)]
+        if errors:
+            raise errors[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc

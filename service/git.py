@@ -32,6 +32,7 @@ from .errors import (
     GitAccessDenied,
     GitError,
     HostKeyMismatch,
+    unwrap_group,
 )
 from .events import Push
 from .settings import Settings
@@ -43,6 +44,8 @@ _ACCESS = (
     "permission denied",
     "does not appear to be a git repository",
     "repository not found",
+    "does not exist",
+    "not authorized",
 )
 _NOT_OUR_REF = (
     "not our ref",
@@ -131,7 +134,7 @@ class Git:
         )
         wrapper = private / "git-ssh"
         wrapper.write_text(
-            f"#!{sys.executable} -I -S\n"
+            f"#!{sys.executable} -IS\n"
             "import os, sys\n"
             f"os.execv({ssh!r}, [{ssh!r}, '-F', {str(config)!r}, *sys.argv[1:]])\n"
         )
@@ -245,16 +248,17 @@ class Git:
         stderr = bytearray()
         async with await anyio.open_process(args, env=self._env, stdin=None) as process:
             assert process.stdout is not None and process.stderr is not None
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(_drain, process.stderr, stderr)
-                try:
-                    yield process.stdout
-                except BaseException:
-                    with anyio.CancelScope(shield=True):
-                        process.kill()
-                        await process.wait()
-                    raise
-                returncode = await process.wait()
+            with unwrap_group():
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(_drain, process.stderr, stderr)
+                    try:
+                        yield process.stdout
+                    except BaseException:
+                        with anyio.CancelScope(shield=True):
+                            process.kill()
+                            await process.wait()
+                        raise
+                    returncode = await process.wait()
         if returncode != 0:
             raise GitError(f"git archive failed: {_tail(stderr)}")
 
@@ -262,15 +266,14 @@ class Git:
 
     async def _git(self, git_dir: Path | None, *args: str) -> bytes:
         command = ["git"] + ([f"--git-dir={git_dir}"] if git_dir else []) + list(args)
+        name = next(a for a in args if not a.startswith("-") and "=" not in a)
         try:
             with anyio.fail_after(self.settings.git_timeout):
                 result = await anyio.run_process(command, env=self._env, check=False)
         except TimeoutError:
-            raise GitError(
-                f"git {args[0]} timed out after {self.settings.git_timeout:g} s"
-            ) from None
+            raise GitError(f"git {name} timed out after {self.settings.git_timeout:g} s") from None
         if result.returncode != 0:
-            raise _classify(args[0], result.stderr)
+            raise _classify(name, result.stderr)
         return result.stdout
 
 

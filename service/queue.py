@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .aws import translated
-from .errors import AccessDenied, PermanentError, TransientError
+from .errors import AccessDenied, PermanentError, TransientError, unwrap_group
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -235,18 +235,19 @@ async def receive_until(
     we abandon are released, not stranded until their visibility timeout.
     """
     received: list[Message] = []
-    async with anyio.create_task_group() as tg:
+    with unwrap_group():
+        async with anyio.create_task_group() as tg:
 
-        async def poll() -> None:
-            received.extend(await queue.receive(limit, wait=wait, visibility=visibility))
-            tg.cancel_scope.cancel()
+            async def poll() -> None:
+                received.extend(await queue.receive(limit, wait=wait, visibility=visibility))
+                tg.cancel_scope.cancel()
 
-        async def watch() -> None:
-            await stopping.wait()
-            tg.cancel_scope.cancel()
+            async def watch() -> None:
+                await stopping.wait()
+                tg.cancel_scope.cancel()
 
-        tg.start_soon(poll)
-        tg.start_soon(watch)
+            tg.start_soon(poll)
+            tg.start_soon(watch)
     if received and stopping.is_set():
         with anyio.CancelScope(shield=True):
             await queue.change_visibility(received, 0)

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.abc
 from anyio.abc import ByteReceiveStream
 
 from .aws import error_code, translated
-from .errors import ArchiveTooLarge, StorageError
+from .errors import ArchiveTooLarge, StorageError, unwrap_group
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -25,12 +27,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("branchbuild.storage")
 
 MAX_PARTS = 10_000
-PARTS_PER_TIER = 1_000
+PARTS_PER_TIER = 500
+MAX_PART = 5 * 1024**3
 
 
 def part_size(part_number: int, base: int) -> int:
-    """The size of 1-based part ``part_number``: ``base`` doubled every 1,000 parts."""
-    return int(base * 2 ** ((part_number - 1) // PARTS_PER_TIER))
+    """The size of 1-based part ``part_number``: ``base`` doubled every 500 parts, at most 5 GiB.
+
+    From a 5 MiB base, 10,000 parts hold more than S3's 5 TiB object limit.
+    """
+    return int(min(MAX_PART, base * 2 ** ((part_number - 1) // PARTS_PER_TIER)))
 
 
 @dataclass(frozen=True)
@@ -123,23 +129,34 @@ class Storage:
             finally:
                 slots.release()
 
-        async with anyio.create_task_group() as tg:
-            number, body = 1, first
-            while True:
-                # Take a slot before reading the next part: at most `concurrency` parts in
-                # flight plus the one being read.
-                await slots.acquire()
-                tg.start_soon(send, number, body)
-                if reader.eof:
-                    break
-                number += 1
-                if number > MAX_PARTS:
-                    raise ArchiveTooLarge(f"archive needs more than {MAX_PARTS} parts")
-                body = await reader.read(part_size(number, self.base_part_size))
-                if not body:
-                    slots.release()
-                    break
+        with unwrap_group():
+            async with anyio.create_task_group() as tg:
+                await self._feed(tg, slots, send, first, reader)
         return [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
+
+    async def _feed(
+        self,
+        tg: anyio.abc.TaskGroup,
+        slots: anyio.Semaphore,
+        send: Callable[[int, bytes], Coroutine[Any, Any, None]],
+        first: bytes,
+        reader: _Reader,
+    ) -> None:
+        number, body = 1, first
+        while True:
+            # Take a slot before reading the next part: at most `concurrency` parts in
+            # flight plus the one being read.
+            await slots.acquire()
+            tg.start_soon(send, number, body)
+            if reader.eof:
+                break
+            number += 1
+            if number > MAX_PARTS:
+                raise ArchiveTooLarge(f"archive needs more than {MAX_PARTS} parts")
+            body = await reader.read(part_size(number, self.base_part_size))
+            if not body:
+                slots.release()
+                break
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:

@@ -12,9 +12,12 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aioboto3
+import aiohttp
+import anyio
 import pytest
 
-from tests.helpers import AwsResources, create_resources
+from service.localdev.githost import GitHost, RefChange
+from tests.helpers import AwsResources, GitWorld, create_resources
 
 REGION = "eu-west-1"
 
@@ -45,9 +48,9 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto server on 127.0.0.1, over HTTP, with its request recorder on."""
     port = free_port()
     log = tmp_path_factory.mktemp("moto") / "moto.log"
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))
-    } | {"MOTO_ENABLE_RECORDING": "True"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))} | {
+        "MOTO_ENABLE_RECORDING": "True"
+    }
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -78,14 +81,10 @@ async def aws(
 ) -> AsyncIterator[AwsResources]:
     """Fresh queues (intake, work, their DLQs), bucket and CodeBuild project in moto."""
     monkeypatch.setenv("AWS_ENDPOINT_URL", moto_endpoint)
-    for path in ("/moto-api/reset", "/moto-api/recorder/reset-recording"):
-        urllib.request.urlopen(
-            urllib.request.Request(moto_endpoint + path, method="POST"), timeout=10
-        ).close()
-    urllib.request.urlopen(
-        urllib.request.Request(moto_endpoint + "/moto-api/recorder/start-recording", method="POST"),
-        timeout=10,
-    ).close()
+    async with aiohttp.ClientSession() as http:
+        for path in ("reset", "recorder/reset-recording", "recorder/start-recording"):
+            async with http.post(f"{moto_endpoint}/moto-api/{path}") as reply:
+                reply.raise_for_status()
     session = aioboto3.Session()
     async with (
         session.client("sqs", endpoint_url=moto_endpoint) as sqs,
@@ -93,3 +92,31 @@ async def aws(
         session.client("codebuild", endpoint_url=moto_endpoint) as codebuild,
     ):
         yield await create_resources(moto_endpoint, sqs, s3, codebuild)
+
+
+@pytest.fixture
+async def git_world(tmp_path: Path) -> AsyncIterator[GitWorld]:
+    """A real SSH git host on 127.0.0.1 with a client key and a pinned known_hosts."""
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    key = keys / "id_ed25519"
+    await anyio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    world_home = tmp_path / "home"
+    world_home.mkdir()
+    changes: list[RefChange] = []
+
+    async def record(change: RefChange) -> None:
+        changes.append(change)
+
+    host = GitHost(
+        tmp_path / "githost",
+        host_key=keys / "host_key",
+        authorized_keys=[key.with_suffix(".pub")],
+        on_change=record,
+    )
+    world = GitWorld(
+        host=host, key=key, known_hosts=keys / "known_hosts", home=world_home, changes=changes
+    )
+    async with host:
+        host.write_known_hosts(world.known_hosts)
+        yield world

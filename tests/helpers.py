@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import sys
-import urllib.request
 import uuid
 import zipfile
 from collections.abc import Awaitable, Callable
@@ -26,21 +25,23 @@ if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
+    from types_aiobotocore_sqs.literals import QueueAttributeNameType
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 
 
 async def wait_for(
-    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 30, what: str = "condition"
+    probe: Callable[[], Awaitable[T | None]], *, within: float = 30, what: str = "condition"
 ) -> T:
-    """Poll ``probe`` until it returns something truthy; fail after ``timeout`` seconds."""
-    with anyio.fail_after(timeout):
+    """Poll ``probe`` until it returns something truthy; fail after ``within`` seconds."""
+    with anyio.move_on_after(within):
         while True:
             result = await probe()
             if result:
                 return result
             await anyio.sleep(0.05)
+    raise TimeoutError(f"timed out after {within} s waiting for {what}")
 
 
 @dataclass
@@ -72,7 +73,9 @@ class AwsResources:
             AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
         )
         a = reply["Attributes"]
-        return int(a["ApproximateNumberOfMessages"]) + int(a["ApproximateNumberOfMessagesNotVisible"])
+        return int(a["ApproximateNumberOfMessages"]) + int(
+            a["ApproximateNumberOfMessagesNotVisible"]
+        )
 
     async def dlq_bodies(self, url: str) -> list[str]:
         reply = await self.sqs.receive_message(
@@ -92,17 +95,22 @@ class AwsResources:
         reply = await self.s3.list_multipart_uploads(Bucket=self.bucket)
         return len(reply.get("Uploads", []))
 
-    def start_builds(self) -> list[dict[str, Any]]:
+    async def start_builds(self) -> list[dict[str, Any]]:
         """Every StartBuild request moto received, as sent on the wire."""
-        with urllib.request.urlopen(
-            self.endpoint + "/moto-api/recorder/download-recording", timeout=10
-        ) as reply:
-            lines = reply.read().decode().splitlines()
+        async with aiohttp.ClientSession() as session:
+            url = self.endpoint + "/moto-api/recorder/download-recording"
+            async with session.get(url) as reply:
+                lines = (await reply.text()).splitlines()
         requests = []
-        for line in lines:
+        for number, line in enumerate(lines):
             if not line.strip():
                 continue
-            entry = json.loads(line)
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                if number == len(lines) - 1:  # moto is still writing this one
+                    continue
+                raise
             if entry.get("headers", {}).get("X-Amz-Target", "").endswith(".StartBuild"):
                 body = entry["body"]
                 if entry.get("body_encoded"):
@@ -117,7 +125,10 @@ async def create_resources(
     suffix = uuid.uuid4().hex[:8]
 
     async def fifo(name: str, dlq_arn: str | None = None) -> tuple[str, str]:
-        attributes = {"FifoQueue": "true", "ContentBasedDeduplication": "true"}
+        attributes: dict[QueueAttributeNameType, str] = {
+            "FifoQueue": "true",
+            "ContentBasedDeduplication": "true",
+        }
         if dlq_arn:
             attributes["RedrivePolicy"] = json.dumps(
                 {"deadLetterTargetArn": dlq_arn, "maxReceiveCount": 2}
@@ -221,7 +232,9 @@ class WorkCopy:
         copy = cls(world, path, repository)
         await copy.git("init", "--quiet", "--initial-branch=main")
         port = world.host.port
-        await copy.git("remote", "add", "origin", f"ssh://git@127.0.0.1:{port}/v1/repos/{repository}")
+        await copy.git(
+            "remote", "add", "origin", f"ssh://git@127.0.0.1:{port}/v1/repos/{repository}"
+        )
         return copy
 
     async def git(self, *args: str) -> str:
@@ -257,9 +270,7 @@ class WorkCopy:
         return zip_listing(data.stdout)
 
 
-def event_for(
-    repository: str, ref: str, new: str | None, old: str | None = None
-) -> dict[str, Any]:
+def event_for(repository: str, ref: str, new: str | None, old: str | None = None) -> dict[str, Any]:
     return codecommit_event(RefChange(repository=repository, ref=ref, old=old, new=new))
 
 
@@ -285,7 +296,7 @@ class ServiceProcess:
             cwd=ROOT,
         )
         out.close()
-        await wait_for(self.ready, timeout=30, what="readiness")
+        await wait_for(self.ready, within=30, what="readiness")
 
     async def get(self, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as session:
@@ -321,16 +332,16 @@ class ServiceProcess:
         assert self.process is not None
         self.process.send_signal(signum)
 
-    async def wait(self, timeout: float = 30) -> int:
+    async def wait(self, within: float = 30) -> int:
         assert self.process is not None
-        with anyio.fail_after(timeout):
+        with anyio.fail_after(within):
             return await self.process.wait()
 
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                await self.wait(30)
+                await self.wait(within=30)
             except TimeoutError:
                 self.process.kill()
                 await self.process.wait()

@@ -61,7 +61,9 @@ def test_tag_and_other_events() -> None:
     tag = parse_event(json.dumps(sample("tag-created.json")))
     assert isinstance(tag, Push) and tag.ref_type is RefType.TAG and tag.ref == "refs/tags/v2.14.0"
     other = parse_event(json.dumps(sample("merge-commit-unreferenced.json")))
-    assert other == OtherEvent(event_id="a8c3e1f5-2d7b-4e9a-8f1c-6b0d4a2e9c06", event="unreferencedMergeCommitCreated")
+    assert other == OtherEvent(
+        event_id="a8c3e1f5-2d7b-4e9a-8f1c-6b0d4a2e9c06", event="unreferencedMergeCommitCreated"
+    )
 
 
 def test_unknown_fields_are_ignored() -> None:
@@ -85,7 +87,10 @@ def test_work_message_round_trip() -> None:
         ("[1, 2]", "not an object"),
         (b"\xff\xfe", "not JSON"),
         ("x" * (256 * 1024 + 1), "larger than"),
-        (json.dumps({**sample("branch-created.json"), "source": "aws.s3"}), "not a CodeCommit event"),
+        (
+            json.dumps({**sample("branch-created.json"), "source": "aws.s3"}),
+            "not a CodeCommit event",
+        ),
         (json.dumps({**sample("branch-created.json"), "detail": "x"}), "detail"),
         (with_detail(commitId="9f2c61d0"), "40-character"),
         (with_detail(commitId="G" * 40), "40-character"),
@@ -160,7 +165,9 @@ def test_shell_metacharacters_stay_data(name: str) -> None:
     assert isinstance(push, Push) and push.name == name
 
 
-@pytest.mark.parametrize("name", ["feature/ünïcödé-ブランチ", "fix/JIRA-1_2.3", "a-b", "release/2026.11"])
+@pytest.mark.parametrize(
+    "name", ["feature/ünïcödé-ブランチ", "fix/JIRA-1_2.3", "a-b", "release/2026.11"]
+)
 def test_reasonable_names_are_accepted(name: str) -> None:
     push = parse_event(with_detail(referenceName=name, referenceFullName="refs/heads/" + name))
     assert isinstance(push, Push) and push.name == name
@@ -188,7 +195,12 @@ def test_never_accepts_what_git_refuses(name: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.recursive(st.none() | st.booleans() | st.integers() | st.text(), lambda c: st.lists(c) | st.dictionaries(st.text(), c)))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.text(),
+        lambda c: st.lists(c) | st.dictionaries(st.text(), c),
+    )
+)
 def test_arbitrary_json_never_crashes(value: object) -> None:
     try:
         parse_event(json.dumps(value))

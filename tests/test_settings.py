@@ -50,7 +50,11 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
         ("BRANCHBUILD_CONCURRENCY", "many", "BRANCHBUILD_CONCURRENCY: "),
         ("BRANCHBUILD_CONCURRENCY", "0", "BRANCHBUILD_CONCURRENCY: "),
         ("BRANCHBUILD_PART_SIZE", "1024", "BRANCHBUILD_PART_SIZE: "),
-        ("BRANCHBUILD_KEY_TEMPLATE", "{repository}/{nope}.zip", "BRANCHBUILD_KEY_TEMPLATE: unknown field"),
+        (
+            "BRANCHBUILD_KEY_TEMPLATE",
+            "{repository}/{nope}.zip",
+            "BRANCHBUILD_KEY_TEMPLATE: unknown field",
+        ),
         ("BRANCHBUILD_KEY_TEMPLATE", "{repository}/{branch}.zip", "must contain {commit}"),
         ("BRANCHBUILD_GIT_URL_TEMPLATE", "https://x/{repository}", "BRANCHBUILD_GIT_URL_TEMPLATE"),
         ("BRANCHBUILD_WAIT_TIME", "21", "BRANCHBUILD_WAIT_TIME"),
@@ -81,7 +85,9 @@ def test_cli_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("branchbuild: configuration error: BRANCHBUILD_CONCURRENCY")
+    assert len(lines) == 1 and lines[0].startswith(
+        "branchbuild: configuration error: BRANCHBUILD_CONCURRENCY"
+    )
 
 
 def test_missing_ssh_key_fails_at_start(monkeypatch: pytest.MonkeyPatch, tmp_path: object) -> None:

@@ -1,0 +1,397 @@
+"""End to end: the service as a real process, moto over HTTP, a real SSH git host, real pushes.
+
+Events are the ones the git host derived from real `git push`es, put on the intake queue as the
+EventBridge rule would (whole event as the body, one static message group).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import signal
+import zipfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from service.localdev.githost import RefChange, codecommit_event
+from tests.conftest import free_port
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    ServiceProcess,
+    WorkCopy,
+    create_project,
+    wait_for,
+    zip_listing,
+)
+
+pytestmark = pytest.mark.e2e
+
+StartService = Callable[..., Awaitable[ServiceProcess]]
+MERGE_EVENT = (
+    Path(__file__).resolve().parents[2] / "shared" / "events" / "merge-commit-unreferenced.json"
+).read_text()
+
+
+@pytest.fixture
+async def start_service(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path
+) -> AsyncIterator[StartService]:
+    started: list[ServiceProcess] = []
+    cache = tmp_path / "cache"
+
+    async def start(**overrides: str) -> ServiceProcess:
+        env = (
+            dict(os.environ)
+            | {
+                "BRANCHBUILD_QUEUE_URL": aws.intake_url,
+                "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
+                "BRANCHBUILD_BUCKET": aws.bucket,
+                "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+                "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+                "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+                "BRANCHBUILD_CACHE_DIR": str(cache),
+                "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
+                "BRANCHBUILD_HTTP_PORT": str(free_port()),
+                "BRANCHBUILD_WAIT_TIME": "2",
+                "BRANCHBUILD_VISIBILITY_TIMEOUT": "6",
+                "BRANCHBUILD_HEARTBEAT_INTERVAL": "2",
+                "BRANCHBUILD_RETRY_BASE_DELAY": "1",
+                "BRANCHBUILD_RETRY_MAX_DELAY": "2",
+                "BRANCHBUILD_LOG_FORMAT": "json",
+                "BRANCHBUILD_LOG_LEVEL": "DEBUG",
+            }
+            | overrides
+        )
+        service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
+        started.append(service)
+        await service.start()
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+async def send_change(aws: AwsResources, change: RefChange) -> None:
+    await aws.send_event(codecommit_event(change))
+
+
+def token(repository: str, ref: str, commit: str) -> str:
+    return hashlib.sha256(f"{repository}\0{ref}\0{commit}".encode()).hexdigest()
+
+
+async def builds(aws: AwsResources, count: int) -> list[dict[str, Any]]:
+    async def probe() -> list[dict[str, Any]] | None:
+        found = await aws.start_builds()
+        return found if len(found) >= count else None
+
+    return await wait_for(probe, within=60, what=f"{count} StartBuild request(s)")
+
+
+async def drained(aws: AwsResources, *urls: str) -> None:
+    async def probe() -> bool:
+        return all([await aws.count(url) == 0 for url in urls])
+
+    await wait_for(probe, within=60, what="empty queues")
+
+
+async def test_feature_branch_push_becomes_an_archive_and_a_build(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "shop")
+    repo = await WorkCopy.create(git_world, tmp_path, "shop")
+    await repo.commit({"README.md": "# shop\n"})
+    await repo.push("main")
+    await repo.checkout("feature/PAY-1-refunds")
+    (repo.path / "link-to-passwd").symlink_to("/etc/passwd")
+    commit = await repo.commit({"src/app.py": "print('hi')\n", "buildspec.yml": "version: 0.2\n"})
+    await repo.push("feature/PAY-1-refunds")
+    service = await start_service()
+    await send_change(aws, git_world.changes[-1])
+
+    [request] = await builds(aws, 1)
+    key = f"shop/feature/PAY-1-refunds/{commit}.zip"
+    assert request == {
+        "projectName": "shop",
+        "sourceTypeOverride": "S3",
+        "sourceLocationOverride": f"{aws.bucket}/{key}",
+        "environmentVariablesOverride": [
+            {"name": "COMMIT_ID", "value": commit, "type": "PLAINTEXT"},
+            {"name": "BRANCH_NAME", "value": "feature/PAY-1-refunds", "type": "PLAINTEXT"},
+            {"name": "REPOSITORY_NAME", "value": "shop", "type": "PLAINTEXT"},
+        ],
+        "artifactsOverride": {"type": "NO_ARTIFACTS"},
+        "idempotencyToken": token("shop", "refs/heads/feature/PAY-1-refunds", commit),
+    }
+    archive = await aws.object(key)
+    assert zip_listing(archive) == await repo.archive_listing(commit)
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        assert z.read("link-to-passwd") == b"/etc/passwd"
+    await drained(aws, aws.intake_url, aws.work_url)
+    assert await service.metric("branchbuild_jobs_total", outcome="built") == 1
+    assert await service.metric("branchbuild_events_total", event="created", outcome="queued") == 1
+    assert await service.metric("branchbuild_builds_started_total") == 1
+    assert await service.metric("branchbuild_upload_bytes_total") == len(archive)
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []
+    logs = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
+    started = [entry for entry in logs if entry["message"].startswith("started build")]
+    assert (
+        started
+        and started[0]["commit"] == commit
+        and started[0]["branch"] == "feature/PAY-1-refunds"
+    )
+
+
+async def test_protected_deleted_tag_and_other_events_build_nothing(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "quiet")
+    await repo.commit({"a": "1"})
+    await repo.push("main:develop")
+    await repo.push("main:staging")
+    await repo.push("main:gone")
+    await repo.push("--delete", "gone")
+    await repo.git("tag", "v1.0.0")
+    await repo.push("v1.0.0")
+    service = await start_service()
+    for change in git_world.changes:
+        if change.ref != "refs/heads/gone" or change.new is None:
+            await send_change(aws, change)
+    merge = json.loads(MERGE_EVENT)
+    await aws.send_event(merge)
+    await drained(aws, aws.intake_url, aws.work_url)
+
+    async def counted() -> bool:
+        return await service.metric("branchbuild_events_total") == 5
+
+    await wait_for(counted)
+    assert await service.metric("branchbuild_events_total", outcome="protected") == 2
+    assert await service.metric("branchbuild_events_total", event="deleted", outcome="deleted") == 1
+    assert await service.metric("branchbuild_events_total", outcome="ignored") == 2
+    assert await aws.start_builds() == []
+    assert await aws.keys() == []
+    assert git_world.host.upload_pack_count == 0  # decided before any fetch
+
+
+async def test_malformed_message_is_dead_lettered_while_branches_keep_flowing(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "flow")
+    repo = await WorkCopy.create(git_world, tmp_path, "flow")
+    await repo.commit({"a": "1"})
+    await repo.push("main:feature/one")
+    await repo.commit({"a": "2"})
+    await repo.push("HEAD:feature/two")
+    service = await start_service()
+    await aws.send_event("this is not json")
+    bad = codecommit_event(git_world.changes[0])
+    bad["detail"]["commitId"] = "not-a-commit"
+    await aws.send_event(bad)
+    for change in git_world.changes:
+        await send_change(aws, change)
+
+    await builds(aws, 2)
+
+    async def dead_lettered() -> list[str] | None:
+        bodies = await aws.dlq_bodies(aws.intake_dlq_url)
+        return bodies if len(bodies) == 2 else None
+
+    bodies = await wait_for(dead_lettered, within=60, what="two messages in the DLQ")
+    assert "this is not json" in bodies
+    assert any("not-a-commit" in body for body in bodies)
+    logs = service.logs()
+    assert "body is not JSON" in logs and "commitId is not a 40-character hex commit id" in logs
+    assert (
+        await service.metric("branchbuild_events_total", event="malformed", outcome="dead_lettered")
+        == 2
+    )
+    status, _ = await service.get("/healthz")
+    assert status == 200
+
+
+async def test_commit_15_behind_the_tip_is_built_exactly(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "deep")
+    repo = await WorkCopy.create(git_world, tmp_path, "deep")
+    old = await repo.commit({"version.txt": "old\n", "only-in-old.txt": "x"})
+    await repo.push("main:feature/deep")
+    event = git_world.changes[-1]
+    await repo.git("rm", "--quiet", "only-in-old.txt")
+    for i in range(15):
+        await repo.commit({"version.txt": f"{i}\n", f"f{i}.txt": "y"})
+    await repo.push("HEAD:feature/deep")
+    await start_service()
+    await send_change(aws, event)
+    [request] = await builds(aws, 1)
+    assert request["environmentVariablesOverride"][0]["value"] == old
+    archive = await aws.object(f"deep/feature/deep/{old}.zip")
+    assert zip_listing(archive) == await repo.archive_listing(old)
+    with zipfile.ZipFile(io.BytesIO(archive)) as z:
+        assert z.read("version.txt") == b"old\n"
+
+
+async def test_branches_run_in_parallel_one_branch_in_order_older_superseded(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    for name in ("left", "right"):
+        await create_project(aws, name)
+    left = await WorkCopy.create(git_world, tmp_path, "left")
+    right = await WorkCopy.create(git_world, tmp_path, "right")
+    a1 = await left.commit({"a": "1"})
+    await left.push("main:feature/a")
+    await right.commit({"b": "1"})
+    await right.push("main:feature/b")
+    gate = anyio.Event()
+    git_world.host.upload_pack_gate = gate
+    service = await start_service()
+    for change in list(git_world.changes):
+        await send_change(aws, change)
+
+    # Both fetches are held at the git host at the same time: the branches run in parallel.
+    async def both_waiting() -> bool:
+        return git_world.host.upload_pack_waiting == 2
+
+    await wait_for(both_waiting, within=30, what="two concurrent fetches")
+
+    # Two more pushes to feature/a while its first job is still running.
+    a2 = await left.commit({"a": "2"})
+    await left.push("main:feature/a")
+    a3 = await left.commit({"a": "3"})
+    await left.push("main:feature/a")
+    for change in git_world.changes[-2:]:
+        await send_change(aws, change)
+
+    async def queued() -> bool:
+        return await aws.count(aws.work_url) == 4 and await aws.count(aws.intake_url) == 0
+
+    await wait_for(queued, what="a2 and a3 waiting behind a1")
+    gate.set()
+
+    requests = await builds(aws, 3)
+    await drained(aws, aws.work_url)
+    commits = [r["environmentVariablesOverride"][0]["value"] for r in requests]
+    assert a2 not in commits
+    assert commits.index(a1) < commits.index(a3)
+    assert len(commits) == 3
+    assert await service.metric("branchbuild_jobs_total", outcome="superseded") == 1
+    assert await service.metric("branchbuild_jobs_total", outcome="built") == 3
+
+
+async def test_sigterm_mid_job_releases_at_once_and_a_second_instance_builds_once(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "term")
+    repo = await WorkCopy.create(git_world, tmp_path, "term")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main:feature/t")
+    gate = anyio.Event()
+    git_world.host.upload_pack_gate = gate
+    first = await start_service(
+        BRANCHBUILD_SHUTDOWN_GRACE="1", BRANCHBUILD_VISIBILITY_TIMEOUT="600"
+    )
+    await send_change(aws, git_world.changes[-1])
+
+    async def fetching() -> bool:
+        return git_world.host.upload_pack_waiting == 1
+
+    await wait_for(fetching)
+    first.signal(signal.SIGTERM)
+    assert await first.wait(within=15) == 0
+    assert "job cancelled at the end of the shutdown grace; message released" in first.logs()
+    # Released with visibility 0 (not stranded for the 600 s visibility timeout).
+    # (Counted, not received: a receive would use up one of the message's two deliveries.)
+    attributes = await aws.sqs.get_queue_attributes(
+        QueueUrl=aws.work_url, AttributeNames=["ApproximateNumberOfMessages"]
+    )
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "1"
+
+    gate.set()
+    await start_service()
+    [request] = await builds(aws, 1)
+    assert request["environmentVariablesOverride"][0]["value"] == commit
+    await drained(aws, aws.work_url)
+    assert len(await aws.start_builds()) == 1
+    assert await aws.open_uploads() == 0
+
+
+async def test_sigterm_lets_a_running_job_finish(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "finish")
+    repo = await WorkCopy.create(git_world, tmp_path, "finish")
+    await repo.commit({"a": "1"})
+    await repo.push("main:feature/f")
+    gate = anyio.Event()
+    git_world.host.upload_pack_gate = gate
+    service = await start_service(BRANCHBUILD_SHUTDOWN_GRACE="60")
+    await send_change(aws, git_world.changes[-1])
+
+    async def fetching() -> bool:
+        return git_world.host.upload_pack_waiting == 1
+
+    await wait_for(fetching)
+    service.signal(signal.SIGTERM)
+
+    async def draining() -> bool:
+        status, _ = await service.get("/readyz")
+        return status == 503
+
+    await wait_for(draining)
+    gate.set()
+    assert await service.wait(within=30) == 0
+    assert len(await aws.start_builds()) == 1
+    await drained(aws, aws.work_url)
+
+
+async def test_sigkill_mid_job_redelivers_and_exactly_one_build_results(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "kill")
+    repo = await WorkCopy.create(git_world, tmp_path, "kill")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main:feature/k")
+    gate = anyio.Event()
+    git_world.host.upload_pack_gate = gate
+    first = await start_service()
+    await send_change(aws, git_world.changes[-1])
+
+    async def fetching() -> bool:
+        return git_world.host.upload_pack_waiting == 1
+
+    await wait_for(fetching)
+    first.signal(signal.SIGKILL)
+    assert await first.wait() == -signal.SIGKILL
+    gate.set()
+    second = await start_service()
+    [request] = await builds(aws, 1)
+    assert request["environmentVariablesOverride"][0]["value"] == commit
+    await drained(aws, aws.work_url)
+    # A redelivery after SQS's 5-minute deduplication window finds the ledger: no second build.
+    from service.events import parse_event
+    from service.intake import work_message
+
+    push = parse_event(json.dumps(codecommit_event(git_world.changes[-1])))
+    assert not isinstance(push, RefChange)
+    message = work_message(push)  # type: ignore[arg-type]
+    await aws.sqs.send_message(
+        QueueUrl=aws.work_url,
+        MessageBody=message.body,
+        MessageGroupId=message.group,
+        MessageDeduplicationId=message.dedup + "-later",
+    )
+
+    async def duplicate() -> bool:
+        return await second.metric("branchbuild_jobs_total", outcome="duplicate") == 1
+
+    await wait_for(duplicate)
+    await drained(aws, aws.work_url)
+    assert len(await aws.start_builds()) == 1
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []

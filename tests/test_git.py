@@ -1,0 +1,237 @@
+"""The git cache over a real SSH server: exact commits, incremental fetches, archives, failures."""
+
+from __future__ import annotations
+
+import io
+import os
+import stat
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from service.errors import (
+    ArchiveTooLarge,
+    CommitNotFound,
+    GitAccessDenied,
+    GitError,
+    HostKeyMismatch,
+)
+from service.events import Action, Push, RefType
+from service.git import Fetched, Git
+from service.settings import Settings, load_settings
+from tests.helpers import GitWorld, WorkCopy, zip_listing
+
+
+def make_settings(world: GitWorld, tmp_path: Path, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "queue_url": "q",
+        "work_queue_url": "w",
+        "bucket": "bucket",
+        "git_url_template": world.url_template,
+        "ssh_key_file": world.key,
+        "known_hosts_file": world.known_hosts,
+        "cache_dir": tmp_path / "cache",
+    }
+    return load_settings(**(values | overrides))
+
+
+def push_of(repository: str, branch: str, commit: str) -> Push:
+    return Push(
+        event_id="e",
+        account="123456789012",
+        region="eu-west-1",
+        repository=repository,
+        ref_type=RefType.BRANCH,
+        name=branch,
+        action=Action.UPDATED,
+        commit=commit,
+    )
+
+
+async def archive_bytes(git: Git, fetched: Fetched) -> bytes:
+    data = bytearray()
+    async with git.archive(fetched) as stream:
+        async for chunk in stream:
+            data += chunk
+    return bytes(data)
+
+
+async def test_commit_far_behind_the_tip_is_fetched_exactly(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "app")
+    old = await repo.commit({"version.txt": "0\n", "src/a.py": "print(0)\n"})
+    for i in range(1, 16):
+        await repo.commit({"version.txt": f"{i}\n", f"src/file{i}.py": "x\n"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_of("app", "main", old))
+    assert not fetched.cache_hit
+    data = await archive_bytes(git, fetched)
+    assert zip_listing(data) == await repo.archive_listing(old)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert z.read("version.txt") == b"0\n"
+
+
+async def test_second_fetch_is_a_cache_hit_and_new_commits_are_incremental(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "inc")
+    first = await repo.commit({"big.bin": os.urandom(200_000).hex()})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    await git.fetch(push_of("inc", "main", first))
+    served = git_world.host.upload_pack_count
+    again = await git.fetch(push_of("inc", "main", first))
+    assert again.cache_hit and git_world.host.upload_pack_count == served
+    second = await repo.commit({"small.txt": "new\n"})
+    await repo.push("main")
+    fetched = await git.fetch(push_of("inc", "main", second))
+    assert not fetched.cache_hit
+    # The old objects were not sent again: the pack store holds one copy of big.bin's blob.
+    count = await anyio.run_process(["git", f"--git-dir={fetched.git_dir}", "count-objects", "-v"])
+    assert b"in-pack" in count.stdout or b"count" in count.stdout
+    assert zip_listing(await archive_bytes(git, fetched)) == ["big.bin", "small.txt"]
+
+
+async def test_parallel_fetches_of_one_repository_are_serialised(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "par")
+    commit = await repo.commit({"f.txt": "1"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    results: list[Fetched] = []
+
+    async def one() -> None:
+        results.append(await git.fetch(push_of("par", "main", commit)))
+
+    served = git_world.host.upload_pack_count
+    async with anyio.create_task_group() as tg:
+        for _ in range(3):
+            tg.start_soon(one)
+    assert len(results) == 3
+    # One fetch went to the server; the others waited for it and found the commit cached.
+    assert sum(not r.cache_hit for r in results) == 1
+    assert git_world.host.upload_pack_count == served + 1
+
+
+async def test_symlinks_are_stored_as_links_never_followed(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "links")
+    (repo.path / "passwd").symlink_to("/etc/passwd")
+    (repo.path / "up").symlink_to("../../outside")
+    commit = await repo.commit({"README": "hi\n", "odd\nname.txt": "newline\n"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    data = await archive_bytes(git, await git.fetch(push_of("links", "main", commit)))
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        info = z.getinfo("passwd")
+        assert stat.S_ISLNK(info.external_attr >> 16)
+        assert z.read("passwd") == b"/etc/passwd"  # the link target, not the file's content
+        assert z.read("up") == b"../../outside"
+        assert not any(name.startswith(".git/") for name in z.namelist())
+        assert "odd\nname.txt" in z.namelist()
+
+
+async def test_size_limits_are_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "sizes")
+    commit = await repo.commit({"big.bin": b"x" * 50_000, "small.txt": "y"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path, max_file_bytes=10_000))
+    fetched = await git.fetch(push_of("sizes", "main", commit))
+    with pytest.raises(ArchiveTooLarge, match="big.bin"):
+        await git.check_sizes(fetched)
+    git = Git(make_settings(git_world, tmp_path, max_archive_bytes=40_000))
+    with pytest.raises(ArchiveTooLarge, match="BRANCHBUILD_MAX_ARCHIVE_BYTES"):
+        await git.check_sizes(fetched)
+
+
+async def test_unknown_commit_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "gone")
+    await repo.commit({"a": "1"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(CommitNotFound):
+        await git.fetch(push_of("gone", "main", "0123456789abcdef0123456789abcdef01234567"))
+
+
+async def test_force_pushed_away_commit_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "force")
+    base = await repo.commit({"a": "1"})
+    await repo.push("main")
+    lost = await repo.commit({"a": "2"})
+    await repo.push("main")
+    await repo.git("reset", "--hard", base)
+    await repo.push("--force", "main")
+    # The server prunes what no ref reaches (CodeCommit does so eventually).
+    server = git_world.host.repository_path("force")
+    await anyio.run_process(
+        ["git", f"--git-dir={server}", "reflog", "expire", "--expire=now", "--all"]
+    )
+    await anyio.run_process(["git", f"--git-dir={server}", "gc", "--prune=now", "--quiet"])
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(CommitNotFound):
+        await git.fetch(push_of("force", "main", lost))
+
+
+async def test_missing_repository_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(GitAccessDenied):
+        await git.fetch(push_of("no-such-repo", "main", "a" * 40))
+
+
+async def test_host_key_mismatch_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "hk")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main")
+    other = tmp_path / "other_host_key"
+    await anyio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)])
+    pub = other.with_suffix(".pub").read_text().split()
+    wrong = tmp_path / "wrong_known_hosts"
+    wrong.write_text(f"[127.0.0.1]:{git_world.host.port} {pub[0]} {pub[1]}\n")
+    git = Git(make_settings(git_world, tmp_path, known_hosts_file=wrong))
+    with pytest.raises(HostKeyMismatch):
+        await git.fetch(push_of("hk", "main", commit))
+    # An empty known_hosts (unknown host) is refused too: never trust on first use.
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    git = Git(make_settings(git_world, tmp_path, known_hosts_file=empty))
+    with pytest.raises(HostKeyMismatch):
+        await git.fetch(push_of("hk", "main", commit))
+
+
+async def test_refused_key_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "refuse")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main")
+    git_world.host.refuse_all_keys = True
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(GitAccessDenied):
+        await git.fetch(push_of("refuse", "main", commit))
+
+
+async def test_dropped_connection_is_transient(git_world: GitWorld, tmp_path: Path) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "drop")
+    commit = await repo.commit({"big.bin": os.urandom(300_000)})
+    await repo.push("main")
+    git_world.host.drop_after_bytes = 2000
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(GitError) as info:
+        await git.fetch(push_of("drop", "main", commit))
+    assert not isinstance(info.value, GitAccessDenied | HostKeyMismatch | CommitNotFound)
+    git_world.host.drop_after_bytes = None
+    assert (await git.fetch(push_of("drop", "main", commit))).commit == commit
+
+
+async def test_git_never_sees_aws_credentials(
+    git_world: GitWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "super-secret-value")
+    git = Git(make_settings(git_world, tmp_path))
+    assert not any("AWS" in name for name in git._env)
+    assert "super-secret-value" not in repr(git._env)

@@ -1,0 +1,108 @@
+"""Streaming multipart upload against moto over HTTP: content, part sizes, abort on failure."""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import pytest
+from anyio.abc import ByteReceiveStream
+
+from service.errors import ArchiveTooLarge
+from service.settings import MiB
+from service.storage import MAX_PARTS, LedgerEntry, Storage, part_size
+from tests.helpers import AwsResources, wait_for
+
+
+class BytesStream(ByteReceiveStream):
+    """A byte stream over a buffer, optionally failing after ``fail_after`` bytes."""
+
+    def __init__(self, data: bytes, *, chunk: int = 65536, fail_after: int | None = None) -> None:
+        self.data = memoryview(data)
+        self.offset = 0
+        self.chunk = chunk
+        self.fail_after = fail_after
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        await anyio.lowlevel.checkpoint()
+        if self.fail_after is not None and self.offset >= self.fail_after:
+            raise OSError("the archive process died")
+        if self.offset >= len(self.data):
+            raise anyio.EndOfStream
+        end = min(len(self.data), self.offset + min(max_bytes, self.chunk))
+        piece = bytes(self.data[self.offset : end])
+        self.offset = end
+        return piece
+
+    async def aclose(self) -> None:
+        return None
+
+
+def storage(aws: AwsResources, *, max_bytes: int = 1 << 40) -> Storage:
+    return Storage(aws.s3, aws.bucket, part_size=5 * MiB, concurrency=3, max_bytes=max_bytes)
+
+
+def test_part_sizes_reach_s3s_object_limit_within_10000_parts() -> None:
+    total = sum(part_size(n, 5 * MiB) for n in range(1, MAX_PARTS + 1))
+    assert total >= 5 * 1024**4  # 5 TiB, S3 largest object
+    assert max(part_size(n, 5 * MiB) for n in range(1, MAX_PARTS + 1)) <= 5 * 1024**3
+    assert part_size(1, 5 * MiB) == part_size(500, 5 * MiB) == 5 * MiB
+    assert part_size(501, 5 * MiB) == 10 * MiB
+
+
+async def test_small_archive_is_one_put(aws: AwsResources) -> None:
+    data = os.urandom(1000)
+    uploaded = await storage(aws).upload("repo/a/1.zip", BytesStream(data))
+    assert uploaded.parts == 1 and uploaded.size == 1000
+    assert await aws.object("repo/a/1.zip") == data
+
+
+async def test_large_archive_is_multipart_and_identical(aws: AwsResources) -> None:
+    data = os.urandom(12 * MiB + 123)
+    uploaded = await storage(aws).upload("repo/a/2.zip", BytesStream(data))
+    assert uploaded.parts == 3 and uploaded.size == len(data)
+    assert await aws.object("repo/a/2.zip") == data
+    assert await aws.open_uploads() == 0
+
+
+async def test_failure_mid_stream_aborts_the_upload(aws: AwsResources) -> None:
+    with pytest.raises(OSError, match="died"):
+        await storage(aws).upload(
+            "repo/a/3.zip", BytesStream(os.urandom(12 * MiB), fail_after=11 * MiB)
+        )
+    assert await aws.open_uploads() == 0
+    assert "repo/a/3.zip" not in await aws.keys()
+
+
+async def test_archive_over_the_limit_is_permanent_and_leaves_nothing(aws: AwsResources) -> None:
+    with pytest.raises(ArchiveTooLarge, match="BRANCHBUILD_MAX_ARCHIVE_BYTES"):
+        await storage(aws, max_bytes=6 * MiB).upload(
+            "repo/a/4.zip", BytesStream(os.urandom(12 * MiB))
+        )
+    assert await aws.open_uploads() == 0
+    assert await aws.keys() == []
+
+
+async def test_cancellation_aborts_the_upload(aws: AwsResources) -> None:
+    class Stalling(BytesStream):
+        async def receive(self, max_bytes: int = 65536) -> bytes:
+            if self.offset >= 6 * MiB:
+                await anyio.sleep_forever()
+            return await super().receive(max_bytes)
+
+    with anyio.move_on_after(5) as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(storage(aws).upload, "repo/a/5.zip", Stalling(os.urandom(12 * MiB)))
+            await wait_for(aws.open_uploads, what="an open multipart upload")
+            tg.cancel_scope.cancel()
+    assert not scope.cancelled_caught
+    assert await aws.open_uploads() == 0
+
+
+async def test_ledger_round_trip(aws: AwsResources) -> None:
+    s = storage(aws)
+    assert await s.read_ledger("repo/a/6.zip") is None
+    entry = LedgerEntry(commit="a" * 40, ref="refs/heads/a", build_id="p:1", project="p")
+    await s.write_ledger("repo/a/6.zip", entry)
+    assert await s.read_ledger("repo/a/6.zip") == entry
+    assert "repo/a/6.zip.build.json" in await aws.keys()
