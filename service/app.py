@@ -65,7 +65,7 @@ class App:
                     max_bytes=s.max_archive_bytes,
                 ),
                 backend=backend,
-                backend_name=s.build_backend.value,
+                backend_name="codebuild",
                 metrics=self.metrics,
             )
             leases = Leases(

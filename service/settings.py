@@ -23,10 +23,6 @@ GiB = 1024 * MiB
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
-class BuildBackend(StrEnum):
-    CODEBUILD = "codebuild"
-
-
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
@@ -68,7 +64,6 @@ class Settings(BaseSettings):
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
-    cache_max_bytes: int = Field(default=20 * GiB, ge=0)
 
     concurrency: int = Field(default=8, ge=1, le=256)
     wait_time: int = Field(default=20, ge=0, le=20)
@@ -84,8 +79,6 @@ class Settings(BaseSettings):
     zip_level: int = Field(default=6, ge=0, le=9)
     max_archive_bytes: int = Field(default=5 * GiB, ge=1)
     max_file_bytes: int = Field(default=2 * GiB, ge=1)
-
-    build_backend: BuildBackend = BuildBackend.CODEBUILD
 
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)

@@ -43,7 +43,7 @@ class Worker:
         self._active = 0  # received and not yet settled
         self._changed = anyio.Event()
         # Message ids that failed permanently: a redelivery is released without redoing work.
-        self._poison: OrderedDict[str, str] = OrderedDict()
+        self._poison: OrderedDict[str, PermanentError] = OrderedDict()
         self._waiting: set[anyio.CancelScope] = set()
 
     async def run(
@@ -165,7 +165,7 @@ class Worker:
 
     async def _process(self, message: Message, context: dict[str, str]) -> None:
         if message.id in self._poison:
-            await self._fail(message, PermanentError(self._poison[message.id]), context)
+            await self._fail(message, self._poison[message.id], context)
             return
         try:
             push = parse_work(message.body)
@@ -203,7 +203,7 @@ class Worker:
         s = self.settings
         last = self.queue.is_last_attempt(message)
         if isinstance(error, PermanentError):
-            self._poison[message.id] = str(error)
+            self._poison[message.id] = error
             while len(self._poison) > _POISON_MEMORY:
                 self._poison.popitem(last=False)
         outcome = (

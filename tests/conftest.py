@@ -47,7 +47,8 @@ def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto server on 127.0.0.1, over HTTP, with its request recorder on."""
     port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    workdir = tmp_path_factory.mktemp("moto")  # the recorder writes its file here
+    log = workdir / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))} | {
         "MOTO_ENABLE_RECORDING": "True"
     }
@@ -55,6 +56,7 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         process = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             env=env,
+            cwd=workdir,
             stdout=out,
             stderr=subprocess.STDOUT,
         )

@@ -395,3 +395,79 @@ async def test_sigkill_mid_job_redelivers_and_exactly_one_build_results(
     await drained(aws, aws.work_url)
     assert len(await aws.start_builds()) == 1
     assert await aws.dlq_bodies(aws.work_dlq_url) == []
+
+
+async def test_transient_ssh_drop_is_retried_after_backoff_then_built(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "flaky")
+    repo = await WorkCopy.create(git_world, tmp_path, "flaky")
+    await repo.commit({"big.bin": os.urandom(300_000)})
+    await repo.push("main:feature/flaky")
+    git_world.host.drop_after_bytes = 2000
+    service = await start_service()
+    await send_change(aws, git_world.changes[-1])
+
+    async def retried() -> bool:
+        return await service.metric("branchbuild_jobs_total", outcome="retried") == 1
+
+    await wait_for(retried)
+    git_world.host.drop_after_bytes = None
+    await builds(aws, 1)
+    await drained(aws, aws.work_url)
+    assert len(await aws.start_builds()) == 1
+    assert await service.metric("branchbuild_errors_total", kind="git") >= 1
+    assert await service.metric("branchbuild_jobs_total", outcome="built") == 1
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []
+    assert "visible again in" in service.logs()
+
+
+async def test_permanent_failure_is_dead_lettered_with_its_reason(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "noproject")  # no CodeBuild project
+    await repo.commit({"a": "1"})
+    await repo.push("main:feature/x")
+    service = await start_service()
+    await send_change(aws, git_world.changes[-1])
+
+    async def dead() -> list[str] | None:
+        bodies = await aws.dlq_bodies(aws.work_dlq_url)
+        return bodies or None
+
+    [body] = await wait_for(dead, within=60, what="the job in the work DLQ")
+    assert json.loads(body)["repository"] == "noproject"
+    assert "ResourceNotFoundException" in service.logs()
+    assert await service.metric("branchbuild_jobs_total", outcome="dead_lettered") == 1
+    assert await service.metric("branchbuild_errors_total", kind="access_denied") == 2
+    # The second delivery was refused from memory: one fetch, one upload, no build.
+    assert git_world.host.upload_pack_count == 1
+    assert await aws.start_builds() != []  # the refused StartBuild request itself
+    assert await aws.open_uploads() == 0
+
+
+async def test_a_job_longer_than_the_visibility_timeout_runs_once(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "slow")
+    repo = await WorkCopy.create(git_world, tmp_path, "slow")
+    await repo.commit({"a": "1"})
+    await repo.push("main:feature/slow")
+    gate = anyio.Event()
+    git_world.host.upload_pack_gate = gate
+    service = await start_service(
+        BRANCHBUILD_VISIBILITY_TIMEOUT="5", BRANCHBUILD_HEARTBEAT_INTERVAL="1"
+    )
+    await send_change(aws, git_world.changes[-1])
+
+    # Hold the fetch for three visibility timeouts' worth of heartbeats.
+    async def long_enough() -> bool:
+        return await service.metric("branchbuild_visibility_extensions_total") >= 15
+
+    await wait_for(long_enough, within=60, what="15 heartbeats")
+    assert git_world.host.upload_pack_count == 1  # never handed out a second time
+    gate.set()
+    await builds(aws, 1)
+    await drained(aws, aws.work_url)
+    assert len(await aws.start_builds()) == 1
+    assert git_world.host.upload_pack_count == 1
