@@ -471,3 +471,14 @@ async def test_a_job_longer_than_the_visibility_timeout_runs_once(
     await drained(aws, aws.work_url)
     assert len(await aws.start_builds()) == 1
     assert git_world.host.upload_pack_count == 1
+
+
+async def test_sigterm_while_idle_does_not_wait_for_the_long_poll(
+    aws: AwsResources, start_service: StartService
+) -> None:
+    service = await start_service(BRANCHBUILD_WAIT_TIME="20")
+    # Ready means both loops run; with empty queues each is parked in a 20 s ReceiveMessage.
+    service.signal(signal.SIGTERM)
+    # Well under the 20 s long poll: the poll is abandoned, not awaited.
+    assert await service.wait(within=8) == 0
+    assert '"message": "stopped"' in service.logs()

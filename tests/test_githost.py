@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,6 @@ import asyncssh
 import pytest
 
 from service.localdev.githost import GitHost, RefChange, codecommit_event
-
-SHA = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass
@@ -250,6 +249,22 @@ async def test_push_reports_created_updated_and_deleted_refs(
         "v1",
     )
     assert "oldCommitId" not in tag and tag["repositoryName"] == "demo"
+
+
+async def test_concurrent_pushes_are_each_reported_once(
+    client: Client, host: GitHost, work: Path, changes: list[RefChange]
+) -> None:
+    base = await client.commit(work, "base")
+    tips = {}
+    for n in range(4):
+        await client.git("checkout", "--quiet", "-b", f"b{n}", base, cwd=work)
+        tips[f"refs/heads/b{n}"] = await client.commit(work, f"on b{n}")
+    async with anyio.create_task_group() as tg:
+        for n in range(4):
+            tg.start_soon(partial(client.git, "push", "--quiet", "origin", f"b{n}", cwd=work))
+    assert sorted(changes, key=lambda c: c.ref) == [
+        RefChange("demo", ref, None, tip) for ref, tip in sorted(tips.items())
+    ]
 
 
 async def test_failing_on_change_is_logged_and_the_push_succeeds(
