@@ -6,10 +6,18 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: help venv system-deps lint format typecheck pytest test lint-deploy clean
+LOCALSTACK_VENV := .localstack-venv
+LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
+# The newest LocalStack community runtime that runs on Python 3.11 in host mode, and the pins
+# it needs (see README.md, "Local development"). Its own venv: its pins clash with ours.
+LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
+	'cryptography<45' service_identity 'joserfc<1.3'
+
+.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
+	@echo "make demo         the same, non-interactively: push, check the outcomes, stop"
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
 
@@ -20,6 +28,26 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+$(LOCALSTACK_STAMP):
+	$(PYTHON) -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/pip install -q --upgrade pip
+	$(LOCALSTACK_VENV)/bin/pip install -q $(LOCALSTACK_PACKAGES)
+	touch $@
+
+# Not needed when LOCALSTACK_ENDPOINT names a LocalStack that is already running.
+ifeq ($(LOCALSTACK_ENDPOINT),)
+localstack: $(LOCALSTACK_STAMP)
+else
+localstack:
+	@echo "using the LocalStack at $(LOCALSTACK_ENDPOINT)"
+endif
+
+run: venv system-deps localstack
+	$(BIN)/python -m service.localdev.run
+
+demo: venv system-deps localstack
+	$(BIN)/python -m service.localdev.run --demo
 
 # git and the OpenSSH client are the service's only system dependencies.
 system-deps:
@@ -43,7 +71,7 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv system-deps
+pytest: venv system-deps $(LOCALSTACK_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck pytest
@@ -52,4 +80,4 @@ lint-deploy:
 	bash deploy/lint.sh
 
 clean:
-	rm -rf $(VENV) .venv-deploy .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOCALSTACK_VENV) .venv-deploy .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -9,14 +9,16 @@ from contextlib import AsyncExitStack
 import anyio
 import anyio.abc
 
-from .aws import open_clients
+from .aws import Clients, open_clients
 from .builds import BuildBackend, CodeBuild
 from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services
+from .local_builds import LocalBuilds
 from .metrics import Metrics
 from .queue import Leases, Queue
+from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
 from .worker import Worker
@@ -53,21 +55,6 @@ class App:
             work_queue = Queue(clients.sqs, s.work_queue_url, name="work")
             await intake_queue.describe()
             await work_queue.describe()
-            backend: BuildBackend = CodeBuild(clients.codebuild)
-            services = Services(
-                settings=s,
-                git=git,
-                storage=Storage(
-                    clients.s3,
-                    s.bucket,
-                    part_size=s.part_size,
-                    concurrency=s.upload_concurrency,
-                    max_bytes=s.max_archive_bytes,
-                ),
-                backend=backend,
-                backend_name="codebuild",
-                metrics=self.metrics,
-            )
             leases = Leases(
                 visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
             )
@@ -75,9 +62,23 @@ class App:
                 serve_http(self.health, self.metrics, host=s.http_host, port=s.http_port)
             )
             self.http_port = bound_port(runner)
-            intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
-            worker = Worker(work_queue, services, leases, self.health)
             async with anyio.create_task_group() as background:
+                services = Services(
+                    settings=s,
+                    git=git,
+                    storage=Storage(
+                        clients.s3,
+                        s.bucket,
+                        part_size=s.part_size,
+                        concurrency=s.upload_concurrency,
+                        max_bytes=s.max_archive_bytes,
+                    ),
+                    backend=self._backend(clients, background),
+                    backend_name=s.build_backend.value,
+                    metrics=self.metrics,
+                )
+                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
+                worker = Worker(work_queue, services, leases, self.health)
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(leases.run, name="heartbeat")
                 async with anyio.create_task_group() as consumers:
@@ -88,6 +89,20 @@ class App:
                     task_status.started()
                 background.cancel_scope.cancel()
         log.info("stopped")
+
+    def _backend(self, clients: Clients, background: anyio.abc.TaskGroup) -> BuildBackend:
+        if self.settings.build_backend is BackendName.LOCAL:
+            log.warning(
+                "BRANCHBUILD_BUILD_BACKEND=local: buildspec commands run on this machine "
+                "(development only)"
+            )
+            return LocalBuilds(
+                clients.s3,
+                root=self.settings.builds_dir,
+                timeout=self.settings.local_build_timeout,
+                task_group=background,
+            )
+        return CodeBuild(clients.codebuild)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -24,9 +24,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port", type=int, default=None, help="default: BRANCHBUILD_HTTP_PORT or 8080"
     )
     check.add_argument("--timeout", type=float, default=3.0)
+    builds = commands.add_parser(
+        "builds", help="list recent builds of the local backend (BRANCHBUILD_LOCAL_BUILDS_DIR)"
+    )
+    builds.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    builds.add_argument("--json", action="store_true", help="one JSON object per line")
     args = parser.parse_args(argv)
     if args.command == "healthcheck":
         return _healthcheck(args.port, args.timeout)
+    if args.command == "builds":
+        return _builds(args.limit, args.json)
     return _run()
 
 
@@ -63,3 +70,35 @@ def _healthcheck(port: int | None, timeout: float) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _builds(limit: int, as_json: bool) -> int:
+    import json
+    from dataclasses import asdict
+
+    from .local_builds import list_builds
+    from .settings import load_local_settings
+
+    try:
+        root = load_local_settings().builds_dir
+    except ConfigurationError as exc:
+        sys.stderr.write(f"branchbuild: configuration error: {exc}\n")
+        return 2
+    records = list_builds(root, limit)
+    if as_json:
+        sys.stdout.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
+        return 0
+    if not records:
+        sys.stdout.write(f"no builds in {root}\n")
+        return 0
+    rows = [("STARTED", "REPOSITORY", "BRANCH", "COMMIT", "STATUS", "DURATION", "LOG")]
+    for r in records:
+        duration = f"{r.duration:.1f}s" if r.duration is not None else "-"
+        rows.append(
+            (r.started_at[:19], r.repository, r.branch, r.commit[:12], r.status, duration, r.log)
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+        sys.stdout.write("  ".join([*cells, row[-1]]) + "\n")
+    return 0

@@ -23,6 +23,11 @@ GiB = 1024 * MiB
 CommaList = Annotated[tuple[str, ...], NoDecode]
 
 
+class BuildBackend(StrEnum):
+    CODEBUILD = "codebuild"
+    LOCAL = "local"
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
@@ -34,10 +39,31 @@ def _default_cache_dir() -> Path:
     return Path(base) / "branchbuild"
 
 
-class Settings(BaseSettings):
-    """branchbuild's configuration, read once at start-up and passed in explicitly."""
+class LocalSettings(BaseSettings):
+    """The settings that need no AWS resources: enough for ``branchbuild builds``."""
 
     model_config = SettingsConfigDict(env_prefix="BRANCHBUILD_", frozen=True, extra="ignore")
+
+    cache_dir: Path = Field(default_factory=_default_cache_dir)
+    local_builds_dir: Path | None = None
+    log_format: LogFormat = LogFormat.AUTO
+    log_level: str = "INFO"
+
+    @property
+    def builds_dir(self) -> Path:
+        return self.local_builds_dir or self.cache_dir / "builds"
+
+    @field_validator("log_level")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
+        return level
+
+
+class Settings(LocalSettings):
+    """branchbuild's configuration, read once at start-up and passed in explicitly."""
 
     # Queues: the intake queue is the EventBridge rule's target (one static message group);
     # the work queue holds one message group per repository and branch.
@@ -80,11 +106,12 @@ class Settings(BaseSettings):
     max_archive_bytes: int = Field(default=5 * GiB, ge=1)
     max_file_bytes: int = Field(default=2 * GiB, ge=1)
 
+    build_backend: BuildBackend = BuildBackend.CODEBUILD
+    local_build_timeout: float = Field(default=1800.0, gt=0)
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     liveness_timeout: float = Field(default=90.0, gt=0)
-    log_format: LogFormat = LogFormat.AUTO
-    log_level: str = "INFO"
 
     @field_validator(
         "protected_branches",
@@ -119,14 +146,6 @@ class Settings(BaseSettings):
         if not value.startswith(("ssh://", "file://", "/")):
             raise ValueError("must be an ssh:// URL (or file:// for local tests)")
         return value
-
-    @field_validator("log_level")
-    @classmethod
-    def _log_level(cls, value: str) -> str:
-        level = value.upper()
-        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL")
-        return level
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
@@ -170,6 +189,18 @@ def load_settings(**overrides: Any) -> Settings:
     """
     try:
         return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+def load_local_settings() -> LocalSettings:
+    """The subset of settings for commands that touch no AWS resource.
+
+    Raises:
+        ConfigurationError: with one line naming the first offending variable.
+    """
+    try:
+        return LocalSettings()
     except ValidationError as exc:
         raise ConfigurationError(_describe(exc)) from None
 

@@ -1,0 +1,295 @@
+"""The LocalStack path: the project's own template deployed into a real LocalStack, real pushes
+routed by the real EventBridge rule, and the local runner behind `make run` / `make demo`.
+
+LocalStack is installed by `make test` (the Makefile's LOCALSTACK_STAMP); these tests never
+skip: without it they fail and say how to install it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aioboto3
+import anyio
+import pytest
+
+from service.local_builds import list_builds
+from service.localdev.run import Options, deploy
+from tests.conftest import free_port
+from tests.helpers import (
+    ROOT,
+    AwsResources,
+    GitWorld,
+    ServiceProcess,
+    WorkCopy,
+    create_project,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+LOCALSTACK_PYTHON = ROOT / ".localstack-venv" / "bin" / "python"
+REGION = "eu-west-1"
+
+
+@pytest.fixture(scope="session")
+def localstack_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    assert LOCALSTACK_PYTHON.exists(), (
+        "LocalStack is not installed: run `make test` or `make localstack`"
+    )
+    port = free_port()
+    volume = tmp_path_factory.mktemp("localstack")
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(volume),
+        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
+        "LOCALSTACK_HOST": f"127.0.0.1:{port}",
+        "SQS_ENDPOINT_STRATEGY": "path",
+        "DNS_ADDRESS": "0",
+        "DISABLE_EVENTS": "1",
+        "SKIP_SSL_CERT_DOWNLOAD": "1",
+        "LOCALSTACK_VOLUME_DIR": str(volume),
+        "SERVICES": "sqs,s3,events,cloudformation,iam,sts",
+    }
+    with (volume / "localstack.log").open("wb") as out:
+        process = subprocess.Popen(
+            [str(LOCALSTACK_PYTHON), "-m", "localstack.runtime.main"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(endpoint + "/_localstack/health", timeout=2).close()
+            break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError((volume / "localstack.log").read_text()) from None
+            time.sleep(0.2)
+    try:
+        yield endpoint
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def options(endpoint: str, state: Path, prefix: str) -> Options:
+    return Options(
+        state=state,
+        region=REGION,
+        localstack_endpoint=endpoint,
+        localstack_port=0,
+        git_port=free_port(),
+        http_port=free_port(),
+        repositories=("shop",),
+        demo=False,
+        stack=f"{prefix}-stack",
+        prefix=prefix,
+    )
+
+
+async def run_demo(env: dict[str, str], state: Path) -> subprocess.CompletedProcess[bytes]:
+    command = [
+        sys.executable,
+        "-m",
+        "service.localdev.run",
+        "--demo",
+        "--state",
+        str(state),
+        "--git-port",
+        str(free_port()),
+        "--http-port",
+        str(free_port()),
+        "--prefix",
+        f"demo{uuid.uuid4().hex[:6]}",
+        "--stack-name",
+        f"demo-{uuid.uuid4().hex[:6]}",
+    ]
+    with anyio.fail_after(240):
+        result = await anyio.run_process(command, env=env, check=False, cwd=ROOT)
+    return result
+
+
+def demo_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))}
+    return env | {"AWS_REGION": REGION} | extra
+
+
+async def test_make_demo_against_a_running_localstack(
+    localstack_endpoint: str, tmp_path: Path
+) -> None:
+    """LOCALSTACK_ENDPOINT: use it, start nothing. The demo's own checks must all pass."""
+    state = tmp_path / "state"
+    result = await run_demo(demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint), state)
+    out = result.stdout.decode()
+    assert result.returncode == 0, out + result.stderr.decode()
+    for line in ("feature/demo-pass", "feature/demo-fail", "develop", "delete"):
+        assert any(line in row and row.rstrip().endswith("yes") for row in out.splitlines())
+    assert not (state / "logs" / "localstack.log").exists()  # started nothing
+    records = {r.branch: r for r in list_builds(state / "builds")}
+    assert records["feature/demo-pass"].status == "SUCCEEDED"
+    assert records["feature/demo-fail"].status == "FAILED"
+    assert "develop" not in records
+    log = await anyio.Path(records["feature/demo-pass"].log).read_text()
+    assert f"building feature/demo-pass at {records['feature/demo-pass'].commit}" in log
+    assert "exit 3" in await anyio.Path(records["feature/demo-fail"].log).read_text()
+    # The archives really went through LocalStack's S3.
+    assert records["feature/demo-pass"].source.startswith("s3://demo")
+
+
+async def test_make_demo_starts_and_stops_its_own_localstack(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    port = free_port()
+    env = demo_env()
+    command_port = ["--localstack-port", str(port)]
+    with anyio.fail_after(240):
+        result = await anyio.run_process(
+            [
+                sys.executable,
+                "-m",
+                "service.localdev.run",
+                "--demo",
+                "--state",
+                str(state),
+                "--git-port",
+                str(free_port()),
+                "--http-port",
+                str(free_port()),
+                *command_port,
+            ],
+            env=env,
+            check=False,
+            cwd=ROOT,
+        )
+    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
+    assert (state / "logs" / "localstack.log").stat().st_size > 0
+    for name in ("branchbuild.log", "githost.log", "run.log"):
+        assert (state / "logs" / name).exists()
+    # Everything it started is gone: nothing listens on LocalStack's port any more.
+    with pytest.raises(OSError):
+        await anyio.connect_tcp("127.0.0.1", port)
+
+
+async def test_run_is_interrupted_cleanly(localstack_endpoint: str, tmp_path: Path) -> None:
+    """`make run`: prints how to push, then Ctrl-C (SIGINT) stops every process it started."""
+    state = tmp_path / "state"
+    http_port = free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "service.localdev.run",
+        "--state",
+        str(state),
+        "--git-port",
+        str(free_port()),
+        "--http-port",
+        str(http_port),
+        "--prefix",
+        f"run{uuid.uuid4().hex[:6]}",
+        "--stack-name",
+        f"run-{uuid.uuid4().hex[:6]}",
+    ]
+    out = state.parent / "run.out"
+    state.mkdir()
+    with out.open("wb") as sink:
+        proc = await anyio.open_process(
+            command,
+            env=demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+
+    async def printed() -> bool:
+        return "git push branchbuild HEAD:feature/my-change" in out.read_text()
+
+    await wait_for(printed, within=120, what="the push instructions")
+    text = out.read_text()
+    assert (
+        "export GIT_SSH_COMMAND=" in text
+        and "git remote add branchbuild ssh://git@127.0.0.1:" in text
+    )
+    proc.send_signal(signal.SIGINT)
+    with anyio.fail_after(60):
+        assert await proc.wait() == 0
+    with pytest.raises(OSError):
+        await anyio.connect_tcp("127.0.0.1", http_port)
+
+
+@pytest.fixture
+async def deployed(localstack_endpoint: str, tmp_path: Path) -> AsyncIterator[dict[str, str]]:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    yield await deploy(options(localstack_endpoint, tmp_path, prefix))
+
+
+async def test_deployed_template_routes_a_push_to_a_build_request(
+    localstack_endpoint: str,
+    deployed: dict[str, str],
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+) -> None:
+    """deploy/pipeline.yaml in LocalStack + CodeBuild at moto: put event → StartBuild."""
+    await create_project(aws, "shop")
+    repo = await WorkCopy.create(git_world, tmp_path, "shop")
+    commit = await repo.commit({"README": "hi\n"})
+    await repo.push("main:feature/routed")
+    change = git_world.changes[-1]
+    env = dict(os.environ) | {
+        "AWS_ENDPOINT_URL": localstack_endpoint,
+        "AWS_ENDPOINT_URL_CODEBUILD": aws.endpoint,
+        "BRANCHBUILD_QUEUE_URL": deployed["IntakeQueueUrl"],
+        "BRANCHBUILD_WORK_QUEUE_URL": deployed["WorkQueueUrl"],
+        "BRANCHBUILD_BUCKET": deployed["BucketName"],
+        "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+        "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+        "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+        "BRANCHBUILD_CACHE_DIR": str(tmp_path / "cache"),
+        "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
+        "BRANCHBUILD_HTTP_PORT": str(free_port()),
+        "BRANCHBUILD_LOG_FORMAT": "json",
+    }
+    service = ServiceProcess(env, tmp_path / "service.log")
+    await service.start()
+    try:
+        from service.localdev.githost import codecommit_event
+
+        event = codecommit_event(change, account="000000000000", region=REGION)
+        session = aioboto3.Session()
+        async with session.client(
+            "events", endpoint_url=localstack_endpoint, region_name=REGION
+        ) as events:
+            reply = await events.put_events(
+                Entries=[
+                    {
+                        "Source": "aws.codecommit",
+                        "DetailType": "CodeCommit Repository State Change",
+                        "Resources": event["resources"],
+                        "Detail": json.dumps(event["detail"]),
+                    }
+                ]
+            )
+        assert reply["FailedEntryCount"] == 0
+
+        async def started() -> list[dict[str, object]] | None:
+            return await aws.start_builds() or None
+
+        [request] = await wait_for(started, within=60, what="StartBuild at moto")
+        key = f"shop/feature/routed/{commit}.zip"
+        assert request["sourceLocationOverride"] == f"{deployed['BucketName']}/{key}"
+        async with session.client("s3", endpoint_url=localstack_endpoint, region_name=REGION) as s3:
+            head = await s3.head_object(Bucket=deployed["BucketName"], Key=key)
+            assert head["ContentLength"] > 0
+    finally:
+        await service.stop()
