@@ -49,12 +49,14 @@ run: venv system-deps localstack
 demo: venv system-deps localstack
 	$(BIN)/python -m service.localdev.run --demo
 
-# git and the OpenSSH client are the service's only system dependencies.
+# git and the OpenSSH client are the service's only system dependencies; promtool (Debian's
+# prometheus package) checks the alert rules and serves the scrape test.
 system-deps:
 	@missing=""; \
 	command -v git >/dev/null || missing="$$missing git"; \
 	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	command -v ssh-keygen >/dev/null || missing="$$missing openssh-client"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -74,9 +76,9 @@ typecheck: venv
 pytest: venv system-deps $(LOCALSTACK_STAMP)
 	$(BIN)/pytest
 
-test: lint typecheck pytest
+test: lint typecheck lint-deploy pytest
 
-lint-deploy:
+lint-deploy: system-deps
 	bash deploy/lint.sh
 
 clean:

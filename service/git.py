@@ -110,9 +110,13 @@ class Git:
                 f"private key for {s.git_url_template.split('@')[-1]}"
             )
         known = s.known_hosts_file
+        if s.known_hosts is not None:
+            known = private / "known_hosts"
+            known.write_text(s.known_hosts.strip() + "\n")
         if known is None or not known.is_file():
             raise ConfigurationError(
-                "BRANCHBUILD_KNOWN_HOSTS_FILE must name a known_hosts file with the git host's key"
+                "BRANCHBUILD_KNOWN_HOSTS_FILE must name a known_hosts file with the git host's "
+                "key (or BRANCHBUILD_KNOWN_HOSTS hold its lines)"
             )
         config = private / "config"
         config.write_text(

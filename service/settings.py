@@ -87,6 +87,7 @@ class Settings(LocalSettings):
     ssh_private_key: SecretStr | None = None
     ssh_key_id: str = ""
     known_hosts_file: Path | None = None
+    known_hosts: str | None = None
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
@@ -152,6 +153,10 @@ class Settings(LocalSettings):
         if self.ssh_key_file is not None and self.ssh_private_key is not None:
             raise ValueError(
                 "set BRANCHBUILD_SSH_KEY_FILE or BRANCHBUILD_SSH_PRIVATE_KEY, not both"
+            )
+        if self.known_hosts_file is not None and self.known_hosts is not None:
+            raise ValueError(
+                "set BRANCHBUILD_KNOWN_HOSTS_FILE or BRANCHBUILD_KNOWN_HOSTS, not both"
             )
         if self.heartbeat_interval >= self.visibility_timeout:
             raise ValueError(

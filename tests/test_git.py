@@ -235,3 +235,22 @@ async def test_git_never_sees_aws_credentials(
     git = Git(make_settings(git_world, tmp_path))
     assert not any("AWS" in name for name in git._env)
     assert "super-secret-value" not in repr(git._env)
+
+
+async def test_known_hosts_and_key_given_as_text(git_world: GitWorld, tmp_path: Path) -> None:
+    """The ECS way: key and host keys come as environment values (from Secrets Manager)."""
+    repo = await WorkCopy.create(git_world, tmp_path, "secret")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main")
+    settings = make_settings(
+        git_world,
+        tmp_path,
+        known_hosts_file=None,
+        known_hosts=git_world.known_hosts.read_text(),
+        ssh_key_file=None,
+        ssh_private_key=git_world.key.read_text(),
+    )
+    git = Git(settings)
+    assert (await git.fetch(push_of("secret", "main", commit))).commit == commit
+    written = settings.cache_dir / "ssh" / "id"
+    assert written.stat().st_mode & 0o777 == 0o600

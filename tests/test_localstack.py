@@ -7,6 +7,7 @@ skip: without it they fail and say how to install it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -293,3 +294,34 @@ async def test_deployed_template_routes_a_push_to_a_build_request(
             assert head["ContentLength"] > 0
     finally:
         await service.stop()
+
+
+async def test_redeploy_reuses_an_unchanged_stack_and_replaces_a_changed_one(
+    localstack_endpoint: str, tmp_path: Path
+) -> None:
+    """LocalStack ignores rule updates: a changed repository list must still take effect."""
+    first_options = options(localstack_endpoint, tmp_path, f"r{uuid.uuid4().hex[:8]}")
+    first = await deploy(first_options)
+    assert await deploy(first_options) == first  # idempotent
+    wider = dataclasses.replace(first_options, repositories=("shop", "other"))
+    outputs = await deploy(wider)
+    session = aioboto3.Session()
+    async with (
+        session.client("events", endpoint_url=localstack_endpoint, region_name=REGION) as events,
+        session.client("sqs", endpoint_url=localstack_endpoint, region_name=REGION) as sqs,
+    ):
+        await events.put_events(
+            Entries=[
+                {
+                    "Source": "aws.codecommit",
+                    "DetailType": "CodeCommit Repository State Change",
+                    "Resources": [f"arn:aws:codecommit:{REGION}:000000000000:other"],
+                    "Detail": json.dumps({"event": "referenceCreated", "repositoryName": "other"}),
+                }
+            ]
+        )
+        reply = await sqs.receive_message(
+            QueueUrl=outputs["IntakeQueueUrl"], WaitTimeSeconds=10, MaxNumberOfMessages=1
+        )
+    [message] = reply["Messages"]
+    assert json.loads(message["Body"])["detail"]["repositoryName"] == "other"

@@ -9,6 +9,7 @@ Everything listens on 127.0.0.1; every component logs to ``<state>/logs/``; Ctrl
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -174,40 +175,72 @@ async def deploy(options: Options) -> dict[str, str]:
         },
         {"ParameterKey": "Prefix", "ParameterValue": options.prefix},
     ]
+    # LocalStack reports updates of the rule and the bucket as done without applying them,
+    # so a changed template or parameter set means a fresh stack; the digest tells.
+    digest = hashlib.sha256((template + json.dumps(parameters)).encode()).hexdigest()[:16]
     session = aioboto3.Session()
-    async with session.client(
-        "cloudformation",
-        endpoint_url=options.endpoint,
-        region_name=options.region,
-        aws_access_key_id="test",
-        aws_secret_access_key="test",
-    ) as cf:
+    async with AsyncExitStack() as clients:
+        cf = await clients.enter_async_context(
+            session.client(
+                "cloudformation",
+                endpoint_url=options.endpoint,
+                region_name=options.region,
+                aws_access_key_id="test",
+                aws_secret_access_key="test",
+            )
+        )
+        s3 = await clients.enter_async_context(
+            session.client(
+                "s3",
+                endpoint_url=options.endpoint,
+                region_name=options.region,
+                aws_access_key_id="test",
+                aws_secret_access_key="test",
+            )
+        )
         try:
             stacks = (await cf.describe_stacks(StackName=options.stack))["Stacks"]
         except cf.exceptions.ClientError:
             stacks = []
-        status = stacks[0]["StackStatus"] if stacks else None
-        if status and status.endswith(("FAILED", "ROLLBACK_COMPLETE")):
+        if stacks:
+            stack = stacks[0]
+            tags = {t["Key"]: t["Value"] for t in stack.get("Tags", [])}
+            if stack["StackStatus"] in _DONE and tags.get(_DIGEST_TAG) == digest:
+                log.info("stack %s is up to date", options.stack)
+                return _outputs(stack)
+            log.info("replacing stack %s (template or parameters changed)", options.stack)
+            bucket = _outputs(stack).get("BucketName")
+            if bucket:
+                await _empty_bucket(s3, bucket)
             await cf.delete_stack(StackName=options.stack)
             await _wait_stack(cf, options.stack, gone=True)
-            status = None
-        if status is None:
-            log.info("deploying deploy/pipeline.yaml as stack %s", options.stack)
-            await cf.create_stack(
-                StackName=options.stack, TemplateBody=template, Parameters=parameters
-            )
-        else:
-            try:
-                await cf.update_stack(
-                    StackName=options.stack, TemplateBody=template, Parameters=parameters
-                )
-                log.info("updating stack %s", options.stack)
-            except cf.exceptions.ClientError as exc:
-                if "No updates are to be performed" not in str(exc):
-                    raise
-                log.info("stack %s is up to date", options.stack)
-        stack = await _wait_stack(cf, options.stack)
+        log.info("deploying deploy/pipeline.yaml as stack %s", options.stack)
+        await cf.create_stack(
+            StackName=options.stack,
+            TemplateBody=template,
+            Parameters=parameters,
+            Tags=[{"Key": _DIGEST_TAG, "Value": digest}],
+        )
+        return _outputs(await _wait_stack(cf, options.stack))
+
+
+_DONE = {"CREATE_COMPLETE", "UPDATE_COMPLETE"}
+_DIGEST_TAG = "branchbuild:deployed-digest"
+
+
+def _outputs(stack: Any) -> dict[str, str]:
     return {o["OutputKey"]: o["OutputValue"] for o in stack.get("Outputs", [])}
+
+
+async def _empty_bucket(s3: Any, bucket: str) -> None:
+    try:
+        paginator = s3.get_paginator("list_objects_v2")
+        async for page in paginator.paginate(Bucket=bucket):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+            if keys:
+                await s3.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    except s3.exceptions.NoSuchBucket:
+        return
 
 
 async def _wait_stack(cf: Any, name: str, *, gone: bool = False) -> dict[str, Any]:
@@ -223,7 +256,7 @@ async def _wait_stack(cf: Any, name: str, *, gone: bool = False) -> dict[str, An
             if not status.endswith("IN_PROGRESS"):
                 if gone and status == "DELETE_COMPLETE":
                     return {}
-                if not gone and status not in {"CREATE_COMPLETE", "UPDATE_COMPLETE"}:
+                if not gone and status not in _DONE:
                     raise SystemExit(f"stack {name} is {status}: {stack.get('StackStatusReason')}")
                 return stack
             await anyio.sleep(0.5)

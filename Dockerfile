@@ -1,0 +1,64 @@
+# syntax=docker/dockerfile:1
+# branchbuild: the always-on service that turns CodeCommit pushes into CodeBuild builds.
+# Build:  docker build -t branchbuild:$(git rev-parse --short HEAD) .
+# Both stages use the same base so the venv's interpreter symlinks stay valid. For
+# reproducible production builds, pin both FROM lines by digest as well
+# (python:3.11-slim-bookworm@sha256:...) and let a bot bump it.
+
+FROM python:3.11-slim-bookworm AS builder
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PYTHONDONTWRITEBYTECODE=1
+WORKDIR /src
+# A venv is self-contained, so the final stage copies it whole and gets no pip caches,
+# no source tree and no build tools.
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY service ./service
+# A regular (non-editable) install: byte-code is compiled here because the runtime
+# root filesystem is read-only.
+RUN /opt/venv/bin/pip install --no-cache-dir . \
+ && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+
+FROM python:3.11-slim-bookworm
+LABEL org.opencontainers.image.title="branchbuild" \
+      org.opencontainers.image.description="Builds every push to every CodeCommit branch with CodeBuild" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+# git and ssh fetch commits over CodeCommit SSH; tini is PID 1 so SIGTERM reaches the
+# service and git/ssh children are reaped.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends git openssh-client tini \
+ && rm -rf /var/lib/apt/lists/* \
+ && groupadd --system --gid 10001 branchbuild \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /data --no-create-home \
+            --shell /usr/sbin/nologin branchbuild \
+ && mkdir -p /data/cache \
+ && chown -R 10001:10001 /data \
+ && chmod 0750 /data
+
+COPY --from=builder /opt/venv /opt/venv
+# The git host's pinned keys come at run time (BRANCHBUILD_KNOWN_HOSTS, from the same secret
+# as the SSH key; see deploy/README.md), so one image serves every region and account.
+
+# HOME=/data: ssh and git write their state under $HOME and the root filesystem is
+# read-only in ECS.
+ENV PATH="/opt/venv/bin:${PATH}" \
+    HOME=/data \
+    BRANCHBUILD_CACHE_DIR=/data/cache \
+    BRANCHBUILD_HTTP_PORT=8080 \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+
+# Fargate bind mounts at these paths take the ownership and mode from the image
+# (10001:10001 for /data, 1777 for /tmp) only when the image declares them as volumes.
+VOLUME ["/data", "/tmp"]
+
+USER 10001:10001
+WORKDIR /data
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
+  CMD ["branchbuild", "healthcheck"]
+ENTRYPOINT ["/usr/bin/tini", "--"]
+CMD ["branchbuild", "run"]

@@ -1,0 +1,171 @@
+"""Static checks of deploy/ and the Dockerfile: the facts the service relies on.
+
+`make lint-deploy` (part of `make test`) runs cfn-lint, checkov, hadolint and promtool; these
+tests check what no linter knows: that the templates and the image agree with the service.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from service.cli import main as cli_main
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+
+
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short-form tags (!Ref, !Sub, ...) kept as {tag: value}."""
+
+
+def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    return {suffix: value}
+
+
+CfnLoader.add_multi_constructor("!", _tag)
+
+
+def template(name: str) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.load((DEPLOY / name).read_text(), Loader=CfnLoader)  # noqa: S506
+    return data
+
+
+def resources(name: str, kind: str) -> dict[str, dict[str, Any]]:
+    return {k: v for k, v in template(name)["Resources"].items() if v["Type"] == kind}
+
+
+def test_pipeline_queues_and_rule() -> None:
+    queues = resources("pipeline.yaml", "AWS::SQS::Queue")
+    fifo = {k: v["Properties"] for k, v in queues.items() if v["Properties"].get("FifoQueue")}
+    assert len(fifo) == 4
+    for props in fifo.values():
+        assert str(props["QueueName"]["Sub"]).endswith(".fifo")
+    intake, work = fifo["IntakeQueue"], fifo["WorkQueue"]
+    assert intake["ContentBasedDeduplication"] is True
+    for queue in (intake, work):
+        assert queue["RedrivePolicy"]["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
+    params = template("pipeline.yaml")["Parameters"]
+    assert params["MaxReceiveCount"]["Default"] == 2
+    # The service extends visibility every 30 s by default: the queue's timeout must exceed it.
+    assert (
+        params["WorkVisibilityTimeout"]["Default"]
+        > Settings.model_fields["heartbeat_interval"].default
+    )
+    [rule] = resources("pipeline.yaml", "AWS::Events::Rule").values()
+    pattern = rule["Properties"]["EventPattern"]
+    assert pattern["source"] == ["aws.codecommit"]
+    assert pattern["detail-type"] == ["CodeCommit Repository State Change"]
+    assert sorted(pattern["detail"]["event"]) == [
+        "referenceCreated",
+        "referenceDeleted",
+        "referenceUpdated",
+    ]
+    [target] = rule["Properties"]["Targets"]
+    assert target["SqsParameters"]["MessageGroupId"]
+    outputs = template("pipeline.yaml")["Outputs"]
+    for name in (
+        "IntakeQueueUrl",
+        "WorkQueueUrl",
+        "IntakeDeadLetterQueueUrl",
+        "WorkDeadLetterQueueUrl",
+        "BucketName",
+    ):
+        assert name in outputs
+
+
+def test_pipeline_bucket_is_private_and_cleans_up_uploads() -> None:
+    [bucket] = resources("pipeline.yaml", "AWS::S3::Bucket").values()
+    props = bucket["Properties"]
+    assert all(props["PublicAccessBlockConfiguration"].values())
+    rules = props["LifecycleConfiguration"]["Rules"]
+    assert any("AbortIncompleteMultipartUpload" in rule for rule in rules)
+    [policy] = resources("pipeline.yaml", "AWS::S3::BucketPolicy").values()
+    text = str(policy)
+    assert "aws:SecureTransport" in text and "Deny" in text
+
+
+def test_service_task_definition_matches_the_service() -> None:
+    [task] = resources("service.yaml", "AWS::ECS::TaskDefinition").values()
+    [container] = task["Properties"]["ContainerDefinitions"]
+    assert container["StopTimeout"] == 120
+    assert container["Command"] == ["branchbuild", "run"]
+    assert container["HealthCheck"]["Command"] == ["CMD", "branchbuild", "healthcheck"]
+    assert container["ReadonlyRootFilesystem"] is True
+    secrets = {s["Name"] for s in container["Secrets"]}
+    assert secrets == {
+        "BRANCHBUILD_SSH_PRIVATE_KEY",
+        "BRANCHBUILD_SSH_KEY_ID",
+        "BRANCHBUILD_KNOWN_HOSTS",
+    }
+    # Conditional entries are {If: [condition, entry, NoValue]}.
+    entries = [e["If"][1] if "If" in e else e for e in container["Environment"]]
+    names = {e["Name"] for e in entries} | secrets
+    fields = {f"BRANCHBUILD_{name.upper()}" for name in Settings.model_fields}
+    assert {n for n in names if n.startswith("BRANCHBUILD_")} <= fields
+    assert not any("PRIVATE_KEY" in e["Name"] for e in entries)
+    # The grace period must end before ECS's SIGKILL.
+    grace = template("service.yaml")["Parameters"]["ShutdownGrace"]
+    assert grace["MaxValue"] < container["StopTimeout"]
+
+
+def test_service_scales_on_backlog_per_task() -> None:
+    [policy] = resources("service.yaml", "AWS::ApplicationAutoScaling::ScalingPolicy").values()
+    props = policy["Properties"]
+    assert props["PolicyType"] == "TargetTrackingScaling"
+    metrics = str(
+        props["TargetTrackingScalingPolicyConfiguration"]["CustomizedMetricSpecification"]
+    )
+    assert metrics.count("ApproximateNumberOfMessagesVisible") == 2
+    assert "RunningTaskCount" in metrics
+    [service] = resources("service.yaml", "AWS::ECS::Service").values()
+    breaker = service["Properties"]["DeploymentConfiguration"]["DeploymentCircuitBreaker"]
+    assert breaker == {"Enable": True, "Rollback": True}
+
+
+def dockerfile_instructions() -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in text.splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            word, _, rest = line.strip().partition(" ")
+            found.setdefault(word.upper(), []).append(rest.strip())
+    return found
+
+
+def test_dockerfile_runs_the_real_commands() -> None:
+    d = dockerfile_instructions()
+    assert len(d["FROM"]) == 2 and d["FROM"][0].endswith("AS builder")
+    assert all(re.fullmatch(r"python:3\.11-slim-bookworm( AS builder)?", f) for f in d["FROM"])
+    assert d["CMD"] == ['["branchbuild", "run"]']
+    assert d["ENTRYPOINT"] == ['["/usr/bin/tini", "--"]']
+    assert d["STOPSIGNAL"] == ["SIGTERM"]
+    assert d["HEALTHCHECK"][0].endswith('CMD ["branchbuild", "healthcheck"]')
+    assert d["USER"] == ["10001:10001"]
+    assert not any(re.search(r"KEY|SECRET|TOKEN", arg) for arg in d.get("ARG", []))
+    # The console script exists and both commands parse.
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["branchbuild"] == "service.cli:main"
+    for command in ("run", "healthcheck"):
+        try:
+            cli_main([command, "--help"])
+        except SystemExit as exc:
+            assert exc.code == 0
+    # The health check reaches the port the service listens on in the image.
+    env = " ".join(d["ENV"])
+    assert "BRANCHBUILD_HTTP_PORT=8080" in env and "8080" in d["EXPOSE"][0]
+
+
+def test_healthcheck_command_fails_when_nothing_listens() -> None:
+    assert cli_main(["healthcheck", "--port", "9", "--timeout", "1"]) == 1
