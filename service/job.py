@@ -57,11 +57,10 @@ async def run_job(push: Push, services: Services) -> JobResult:
     assert push.commit is not None
     key = object_key(s.settings.key_template, push)
     project = project_name(s.settings.project_template, push)
-    context = {"repository": push.repository, "branch": push.name, "commit": push.commit}
 
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
-        log.info("already built as %s", previous.build_id, extra=context)
+        log.info("already built as %s", previous.build_id)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
 
     with _timed(s.metrics, "fetch"):
@@ -74,9 +73,7 @@ async def run_job(push: Push, services: Services) -> JobResult:
         async with s.git.archive(fetched) as stream:
             uploaded = await s.storage.upload(key, stream)
     s.metrics.upload_bytes.inc(uploaded.size)
-    log.info(
-        "uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key, extra=context
-    )
+    log.info("uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key)
 
     request = BuildRequest(push=push, project=project, bucket=s.storage.bucket, key=key)
     with _timed(s.metrics, "start_build"):
@@ -85,7 +82,7 @@ async def run_job(push: Push, services: Services) -> JobResult:
     pushed_at = event_time(push)
     if pushed_at is not None:
         s.metrics.latency.observe(max(0.0, (datetime.now(UTC) - pushed_at).total_seconds()))
-    log.info("started build %s", started.build_id, extra={**context, "build_id": started.build_id})
+    log.info("started build %s", started.build_id, extra={"build_id": started.build_id})
 
     await s.storage.write_ledger(
         key,

@@ -4,12 +4,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
+from contextvars import ContextVar
+from types import MappingProxyType
 
 from pythonjsonlogger.json import JsonFormatter
 
 from .settings import LogFormat
 
 _CONTEXT = ("message_id", "event_id", "repository", "branch", "commit", "build_id")
+# An immutable default: bind() always sets a new dict, never mutates the shared one.
+_bound: ContextVar[Mapping[str, str]] = ContextVar(
+    "branchbuild_log_context", default=MappingProxyType({})
+)
+
+
+def bind(**fields: str | None) -> None:
+    """Add fields to every later log line of the current task (each job runs in its own task,
+    and tasks copy their context, so one job's fields never reach another's lines)."""
+    _bound.set({**_bound.get(), **{k: v for k, v in fields.items() if v}})
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        for key, value in _bound.get().items():
+            if not hasattr(record, key):
+                setattr(record, key, value)
+        return True
 
 
 class _TextFormatter(logging.Formatter):
@@ -33,6 +54,7 @@ def configure(level: str, fmt: LogFormat) -> None:
         )
     else:
         handler.setFormatter(_TextFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    handler.addFilter(_ContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

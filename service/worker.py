@@ -24,6 +24,7 @@ from .errors import BranchbuildError, PermanentError, TransientError
 from .events import parse_work
 from .health import Health
 from .job import Services, run_job
+from .logs import bind
 from .queue import Leases, Message, Queue, receive_until, release_delay
 
 log = logging.getLogger("branchbuild.worker")
@@ -130,7 +131,7 @@ class Worker:
         return list(newest.values())
 
     async def _run(self, message: Message) -> None:
-        context = {"message_id": message.id}
+        bind(message_id=message.id)
         try:
             with anyio.CancelScope() as waiting:
                 self._waiting.add(waiting)
@@ -139,14 +140,14 @@ class Worker:
                 finally:
                     self._waiting.discard(waiting)
             if waiting.cancelled_caught:  # stopping: never started, hand it back at once
-                await self._release(message, context, "not started before shutdown")
+                await self._release(message, "not started before shutdown")
                 return
             try:
-                await self._process(message, context)
+                await self._process(message)
             finally:
                 self._slots.release()
         except anyio.get_cancelled_exc_class():
-            await self._release(message, context, "cancelled at the end of the shutdown grace")
+            await self._release(message, "cancelled at the end of the shutdown grace")
             raise
         finally:
             self.leases.drop([message])
@@ -154,52 +155,47 @@ class Worker:
             self.metrics.in_flight.dec()
             self._changed.set()
 
-    async def _release(self, message: Message, context: dict[str, str], why: str) -> None:
+    async def _release(self, message: Message, why: str) -> None:
         with anyio.CancelScope(shield=True):
             try:
                 await self.queue.change_visibility([message], 0)
             except BranchbuildError as exc:
-                log.warning("could not release the message: %s", exc, extra=context)
+                log.warning("could not release the message: %s", exc)
         self.metrics.jobs.labels(outcome=Outcome.RELEASED.value).inc()
-        log.warning("job %s; message released", why, extra=context)
+        log.warning("job %s; message released", why)
 
-    async def _process(self, message: Message, context: dict[str, str]) -> None:
+    async def _process(self, message: Message) -> None:
         if message.id in self._poison:
-            await self._fail(message, self._poison[message.id], context)
+            await self._fail(message, self._poison[message.id])
             return
         try:
             push = parse_work(message.body)
-            context |= {
-                "repository": push.repository,
-                "branch": push.name,
-                "commit": push.commit or "",
-            }
+            bind(
+                event_id=push.event_id,
+                repository=push.repository,
+                branch=push.name,
+                commit=push.commit,
+            )
             with anyio.fail_after(self.settings.job_timeout):
                 result = await run_job(push, self.services)
         except BranchbuildError as exc:
-            await self._fail(message, exc, context)
+            await self._fail(message, exc)
         except TimeoutError:
             error = TransientError(
                 f"job exceeded BRANCHBUILD_JOB_TIMEOUT={self.settings.job_timeout:g} s"
             )
-            await self._fail(message, error, context)
+            await self._fail(message, error)
         except Exception as exc:  # a bug: never let it kill the loop, retry like a transient
-            log.exception("unexpected error in job", extra=context)
-            await self._fail(
-                message, TransientError(f"unexpected {type(exc).__name__}: {exc}"), context
-            )
+            log.exception("unexpected error in job")
+            await self._fail(message, TransientError(f"unexpected {type(exc).__name__}: {exc}"))
         else:
             with anyio.CancelScope(shield=True):
                 failed = await self.queue.delete([message])
             if failed:
-                log.warning(
-                    "could not delete the message; a redelivery will find the ledger", extra=context
-                )
+                log.warning("could not delete the message; a redelivery will find the ledger")
             self.metrics.jobs.labels(outcome=result.outcome.value).inc()
 
-    async def _fail(
-        self, message: Message, error: BranchbuildError, context: dict[str, str]
-    ) -> None:
+    async def _fail(self, message: Message, error: BranchbuildError) -> None:
         s = self.settings
         last = self.queue.is_last_attempt(message)
         if isinstance(error, PermanentError):
@@ -222,10 +218,9 @@ class Worker:
             message.receive_count,
             error,
             "going to the dead-letter queue" if last else f"visible again in {delay} s",
-            extra=context,
         )
         with anyio.CancelScope(shield=True):
             try:
                 await self.queue.change_visibility([message], delay)
             except BranchbuildError as exc:
-                log.warning("could not release the message: %s", exc, extra=context)
+                log.warning("could not release the message: %s", exc)

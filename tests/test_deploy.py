@@ -169,3 +169,24 @@ def test_dockerfile_runs_the_real_commands() -> None:
 
 def test_healthcheck_command_fails_when_nothing_listens() -> None:
     assert cli_main(["healthcheck", "--port", "9", "--timeout", "1"]) == 1
+
+
+def test_alerts_and_dashboard_use_metrics_the_service_exposes() -> None:
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    metrics = Metrics()
+    exposed = generate_latest(metrics.registry).decode()
+    families = set(re.findall(r"^# TYPE (\w+) (\w+)", exposed, re.M))
+    names = set()
+    for family, kind in families:
+        names |= {family, f"{family}_total"} if kind == "counter" else {family}
+        if kind == "histogram":
+            names |= {f"{family}_bucket", f"{family}_count", f"{family}_sum"}
+    monitoring = DEPLOY / "monitoring"
+    used = set()
+    for path in [*monitoring.glob("*.yml"), monitoring / "dashboard.json"]:
+        used |= set(re.findall(r"\bbranchbuild_[a-z_]+", path.read_text()))
+    assert used, "no branchbuild metric referenced"
+    assert used <= names, sorted(used - names)

@@ -142,11 +142,13 @@ async def test_feature_branch_push_becomes_an_archive_and_a_build(
     assert await aws.dlq_bodies(aws.work_dlq_url) == []
     logs = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
     started = [entry for entry in logs if entry["message"].startswith("started build")]
-    assert (
-        started
-        and started[0]["commit"] == commit
-        and started[0]["branch"] == "feature/PAY-1-refunds"
-    )
+    assert started and started[0]["build_id"]
+    # Every line about the job carries the job's context (CloudWatch Logs Insights queries).
+    job_lines = [entry for entry in logs if entry["logger"] == "branchbuild.job"]
+    assert len(job_lines) >= 2
+    for entry in job_lines:
+        assert entry["commit"] == commit and entry["branch"] == "feature/PAY-1-refunds"
+        assert entry["repository"] == "shop" and entry["message_id"] and entry["event_id"]
 
 
 async def test_protected_deleted_tag_and_other_events_build_nothing(
