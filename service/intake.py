@@ -18,7 +18,7 @@ from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
-from .queue import Message, Outgoing, Queue, receive_until, release_delay
+from .queue import Message, Outgoing, Queue, receive_until
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.intake")
@@ -100,19 +100,18 @@ class Intake:
         except BranchbuildError as exc:
             self.metrics.errors.labels(kind=exc.kind).inc()
             for message, _ in forward:
-                delay = release_delay(
-                    exc,
+                settled = await self.intake.fail(
                     message,
+                    exc,
                     base=self.settings.retry_base_delay,
                     cap=self.settings.retry_max_delay,
                 )
                 log.warning(
-                    "could not queue the push, retrying in %s s: %s",
-                    delay,
+                    "could not queue the push: %s; %s",
                     exc,
+                    settled,
                     extra={"message_id": message.id},
                 )
-                await self.intake.change_visibility([message], delay)
             forward = []
         for message, push in forward:
             log.info(
@@ -133,15 +132,17 @@ class Intake:
         label = "malformed" if isinstance(error, MalformedEvent) else "rejected"
         self.metrics.events.labels(event=label, outcome=outcome).inc()
         self.metrics.errors.labels(kind=error.kind).inc()
+        settled = await self.intake.fail(
+            message, error, base=self.settings.retry_base_delay, cap=self.settings.retry_max_delay
+        )
         log.error(
-            "rejected message %s (receive %s%s): %s",
+            "rejected message %s (receive %s): %s; %s",
             message.id,
             message.receive_count,
-            ", going to the dead-letter queue" if last else "",
             error,
+            settled,
             extra={"message_id": message.id},
         )
-        await self.intake.change_visibility([message], 0)
 
 
 def _event_label(event: Push | OtherEvent) -> str:

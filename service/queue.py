@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import anyio
 
 from .aws import translated
-from .errors import AccessDenied, PermanentError, TransientError, unwrap_group
+from .errors import AccessDenied, BranchbuildError, PermanentError, TransientError, unwrap_group
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
     from types_aiobotocore_sqs.type_defs import (
         ChangeMessageVisibilityBatchRequestEntryTypeDef,
+        MessageAttributeValueTypeDef,
         SendMessageBatchRequestEntryTypeDef,
     )
 
@@ -57,6 +60,7 @@ class Queue:
         self.url = url
         self.name = name
         self.max_receive_count: int | None = None
+        self.dead_letter_url: str | None = None
 
     async def describe(self) -> None:
         """Read the queue's RedrivePolicy, to know when a failure is the last one.
@@ -73,10 +77,21 @@ class Queue:
         if attributes.get("FifoQueue") != "true":
             raise AccessDenied(f"the {self.name} queue {self.url} is not a FIFO queue")
         policy = attributes.get("RedrivePolicy")
-        if policy:
-            self.max_receive_count = int(json.loads(policy)["maxReceiveCount"])
-        else:
+        if not policy:
             log.warning("the %s queue has no dead-letter queue: failures retry forever", self.name)
+            return
+        redrive = json.loads(policy)
+        self.max_receive_count = int(redrive["maxReceiveCount"])
+        # arn:aws:sqs:<region>:<account>:<name>
+        *_, account, dlq_name = str(redrive["deadLetterTargetArn"]).split(":")
+        try:
+            with translated(f"find the dead-letter queue of the {self.name} queue"):
+                found = await self.client.get_queue_url(
+                    QueueName=dlq_name, QueueOwnerAWSAccountId=account
+                )
+            self.dead_letter_url = found["QueueUrl"]
+        except BranchbuildError as exc:
+            log.warning("%s; failed messages will reach it without their reason", exc)
 
     def is_last_attempt(self, message: Message) -> bool:
         return (
@@ -108,6 +123,65 @@ class Queue:
             )
             for m in reply.get("Messages", [])
         ]
+
+    async def dead_letter(self, message: Message, *, reason: str, kind: str) -> bool:
+        """Move a message that failed its last allowed receive to the dead-letter queue, with
+        why it failed in its attributes (``branchbuild.*``), then delete it here.
+
+        Returns False when that is not possible; SQS's redrive policy then moves the message
+        (without the reason) at its next receive, so nothing is lost either way.
+        """
+        if self.dead_letter_url is None:
+            return False
+        attributes: dict[str, MessageAttributeValueTypeDef] = {
+            "branchbuild.reason": {"DataType": "String", "StringValue": reason[:4000] or "-"},
+            "branchbuild.error_kind": {"DataType": "String", "StringValue": kind},
+            "branchbuild.receive_count": {
+                "DataType": "Number",
+                "StringValue": str(message.receive_count),
+            },
+            "branchbuild.source_queue": {"DataType": "String", "StringValue": self.url},
+            "branchbuild.failed_at": {
+                "DataType": "String",
+                "StringValue": datetime.now(UTC).isoformat(timespec="seconds"),
+            },
+        }
+        try:
+            with translated(f"dead-letter a message of the {self.name} queue"):
+                await self.client.send_message(
+                    QueueUrl=self.dead_letter_url,
+                    MessageBody=message.body or "-",
+                    MessageGroupId=message.group or "dead-letter",
+                    # A retry after a crash between send and delete is absorbed by SQS.
+                    MessageDeduplicationId=hashlib.sha256(message.id.encode()).hexdigest(),
+                    MessageAttributes=attributes,
+                )
+        except BranchbuildError as exc:
+            log.warning("could not dead-letter message %s itself: %s", message.id, exc)
+            return False
+        if await self.delete([message]):
+            log.warning("dead-lettered message %s but could not delete it here", message.id)
+        return True
+
+    async def fail(self, message: Message, error: BranchbuildError, *, base: int, cap: int) -> str:
+        """Settle a failed message; returns what happened, for the log.
+
+        After its last allowed receive it is dead-lettered with its reason. Otherwise it is
+        made visible again: at once for a permanent error (its next receive is its last), after
+        a backoff for a transient one. Runs shielded: a shutdown must not strand it.
+        """
+        last = self.is_last_attempt(message)
+        delay = release_delay(error, message, base=base, cap=cap)
+        outcome = "going to the dead-letter queue" if last else f"visible again in {delay} s"
+        with anyio.CancelScope(shield=True):
+            if last and await self.dead_letter(message, reason=str(error), kind=error.kind):
+                outcome = "moved to the dead-letter queue with its reason"
+            else:
+                try:
+                    await self.change_visibility([message], delay)
+                except BranchbuildError as exc:
+                    outcome = f"could not be released ({exc}); visible again after its timeout"
+        return outcome
 
     async def send(self, messages: Sequence[Outgoing]) -> None:
         """Send in order, in batches; raises if any entry was not accepted."""

@@ -25,7 +25,7 @@ from .events import parse_work
 from .health import Health
 from .job import Services, run_job
 from .logs import bind
-from .queue import Leases, Message, Queue, receive_until, release_delay
+from .queue import Leases, Message, Queue, receive_until
 
 log = logging.getLogger("branchbuild.worker")
 
@@ -209,18 +209,11 @@ class Worker:
                 Outcome.FAILED.value if isinstance(error, PermanentError) else Outcome.RETRIED.value
             )
         )
-        delay = release_delay(error, message, base=s.retry_base_delay, cap=s.retry_max_delay)
         self.metrics.jobs.labels(outcome=outcome).inc()
         self.metrics.errors.labels(kind=error.kind).inc()
-        log.error(
-            "job failed (%s, receive %s): %s; %s",
-            error.kind,
-            message.receive_count,
-            error,
-            "going to the dead-letter queue" if last else f"visible again in {delay} s",
+        settled = await self.queue.fail(
+            message, error, base=s.retry_base_delay, cap=s.retry_max_delay
         )
-        with anyio.CancelScope(shield=True):
-            try:
-                await self.queue.change_visibility([message], delay)
-            except BranchbuildError as exc:
-                log.warning("could not release the message: %s", exc)
+        log.error(
+            "job failed (%s, receive %s): %s; %s", error.kind, message.receive_count, error, settled
+        )

@@ -78,10 +78,20 @@ class AwsResources:
         )
 
     async def dlq_bodies(self, url: str) -> list[str]:
+        return [body for body, _ in await self.dlq_messages(url)]
+
+    async def dlq_messages(self, url: str) -> list[tuple[str, dict[str, str]]]:
+        """Bodies and string attributes of the messages in a dead-letter queue."""
         reply = await self.sqs.receive_message(
-            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0
+            QueueUrl=url, MaxNumberOfMessages=10, VisibilityTimeout=0, MessageAttributeNames=["All"]
         )
-        return [m["Body"] for m in reply.get("Messages", [])]
+        return [
+            (
+                m["Body"],
+                {k: v.get("StringValue", "") for k, v in m.get("MessageAttributes", {}).items()},
+            )
+            for m in reply.get("Messages", [])
+        ]
 
     async def keys(self) -> list[str]:
         reply = await self.s3.list_objects_v2(Bucket=self.bucket)

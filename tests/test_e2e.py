@@ -201,13 +201,17 @@ async def test_malformed_message_is_dead_lettered_while_branches_keep_flowing(
 
     await builds(aws, 2)
 
-    async def dead_lettered() -> list[str] | None:
-        bodies = await aws.dlq_bodies(aws.intake_dlq_url)
-        return bodies if len(bodies) == 2 else None
+    async def dead_lettered() -> list[tuple[str, dict[str, str]]] | None:
+        found = await aws.dlq_messages(aws.intake_dlq_url)
+        return found if len(found) == 2 else None
 
-    bodies = await wait_for(dead_lettered, within=60, what="two messages in the DLQ")
-    assert "this is not json" in bodies
-    assert any("not-a-commit" in body for body in bodies)
+    found = await wait_for(dead_lettered, within=60, what="two messages in the DLQ")
+    reasons = dict(found)
+    assert reasons["this is not json"]["branchbuild.error_kind"] == "malformed_event"
+    assert reasons["this is not json"]["branchbuild.reason"].startswith("body is not JSON")
+    assert reasons["this is not json"]["branchbuild.receive_count"] == "2"
+    [bad_body] = [body for body in reasons if "not-a-commit" in body]
+    assert "commitId is not a 40-character hex" in reasons[bad_body]["branchbuild.reason"]
     logs = service.logs()
     assert "body is not JSON" in logs and "commitId is not a 40-character hex commit id" in logs
     assert (
@@ -433,12 +437,14 @@ async def test_permanent_failure_is_dead_lettered_with_its_reason(
     service = await start_service()
     await send_change(aws, git_world.changes[-1])
 
-    async def dead() -> list[str] | None:
-        bodies = await aws.dlq_bodies(aws.work_dlq_url)
-        return bodies or None
+    async def dead() -> list[tuple[str, dict[str, str]]] | None:
+        return await aws.dlq_messages(aws.work_dlq_url) or None
 
-    [body] = await wait_for(dead, within=60, what="the job in the work DLQ")
+    [(body, attributes)] = await wait_for(dead, within=60, what="the job in the work DLQ")
     assert json.loads(body)["repository"] == "noproject"
+    assert "ResourceNotFoundException" in attributes["branchbuild.reason"]
+    assert attributes["branchbuild.error_kind"] == "access_denied"
+    assert attributes["branchbuild.source_queue"] == aws.work_url
     assert "ResourceNotFoundException" in service.logs()
     assert await service.metric("branchbuild_jobs_total", outcome="dead_lettered") == 1
     assert await service.metric("branchbuild_errors_total", kind="access_denied") == 2
