@@ -34,7 +34,7 @@ from .errors import (
     HostKeyMismatch,
     unwrap_group,
 )
-from .events import Push
+from .events import Push, check_repository
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.git")
@@ -147,9 +147,24 @@ class Git:
         return env
 
     def url(self, push: Push) -> str:
+        return self.url_for(push.repository, push.region)
+
+    def url_for(self, repository: str, region: str) -> str:
         return self.settings.git_url_template.format(
-            repository=push.repository, region=push.region, ssh_key_id=self.settings.ssh_key_id
+            repository=repository, region=region, ssh_key_id=self.settings.ssh_key_id
         )
+
+    async def probe(self, repository: str, region: str) -> int:
+        """Connect to the git host with the configured key and known_hosts, and count the
+        repository's branches (for ``branchbuild check``).
+
+        Raises:
+            HostKeyMismatch, GitAccessDenied: permanent.
+            GitError: the host cannot be reached.
+        """
+        url = self.url_for(check_repository(repository), region)
+        listing = await self._git(None, "ls-remote", "--heads", "--end-of-options", url)
+        return len(listing.splitlines())
 
     def git_dir(self, push: Push) -> Path:
         url = self.url(push)

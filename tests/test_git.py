@@ -254,3 +254,21 @@ async def test_known_hosts_and_key_given_as_text(git_world: GitWorld, tmp_path: 
     assert (await git.fetch(push_of("secret", "main", commit))).commit == commit
     written = settings.cache_dir / "ssh" / "id"
     assert written.stat().st_mode & 0o777 == 0o600
+
+
+async def test_probe_lists_branches_and_classifies_failures(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "probe")
+    await repo.commit({"a": "1"})
+    await repo.push("main", "main:feature/x")
+    git = Git(make_settings(git_world, tmp_path))
+    assert await git.probe("probe", "eu-west-1") == 2
+    with pytest.raises(GitAccessDenied):
+        await git.probe("missing", "eu-west-1")
+    empty = tmp_path / "empty_known_hosts"
+    empty.write_text("")
+    with pytest.raises(HostKeyMismatch):
+        await Git(make_settings(git_world, tmp_path, known_hosts_file=empty)).probe(
+            "probe", "eu-west-1"
+        )
