@@ -46,10 +46,12 @@ class App:
             AccessDenied, TransientError: a queue cannot be read at start-up.
         """
         s = self.settings
-        git = Git(s)  # fails fast on a bad SSH set-up
+        git = Git(s, self.metrics)  # fails fast on a bad SSH set-up
         async with AsyncExitStack() as stack:
             clients = await open_clients(
-                stack, max_pool=s.concurrency * (s.upload_concurrency + 1) + 10
+                stack,
+                max_pool=s.concurrency * (s.upload_concurrency + 1) + 10,
+                on_retry=lambda service, n: self.metrics.aws_retries.labels(service=service).inc(n),
             )
             intake_queue = Queue(clients.sqs, s.queue_url, name="intake")
             work_queue = Queue(clients.sqs, s.work_queue_url, name="work")

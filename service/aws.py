@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 from aiobotocore.config import AioConfig
@@ -71,10 +71,16 @@ class Clients:
     codebuild: CodeBuildClient
 
 
-async def open_clients(stack: AsyncExitStack, *, max_pool: int) -> Clients:
+async def open_clients(
+    stack: AsyncExitStack,
+    *,
+    max_pool: int,
+    on_retry: Callable[[str, int], None] | None = None,
+) -> Clients:
     """Open one long-lived client per service (never one per event).
 
-    Endpoints, region and credentials come from the standard AWS variables.
+    Endpoints, region and credentials come from the standard AWS variables. ``on_retry``
+    hears, per service, how many retries botocore made inside each call.
     """
     session = aioboto3.Session()
     config = AioConfig(
@@ -86,4 +92,16 @@ async def open_clients(stack: AsyncExitStack, *, max_pool: int) -> Clients:
     sqs = await stack.enter_async_context(session.client("sqs", config=config))
     s3 = await stack.enter_async_context(session.client("s3", config=config))
     codebuild = await stack.enter_async_context(session.client("codebuild", config=config))
+    if on_retry is not None:
+        for name, client in (("sqs", sqs), ("s3", s3), ("codebuild", codebuild)):
+            client.meta.events.register("after-call.*.*", _retry_counter(name, on_retry))
     return Clients(sqs=sqs, s3=s3, codebuild=codebuild)
+
+
+def _retry_counter(service: str, on_retry: Callable[[str, int], None]) -> Callable[..., None]:
+    def count(parsed: dict[str, Any] | None = None, **_: Any) -> None:
+        attempts = int((parsed or {}).get("ResponseMetadata", {}).get("RetryAttempts", 0) or 0)
+        if attempts:
+            on_retry(service, attempts)
+
+    return count

@@ -49,6 +49,12 @@ class GitError(TransientError):
     kind = "git"
 
 
+class DiskFull(TransientError):
+    """Raised when the disk is full; idle repositories are evicted from the cache first."""
+
+    kind = "disk_full"
+
+
 class HostKeyMismatch(PermanentError):
     """Raised when the git host's SSH key does not match the pinned known_hosts entry."""
 

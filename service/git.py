@@ -25,16 +25,19 @@ from pathlib import Path
 import anyio
 from anyio.abc import ByteReceiveStream
 
+from .cache import RepoCache
 from .errors import (
     ArchiveTooLarge,
     CommitNotFound,
     ConfigurationError,
+    DiskFull,
     GitAccessDenied,
     GitError,
     HostKeyMismatch,
     unwrap_group,
 )
 from .events import Push, check_repository
+from .metrics import Metrics
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.git")
@@ -68,12 +71,19 @@ class Fetched:
 class Git:
     """The git cache and the SSH transport; one per service."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
         self.root = settings.cache_dir
         self.repos = self.root / "repos"
         self._locks: dict[Path, anyio.Lock] = {}
         self._env = self._prepare()
+
+        def report(size: int, evicted: int) -> None:
+            if metrics is not None:
+                metrics.cache_bytes.set(size)
+                metrics.cache_evictions.inc(evicted)
+
+        self.cache = RepoCache(self.repos, max_bytes=settings.cache_max_bytes, on_change=report)
 
     # -- set-up -----------------------------------------------------------------------------
 
@@ -172,6 +182,23 @@ class Git:
         return self.repos / f"{push.repository}-{digest}.git"
 
     # -- fetch ------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def fetched(self, push: Push) -> AsyncIterator[Fetched]:
+        """Fetch ``push.commit`` and keep its repository in use (never evicted) until exit.
+
+        Raises: as :meth:`fetch`.
+        """
+        git_dir = self.git_dir(push)
+        async with self.cache.use(git_dir):
+            try:
+                fetched = await self.fetch(push)
+            except DiskFull:
+                await self.cache.enforce(target=0)  # evict every idle repository
+                raise
+            if not fetched.cache_hit:
+                await self.cache.enforce()
+            yield fetched
 
     async def fetch(self, push: Push) -> Fetched:
         """Make ``push.commit`` present in the cache, fetching only what is missing.
@@ -315,6 +342,8 @@ class _NotOurRef(GitError):
 def _classify(command: str, stderr: bytes) -> Exception:
     text = _tail(stderr)
     lowered = text.lower()
+    if "no space left on device" in lowered:
+        return DiskFull(f"git {command}: the disk is full: {text}")
     if any(marker in lowered for marker in _HOST_KEY):
         return HostKeyMismatch(f"the git host's key does not match known_hosts: {text}")
     if any(marker in lowered for marker in _NOT_OUR_REF):

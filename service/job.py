@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -39,11 +40,19 @@ class JobResult:
     key: str
 
 
-def object_key(template: str, push: Push) -> str:
+def object_key(template: str, push: Push, commit: str | None = None) -> str:
     """The S3 key for a push's archive; names were validated, so no '..' or leading '/'."""
     return template.format(
-        repository=push.repository, branch=push.name, ref=push.ref, commit=push.commit
+        repository=push.repository, branch=push.name, ref=push.ref, commit=commit or push.commit
     )
+
+
+def branch_keys(template: str, push: Push) -> tuple[str, re.Pattern[str]]:
+    """The key prefix and pattern of every archive of the push's branch (any commit)."""
+    marker = "\0commit\0"
+    parts = object_key(template, push, commit=marker).split(marker)
+    pattern = "[0-9a-f]{40}".join(re.escape(part) for part in parts)
+    return parts[0], re.compile(pattern)
 
 
 async def run_job(push: Push, services: Services) -> JobResult:
@@ -58,20 +67,23 @@ async def run_job(push: Push, services: Services) -> JobResult:
     key = object_key(s.settings.key_template, push)
     project = project_name(s.settings.project_template, push)
 
+    prefix, pattern = branch_keys(s.settings.key_template, push)
+    if prefix:  # (an empty prefix would list the whole bucket)
+        await s.storage.abort_stale(prefix, pattern)
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
 
-    with _timed(s.metrics, "fetch"):
-        fetched = await s.git.fetch(push)
-    s.metrics.fetches.labels(result="hit" if fetched.cache_hit else "fetched").inc()
-
-    with _timed(s.metrics, "archive"):
-        await s.git.check_sizes(fetched)
-    with _timed(s.metrics, "upload"):
-        async with s.git.archive(fetched) as stream:
-            uploaded = await s.storage.upload(key, stream)
+    async with AsyncExitStack() as stack:
+        with _timed(s.metrics, "fetch"):
+            fetched = await stack.enter_async_context(s.git.fetched(push))
+        s.metrics.fetches.labels(result="hit" if fetched.cache_hit else "fetched").inc()
+        with _timed(s.metrics, "archive"):
+            await s.git.check_sizes(fetched)
+        with _timed(s.metrics, "upload"):
+            async with s.git.archive(fetched) as stream:
+                uploaded = await s.storage.upload(key, stream)
     s.metrics.upload_bytes.inc(uploaded.size)
     log.info("uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key)
 

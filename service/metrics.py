@@ -69,6 +69,20 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.cache_bytes = Gauge(
+            "branchbuild_git_cache_bytes", "Bytes used by the git cache on disk.", registry=r
+        )
+        self.cache_evictions = Counter(
+            "branchbuild_git_cache_evictions",
+            "Repositories evicted from the git cache (disk budget or full disk).",
+            registry=r,
+        )
+        self.aws_retries = Counter(
+            "branchbuild_aws_retries",
+            "Retries botocore made before an AWS call succeeded or failed, by service.",
+            ["service"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "branchbuild_receive_batch_size",
             "Messages returned by one ReceiveMessage call.",

@@ -90,6 +90,7 @@ class Settings(LocalSettings):
     known_hosts: str | None = None
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
+    cache_max_bytes: int = Field(default=20 * GiB, ge=0)
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     concurrency: int = Field(default=8, ge=1, le=256)

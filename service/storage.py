@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -157,6 +158,21 @@ class Storage:
             if not body:
                 slots.release()
                 break
+
+    async def abort_stale(self, prefix: str, pattern: re.Pattern[str]) -> int:
+        """Abort multipart uploads under ``prefix`` whose key matches ``pattern``.
+
+        A job killed mid-upload (SIGKILL, a lost task) leaves its upload open. The next job of
+        the same branch calls this: FIFO groups run one job per branch at a time, so any upload
+        of that branch still open is a leftover. Returns how many were aborted.
+        """
+        with translated(f"list uploads under s3://{self.bucket}/{prefix}", transient=StorageError):
+            reply = await self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
+        stale = [u for u in reply.get("Uploads", []) if pattern.fullmatch(u["Key"])]
+        for upload in stale:
+            log.info("aborting a multipart upload left by an interrupted job: %s", upload["Key"])
+            await self._abort(upload["Key"], upload["UploadId"])
+        return len(stale)
 
     async def _abort(self, key: str, upload_id: str) -> None:
         try:

@@ -106,3 +106,38 @@ async def test_ledger_round_trip(aws: AwsResources) -> None:
     await s.write_ledger("repo/a/6.zip", entry)
     assert await s.read_ledger("repo/a/6.zip") == entry
     assert "repo/a/6.zip.build.json" in await aws.keys()
+
+
+async def test_leftover_uploads_of_the_same_branch_are_aborted(aws: AwsResources) -> None:
+    from service.events import Action, Push, RefType
+    from service.job import branch_keys
+
+    push = Push(
+        "e",
+        "123456789012",
+        "eu-west-1",
+        "repo",
+        RefType.BRANCH,
+        "feature/a",
+        Action.UPDATED,
+        "f" * 40,
+    )
+    prefix, pattern = branch_keys("{repository}/{branch}/{commit}.zip", push)
+    assert prefix == "repo/feature/a/"
+    keys = {
+        f"repo/feature/a/{'1' * 40}.zip": True,  # same branch, other commits: leftovers
+        f"repo/feature/a/{'2' * 40}.zip": True,
+        f"repo/feature/a/b/{'3' * 40}.zip": False,  # branch feature/a/b: another lane
+        f"repo/feature/ab/{'4' * 40}.zip": False,
+        f"repo/other/{'5' * 40}.zip": False,
+    }
+    for key in keys:
+        await aws.s3.create_multipart_upload(Bucket=aws.bucket, Key=key)
+    assert await storage(aws).abort_stale(prefix, pattern) == 2
+    reply = await aws.s3.list_multipart_uploads(Bucket=aws.bucket)
+    left = sorted(u["Key"] for u in reply.get("Uploads", []))
+    assert left == sorted(k for k, stale in keys.items() if not stale)
+    custom_prefix, custom = branch_keys("builds/{commit}/{repository}-{branch}.zip", push)
+    assert custom_prefix == "builds/"
+    assert custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a.zip")
+    assert not custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a/b.zip")
