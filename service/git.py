@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -300,8 +301,11 @@ class Git:
                     try:
                         yield process.stdout
                     except BaseException:
+                        # The consumer failed (e.g. the upload): stop git, keep the real error.
                         with anyio.CancelScope(shield=True):
-                            process.kill()
+                            if process.returncode is None:
+                                with contextlib.suppress(ProcessLookupError):
+                                    process.kill()
                             await process.wait()
                         raise
                     returncode = await process.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -240,8 +241,8 @@ class Queue:
 
 def retry_delay(receive_count: int, *, base: int, cap: int) -> int:
     """Exponential backoff keyed on the receive count, with jitter, capped (SQS max is 12 h)."""
-    delay = min(cap, base * 2 ** max(0, receive_count - 1))
-    return min(43200, int(delay * random.uniform(0.8, 1.2)))  # noqa: S311 - jitter, not crypto
+    delay: int = min(cap, base * (1 << max(0, receive_count - 1)))
+    return min(43200, math.ceil(delay * random.uniform(0.8, 1.2)))  # noqa: S311 - jitter, not crypto
 
 
 class Leases:

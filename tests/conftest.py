@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from service.localdev.githost import GitHost, RefChange
-from tests.helpers import AwsResources, GitWorld, create_resources
+from tests.helpers import AwsResources, GitWorld, ServiceProcess, StartService, create_resources
 
 REGION = "eu-west-1"
 
@@ -122,3 +122,43 @@ async def git_world(tmp_path: Path) -> AsyncIterator[GitWorld]:
     async with host:
         host.write_known_hosts(world.known_hosts)
         yield world
+
+
+@pytest.fixture
+async def start_service(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path
+) -> AsyncIterator[StartService]:
+    started: list[ServiceProcess] = []
+    cache = tmp_path / "cache"
+
+    async def start(**overrides: str) -> ServiceProcess:
+        env = (
+            dict(os.environ)
+            | {
+                "BRANCHBUILD_QUEUE_URL": aws.intake_url,
+                "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
+                "BRANCHBUILD_BUCKET": aws.bucket,
+                "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+                "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+                "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+                "BRANCHBUILD_CACHE_DIR": str(cache),
+                "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
+                "BRANCHBUILD_HTTP_PORT": str(free_port()),
+                "BRANCHBUILD_WAIT_TIME": "2",
+                "BRANCHBUILD_VISIBILITY_TIMEOUT": "6",
+                "BRANCHBUILD_HEARTBEAT_INTERVAL": "2",
+                "BRANCHBUILD_RETRY_BASE_DELAY": "1",
+                "BRANCHBUILD_RETRY_MAX_DELAY": "2",
+                "BRANCHBUILD_LOG_FORMAT": "json",
+                "BRANCHBUILD_LOG_LEVEL": "DEBUG",
+            }
+            | overrides
+        )
+        service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
+        started.append(service)
+        await service.start()
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()

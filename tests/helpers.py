@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from types_aiobotocore_sqs.literals import QueueAttributeNameType
 
 T = TypeVar("T")
+StartService = Callable[..., Awaitable["ServiceProcess"]]
 ROOT = Path(__file__).resolve().parent.parent
 
 

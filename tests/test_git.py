@@ -272,3 +272,22 @@ async def test_probe_lists_branches_and_classifies_failures(
         await Git(make_settings(git_world, tmp_path, known_hosts_file=empty)).probe(
             "probe", "eu-west-1"
         )
+
+
+async def test_a_failing_consumer_keeps_its_own_error_after_git_exited(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "consumer")
+    commit = await repo.commit({"a.txt": "small"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_of("consumer", "main", commit))
+
+    class UploadFailed(Exception):
+        pass
+
+    with pytest.raises(UploadFailed):
+        async with git.archive(fetched) as stream:
+            async for _ in stream:  # read everything: git archive exits
+                pass
+            raise UploadFailed

@@ -1,0 +1,167 @@
+"""Faults of the dependencies, injected between the service and moto by a proxy.
+
+Each fault ends in its documented outcome (retried then built, or dead-lettered with the
+reason), the service stays healthy, and the metrics count it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from service.localdev.githost import codecommit_event
+from tests.faultproxy import FaultProxy, json_error, s3_error, sqs_call, target, upload_part
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    ServiceProcess,
+    StartService,
+    WorkCopy,
+    create_project,
+    wait_for,
+)
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def proxy(aws: AwsResources) -> AsyncIterator[FaultProxy]:
+    async with FaultProxy(upstream=aws.endpoint).running() as running:
+        yield running
+    assert running.errors == []
+
+
+async def push_branch(
+    aws: AwsResources, world: GitWorld, tmp: Path, name: str, files: dict[str, str | bytes]
+) -> str:
+    await create_project(aws, name)
+    repo = await WorkCopy.create(world, tmp, name)
+    commit = await repo.commit(files)
+    await repo.push("main:feature/x")
+    await aws.send_event(codecommit_event(world.changes[-1]))
+    return commit
+
+
+async def built(aws: AwsResources, service: ServiceProcess) -> list[str]:
+    async def done() -> list[str] | None:
+        commits = [r["environmentVariablesOverride"][0]["value"] for r in await aws.start_builds()]
+        jobs = await service.metric("branchbuild_jobs_total", outcome="built")
+        return commits if commits and jobs >= 1 else None
+
+    found = await wait_for(done, within=90, what="a build")
+    assert (await service.get("/healthz"))[0] == 200
+    return found
+
+
+async def test_s3_slowdown_beyond_botocore_retries_is_retried_then_built(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    # Six 503 SlowDown answers: botocore's 4 attempts fail the first upload, the message is
+    # retried after the backoff, and the second attempt gets through.
+    fault = proxy.add(s3_error("SlowDown", 503, match=upload_part, times=6))
+    service = await start_service(
+        AWS_ENDPOINT_URL=proxy.endpoint,
+        BRANCHBUILD_PART_SIZE=str(5 * 1024 * 1024),
+        BRANCHBUILD_UPLOAD_CONCURRENCY="1",  # one part at a time: part 1 takes 4 answers
+    )
+    commit = await push_branch(
+        aws, git_world, tmp_path, "slow", {"big.bin": os.urandom(6 * 1024 * 1024)}
+    )
+    assert await built(aws, service) == [commit]
+    assert fault.hits == 6
+    assert await service.metric("branchbuild_jobs_total", outcome="retried") >= 1
+    assert await service.metric("branchbuild_errors_total", kind="storage") >= 1
+    assert await service.metric("branchbuild_aws_retries_total", service="s3") >= 3
+    assert await aws.open_uploads() == 0
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []
+
+
+async def test_s3_internal_error_is_absorbed_by_retries(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    put = proxy.add(
+        s3_error(
+            "InternalError",
+            500,
+            match=lambda r: r.method == "PUT" and r.path.endswith(".zip"),
+            times=2,
+        )
+    )
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint)
+    commit = await push_branch(aws, git_world, tmp_path, "five", {"a.txt": "small"})
+    assert await built(aws, service) == [commit]
+    assert put.hits == 2
+    assert await service.metric("branchbuild_aws_retries_total", service="s3") >= 2
+    assert await service.metric("branchbuild_jobs_total", outcome="retried") == 0
+
+
+async def test_codebuild_throttling_and_account_limit_end_in_one_build(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    throttled = proxy.add(json_error("ThrottlingException", match=target(".StartBuild"), times=2))
+    limited = proxy.add(
+        json_error("AccountLimitExceededException", match=target(".StartBuild"), times=2)
+    )
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint)
+    commit = await push_branch(aws, git_world, tmp_path, "limits", {"a.txt": "x"})
+    assert await built(aws, service) == [commit]  # exactly one StartBuild reached CodeBuild
+    assert throttled.hits == 2 and limited.hits == 2
+    assert await service.metric("branchbuild_aws_retries_total", service="codebuild") >= 2
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []
+
+
+async def test_queue_endpoint_unreachable_for_a_while(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint)
+    outage = proxy.add(s3_error("", 0, match=sqs_call, times=10**6))
+    outage.drop = True
+
+    async def failing() -> bool:
+        return await service.metric("branchbuild_errors_total", kind="transient") >= 2
+
+    await wait_for(failing, within=90, what="the outage to be noticed")
+    assert (await service.get("/healthz"))[0] == 200  # degraded, not dead: a restart won't help
+    outage.times = 0  # the endpoint is back
+    commit = await push_branch(aws, git_world, tmp_path, "outage", {"a.txt": "x"})
+    assert await built(aws, service) == [commit]
+    assert "cannot receive from the" in service.logs()
+
+
+async def test_git_host_refusing_the_key_is_dead_lettered_with_the_reason(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    service = await start_service()
+    repo = await WorkCopy.create(git_world, tmp_path, "refused")
+    await repo.commit({"a.txt": "x"})
+    await repo.push("main:feature/x")
+    git_world.host.refuse_all_keys = True  # e.g. the key was deactivated in IAM
+    await aws.send_event(codecommit_event(git_world.changes[-1]))
+
+    async def dead() -> list[tuple[str, dict[str, str]]] | None:
+        return await aws.dlq_messages(aws.work_dlq_url) or None
+
+    [(_, attributes)] = await wait_for(dead, within=60, what="the job in the DLQ")
+    assert attributes["branchbuild.error_kind"] == "git_access"
+    assert "Permission denied" in attributes["branchbuild.reason"]
+    assert await service.metric("branchbuild_errors_total", kind="git_access") == 2
+    assert (await service.get("/healthz"))[0] == 200
