@@ -42,7 +42,9 @@ def _default_cache_dir() -> Path:
 class LocalSettings(BaseSettings):
     """The settings that need no AWS resources: enough for ``branchbuild builds``."""
 
-    model_config = SettingsConfigDict(env_prefix="BRANCHBUILD_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BRANCHBUILD_", frozen=True, extra="ignore", env_ignore_empty=True
+    )
 
     cache_dir: Path = Field(default_factory=_default_cache_dir)
     local_builds_dir: Path | None = None

@@ -447,3 +447,53 @@ async def test_sigterm_while_idle_does_not_wait_for_the_long_poll(
     # Well under the 20 s long poll: the poll is abandoned, not awaited.
     assert await service.wait(within=8) == 0
     assert '"message": "stopped"' in service.logs()
+
+
+async def test_sigterm_with_several_jobs_finishes_some_releases_the_rest(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    """Jobs in flight and a parked long poll: exit within the grace; the finished job is
+    deleted, the unfinished ones are visible again at once and a second instance builds them
+    once each."""
+    names = ("done", "held1", "held2")
+    commits = {}
+    for name in names:
+        await create_project(aws, name)
+        repo = await WorkCopy.create(git_world, tmp_path, name)
+        commits[name] = await repo.commit({"a.txt": name})
+        await repo.push("main:feature/s")
+        git_world.host.repository_gates[name] = anyio.Event()
+    first = await start_service(
+        BRANCHBUILD_SHUTDOWN_GRACE="4", BRANCHBUILD_VISIBILITY_TIMEOUT="600"
+    )
+    for change in git_world.changes:
+        await send_change(aws, change)
+
+    async def all_fetching() -> bool:
+        return git_world.host.upload_pack_waiting == 3
+
+    await wait_for(all_fetching)
+    first.signal(signal.SIGTERM)
+    git_world.host.repository_gates["done"].set()  # finishes within the grace
+    assert await first.wait(within=20) == 0
+    [request] = await aws.start_builds()
+    assert request["projectName"] == "done"
+    attributes = await aws.sqs.get_queue_attributes(
+        QueueUrl=aws.work_url,
+        AttributeNames=["ApproximateNumberOfMessages", "ApproximateNumberOfMessagesNotVisible"],
+    )
+    # The finished job's message is gone; the two unfinished ones are visible right away
+    # (not stranded for the 600 s visibility timeout).
+    assert attributes["Attributes"]["ApproximateNumberOfMessages"] == "2"
+    assert attributes["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
+    logs = first.logs()
+    assert logs.count("cancelled at the end of the shutdown grace; message released") == 2
+
+    for gate in git_world.host.repository_gates.values():
+        gate.set()
+    await start_service()
+    requests = await builds(aws, 3)
+    await drained(aws, aws.work_url)
+    assert sorted(r["projectName"] for r in requests) == sorted(names)
+    assert len(await aws.start_builds()) == 3
+    assert await aws.open_uploads() == 0

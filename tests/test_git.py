@@ -291,3 +291,42 @@ async def test_a_failing_consumer_keeps_its_own_error_after_git_exited(
             async for _ in stream:  # read everything: git archive exits
                 pass
             raise UploadFailed
+
+
+async def test_odd_repositories_archive_like_git_archive(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """A submodule (gitlink), a Git LFS pointer, a file name with a newline: stored as git
+    has them, nothing fetched or expanded."""
+    repo = await WorkCopy.create(git_world, tmp_path, "odd")
+    pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{'a' * 64}\nsize 104857600\n"
+    await repo.commit(
+        {".gitattributes": "*.bin filter=lfs diff=lfs merge=lfs -text\n", "model.bin": pointer}
+    )
+    (repo.path / "odd\nname").write_text("x")
+    await repo.git("add", "--all")
+    await repo.git("update-index", "--add", "--cacheinfo", f"160000,{'b' * 40},vendor/lib")
+    await repo.git("commit", "--quiet", "-m", "submodule")
+    commit = await repo.git("rev-parse", "HEAD")
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_of("odd", "main", commit))
+    assert await git.check_sizes(fetched) > 0
+    data = await archive_bytes(git, fetched)
+    assert zip_listing(data) == await repo.archive_listing(commit)
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert z.read("model.bin").decode() == pointer  # the pointer, not 100 MB
+        assert "vendor/lib/" in z.namelist()  # the submodule: an empty directory
+        assert not any(n.startswith("vendor/lib/") and n != "vendor/lib/" for n in z.namelist())
+
+
+async def test_empty_repository_and_empty_tree(git_world: GitWorld, tmp_path: Path) -> None:
+    empty = await WorkCopy.create(git_world, tmp_path, "empty")  # no commit pushed at all
+    git = Git(make_settings(git_world, tmp_path))
+    with pytest.raises(CommitNotFound):
+        await git.fetch(push_of("empty", "main", "c" * 40))
+    commit = await empty.commit({})  # a commit with an empty tree
+    await empty.push("main")
+    fetched = await git.fetch(push_of("empty", "main", commit))
+    data = await archive_bytes(git, fetched)
+    assert zip_listing(data) == []

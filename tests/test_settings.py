@@ -100,3 +100,11 @@ def test_missing_ssh_key_fails_at_start(monkeypatch: pytest.MonkeyPatch, tmp_pat
     )
     assert result.returncode == 2
     assert "BRANCHBUILD_SSH_KEY_FILE" in result.stderr
+
+
+def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in REQUIRED.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("BRANCHBUILD_SSH_KEY_FILE", "")
+    monkeypatch.setenv("BRANCHBUILD_SSH_PRIVATE_KEY", "key material")
+    assert load_settings().ssh_key_file is None

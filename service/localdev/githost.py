@@ -187,6 +187,8 @@ class GitHost:
         # sessions held there right now (a deterministic way to see concurrent fetches).
         self.upload_pack_gate: anyio.Event | None = None
         self.upload_pack_waiting = 0
+        # Per repository, likewise (checked after the global gate).
+        self.repository_gates: dict[str, anyio.Event] = {}
         self._port = port
         self._authorized_key_files = list(authorized_keys)
         self._on_change = on_change
@@ -339,12 +341,13 @@ class GitHost:
             self.upload_pack_count += 1
             if self.upload_pack_delay > 0:
                 await anyio.sleep(self.upload_pack_delay)
-            if self.upload_pack_gate is not None:
-                self.upload_pack_waiting += 1
-                try:
-                    await self.upload_pack_gate.wait()
-                finally:
-                    self.upload_pack_waiting -= 1
+            for gate in (self.upload_pack_gate, self.repository_gates.get(name)):
+                if gate is not None:
+                    self.upload_pack_waiting += 1
+                    try:
+                        await gate.wait()
+                    finally:
+                        self.upload_pack_waiting -= 1
             return await self._run_git(process, service, git_dir, env, self.drop_after_bytes)
         # One push per repository at a time, so that the before/after snapshots belong to it.
         async with self._push_locks.setdefault(name, anyio.Lock()):
