@@ -100,8 +100,8 @@ async def test_hostile_events_are_refused_or_built_safely(
         if not reply.get("Messages"):
             break
         for message in reply["Messages"]:
-            reason = message.get("MessageAttributes", {}).get("branchbuild.reason", {})
-            reasons.append(reason.get("StringValue", ""))
+            attributes = message.get("MessageAttributes", {})
+            reasons.append(attributes["branchbuild.reason"]["StringValue"])
             await aws.sqs.delete_message(
                 QueueUrl=aws.intake_dlq_url, ReceiptHandle=message["ReceiptHandle"]
             )
