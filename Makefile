@@ -13,13 +13,14 @@ LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
 	'cryptography<45' service_identity 'joserfc<1.3'
 
-.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy clean
+.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy chaos clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
 	@echo "make demo         the same, non-interactively: push, check the outcomes, stop"
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
+	@echo "make chaos        the long crash-safety run (random SIGKILLs), with a table"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -77,6 +78,10 @@ pytest: venv system-deps $(LOCALSTACK_STAMP)
 	$(BIN)/pytest
 
 test: lint typecheck lint-deploy pytest
+
+# The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures.
+chaos: venv system-deps
+	CHAOS=long $(BIN)/pytest tests/test_chaos.py -s -p no:cacheprovider --timeout 900
 
 lint-deploy: system-deps
 	bash deploy/lint.sh
