@@ -19,3 +19,19 @@ def test_every_setting_is_documented() -> None:
 
 def test_ci_runs_make_test() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_metric_is_documented() -> None:
+    import re
+
+    from prometheus_client import generate_latest
+
+    from service.metrics import Metrics
+
+    readme = (ROOT / "README.md").read_text()
+    exposed = generate_latest(Metrics().registry).decode()
+    for family, kind in re.findall(r"^# TYPE (\w+) (\w+)", exposed, re.M):
+        name = f"{family}_total" if kind == "counter" else family
+        if kind == "gauge" and family.endswith("_info"):
+            name = family
+        assert f"`{name}`" in readme, name
