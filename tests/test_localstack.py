@@ -24,7 +24,7 @@ import anyio
 import pytest
 
 from service.local_builds import list_builds
-from service.localdev.run import Options, deploy
+from service.localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
@@ -38,7 +38,6 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-LOCALSTACK_PYTHON = ROOT / ".localstack-venv" / "bin" / "python"
 REGION = "eu-west-1"
 
 
@@ -49,18 +48,7 @@ def localstack_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
     )
     port = free_port()
     volume = tmp_path_factory.mktemp("localstack")
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": str(volume),
-        "GATEWAY_LISTEN": f"127.0.0.1:{port}",
-        "LOCALSTACK_HOST": f"127.0.0.1:{port}",
-        "SQS_ENDPOINT_STRATEGY": "path",
-        "DNS_ADDRESS": "0",
-        "DISABLE_EVENTS": "1",
-        "SKIP_SSL_CERT_DOWNLOAD": "1",
-        "LOCALSTACK_VOLUME_DIR": str(volume),
-        "SERVICES": "sqs,s3,events,cloudformation,iam,sts",
-    }
+    env = localstack_env(volume, port)
     with (volume / "localstack.log").open("wb") as out:
         process = subprocess.Popen(
             [str(LOCALSTACK_PYTHON), "-m", "localstack.runtime.main"],

@@ -72,6 +72,13 @@ class Keys:
         )
 
 
+def local_session(options: Options) -> aioboto3.Session:
+    """LocalStack takes any credentials; these never reach AWS."""
+    return aioboto3.Session(
+        aws_access_key_id="test", aws_secret_access_key="test", region_name=options.region
+    )
+
+
 def aws_env(options: Options) -> dict[str, str]:
     return {
         "AWS_ENDPOINT_URL": options.endpoint,
@@ -94,22 +101,13 @@ async def healthy(endpoint: str) -> bool:
         return False
 
 
-@asynccontextmanager
-async def localstack(options: Options) -> AsyncIterator[None]:
-    """Use the LocalStack at LOCALSTACK_ENDPOINT, one already on the port, or start one."""
-    if options.localstack_endpoint or await healthy(options.endpoint):
-        if not await healthy(options.endpoint):
-            raise SystemExit(f"LOCALSTACK_ENDPOINT={options.endpoint} does not answer")
-        log.info("using the LocalStack at %s", options.endpoint)
-        yield
-        return
-    python = ROOT / ".localstack-venv" / "bin" / "python"
-    if not python.exists():
-        raise SystemExit("LocalStack is not installed: run `make run` (it installs it)")
-    volume = options.state / "localstack"
-    volume.mkdir(parents=True, exist_ok=True)
-    address = f"127.0.0.1:{options.localstack_port}"
-    env = {
+LOCALSTACK_PYTHON = ROOT / ".localstack-venv" / "bin" / "python"
+
+
+def localstack_env(volume: Path, port: int) -> dict[str, str]:
+    """The LocalStack community runtime in host mode on 127.0.0.1 (see README.md)."""
+    address = f"127.0.0.1:{port}"
+    return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(volume),
         "GATEWAY_LISTEN": address,
@@ -121,6 +119,23 @@ async def localstack(options: Options) -> AsyncIterator[None]:
         "LOCALSTACK_VOLUME_DIR": str(volume),
         "SERVICES": "sqs,s3,events,cloudformation,iam,sts",
     }
+
+
+@asynccontextmanager
+async def localstack(options: Options) -> AsyncIterator[None]:
+    """Use the LocalStack at LOCALSTACK_ENDPOINT, one already on the port, or start one."""
+    if options.localstack_endpoint or await healthy(options.endpoint):
+        if not await healthy(options.endpoint):
+            raise SystemExit(f"LOCALSTACK_ENDPOINT={options.endpoint} does not answer")
+        log.info("using the LocalStack at %s", options.endpoint)
+        yield
+        return
+    python = LOCALSTACK_PYTHON
+    if not python.exists():
+        raise SystemExit("LocalStack is not installed: run `make run` (it installs it)")
+    volume = options.state / "localstack"
+    volume.mkdir(parents=True, exist_ok=True)
+    env = localstack_env(volume, options.localstack_port)
     async with _child(
         [str(python), "-m", "localstack.runtime.main"], env, options, "localstack"
     ) as proc:
@@ -178,26 +193,12 @@ async def deploy(options: Options) -> dict[str, str]:
     # LocalStack reports updates of the rule and the bucket as done without applying them,
     # so a changed template or parameter set means a fresh stack; the digest tells.
     digest = hashlib.sha256((template + json.dumps(parameters)).encode()).hexdigest()[:16]
-    session = aioboto3.Session()
+    session = local_session(options)
     async with AsyncExitStack() as clients:
         cf = await clients.enter_async_context(
-            session.client(
-                "cloudformation",
-                endpoint_url=options.endpoint,
-                region_name=options.region,
-                aws_access_key_id="test",
-                aws_secret_access_key="test",
-            )
+            session.client("cloudformation", endpoint_url=options.endpoint)
         )
-        s3 = await clients.enter_async_context(
-            session.client(
-                "s3",
-                endpoint_url=options.endpoint,
-                region_name=options.region,
-                aws_access_key_id="test",
-                aws_secret_access_key="test",
-            )
-        )
+        s3 = await clients.enter_async_context(session.client("s3", endpoint_url=options.endpoint))
         try:
             stacks = (await cf.describe_stacks(StackName=options.stack))["Stacks"]
         except cf.exceptions.ClientError:
@@ -290,15 +291,9 @@ async def make_keys(state: Path) -> Keys:
 @asynccontextmanager
 async def git_host(options: Options, keys: Keys, stack: AsyncExitStack) -> AsyncIterator[GitHost]:
     """The SSH git host; each pushed ref change becomes an event on LocalStack's EventBridge."""
-    session = aioboto3.Session()
+    session = local_session(options)
     events = await stack.enter_async_context(
-        session.client(
-            "events",
-            endpoint_url=options.endpoint,
-            region_name=options.region,
-            aws_access_key_id="test",
-            aws_secret_access_key="test",
-        )
+        session.client("events", endpoint_url=options.endpoint)
     )
 
     async def publish(change: RefChange) -> None:
