@@ -57,6 +57,14 @@ class App:
             work_queue = Queue(clients.sqs, s.work_queue_url, name="work")
             await intake_queue.describe()
             await work_queue.describe()
+            storage = Storage(
+                clients.s3,
+                s.bucket,
+                part_size=s.part_size,
+                concurrency=s.upload_concurrency,
+                max_bytes=s.max_archive_bytes,
+            )
+            await storage.check()
             leases = Leases(
                 visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
             )
@@ -68,13 +76,7 @@ class App:
                 services = Services(
                     settings=s,
                     git=git,
-                    storage=Storage(
-                        clients.s3,
-                        s.bucket,
-                        part_size=s.part_size,
-                        concurrency=s.upload_concurrency,
-                        max_bytes=s.max_archive_bytes,
-                    ),
+                    storage=storage,
                     backend=self._backend(clients, background),
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,

@@ -19,7 +19,7 @@ import anyio.abc
 from anyio.abc import ByteReceiveStream
 
 from .aws import error_code, translated
-from .errors import ArchiveTooLarge, StorageError, unwrap_group
+from .errors import AccessDenied, ArchiveTooLarge, StorageError, unwrap_group
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -73,6 +73,21 @@ class Storage:
         self.base_part_size = part_size
         self.concurrency = concurrency
         self.max_bytes = max_bytes
+
+    async def check(self) -> None:
+        """Fail fast at start-up on a missing or forbidden bucket.
+
+        Raises:
+            AccessDenied: the bucket does not exist or may not be used (permanent).
+            StorageError: S3 could not be reached.
+        """
+        try:
+            with translated(f"use bucket {self.bucket}", transient=StorageError):
+                await self.s3.head_bucket(Bucket=self.bucket)
+        except StorageError as exc:
+            if error_code(exc.__cause__ or exc) in {"404", "403", "NoSuchBucket", "Forbidden"}:
+                raise AccessDenied(f"bucket {self.bucket} does not exist or is not ours") from None
+            raise
 
     async def upload(self, key: str, stream: ByteReceiveStream) -> Uploaded:
         """Upload everything ``stream`` yields to ``key``.

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import signal
+import sys
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -497,3 +498,36 @@ async def test_sigterm_with_several_jobs_finishes_some_releases_the_rest(
     assert sorted(r["projectName"] for r in requests) == sorted(names)
     assert len(await aws.start_builds()) == 3
     assert await aws.open_uploads() == 0
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "expected"),
+    [
+        ("BRANCHBUILD_QUEUE_URL", "missing", "cannot read attributes of the intake queue"),
+        ("BRANCHBUILD_WORK_QUEUE_URL", "missing", "cannot read attributes of the work queue"),
+        ("BRANCHBUILD_BUCKET", "no-such-bucket-here", "bucket no-such-bucket-here does not exist"),
+    ],
+)
+async def test_missing_resources_stop_the_start_with_one_clear_line(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, variable: str, value: str, expected: str
+) -> None:
+    env = dict(os.environ) | {
+        "BRANCHBUILD_QUEUE_URL": aws.intake_url,
+        "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
+        "BRANCHBUILD_BUCKET": aws.bucket,
+        "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+        "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+        "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+        "BRANCHBUILD_CACHE_DIR": str(tmp_path / "cache"),
+        "BRANCHBUILD_HTTP_PORT": "0",
+    }
+    if value == "missing":
+        value = env[variable].replace(".fifo", "-gone.fifo")
+    env[variable] = value
+    with anyio.fail_after(60):
+        result = await anyio.run_process(
+            [sys.executable, "-m", "service", "run"], env=env, check=False
+        )
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("branchbuild: cannot start:") and expected in lines[-1], lines
