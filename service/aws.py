@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ PERMANENT_CODES = frozenset(
         "UnrecognizedClientException",
     }
 )
+
+
+def region() -> str | None:
+    """The region from ``AWS_REGION`` (what ECS and most tools set), which botocore itself
+    does not read, else botocore's own chain (``AWS_DEFAULT_REGION``, the profile)."""
+    return os.environ.get("AWS_REGION") or None
 
 
 def error_code(exc: BaseException) -> str:
@@ -82,7 +89,7 @@ async def open_clients(
     Endpoints, region and credentials come from the standard AWS variables. ``on_retry``
     hears, per service, how many retries botocore made inside each call.
     """
-    session = aioboto3.Session()
+    session = aioboto3.Session(region_name=region())
     config = AioConfig(
         retries={"mode": "standard", "max_attempts": 4},
         connect_timeout=5,

@@ -1,0 +1,126 @@
+"""``branchbuild builds --codebuild``: the recent CodeBuild builds of one or more projects."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+from .admin import table
+from .aws import translated
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codebuild import CodeBuildClient
+    from types_aiobotocore_codebuild.type_defs import BuildTypeDef
+
+BATCH_GET = 100  # BatchGetBuilds' limit
+
+
+@dataclass(frozen=True)
+class CodeBuildRun:
+    """One CodeBuild build, as much as the list needs of it."""
+
+    id: str
+    project: str
+    status: str
+    commit: str | None
+    branch: str | None
+    tag: str | None
+    started_at: str | None
+    ended_at: str | None
+    duration: float | None
+    logs: str | None
+
+
+async def recent_builds(
+    codebuild: CodeBuildClient, projects: Sequence[str], *, limit: int
+) -> list[CodeBuildRun]:
+    """The newest ``limit`` builds of the projects together, newest first.
+
+    Raises:
+        AccessDenied: a project does not exist or may not be read.
+        TransientError: CodeBuild could not be reached.
+    """
+    ids: list[str] = []
+    for project in projects:
+        ids += await _build_ids(codebuild, project, limit)
+    found: list[BuildTypeDef] = []
+    for start in range(0, len(ids), BATCH_GET):
+        with translated("read builds"):
+            reply = await codebuild.batch_get_builds(ids=ids[start : start + BATCH_GET])
+        found += reply.get("builds", [])
+    runs = [to_run(build) for build in found]
+    runs.sort(key=lambda r: r.started_at or "", reverse=True)
+    return runs[:limit]
+
+
+async def _build_ids(codebuild: CodeBuildClient, project: str, limit: int) -> list[str]:
+    ids: list[str] = []
+    token: str | None = None
+    while len(ids) < limit:
+        with translated(f"list the builds of project {project}"):
+            if token:
+                reply = await codebuild.list_builds_for_project(
+                    projectName=project, sortOrder="DESCENDING", nextToken=token
+                )
+            else:
+                reply = await codebuild.list_builds_for_project(
+                    projectName=project, sortOrder="DESCENDING"
+                )
+        ids += reply.get("ids", [])
+        token = reply.get("nextToken")
+        if not token:
+            break
+    return ids[:limit]
+
+
+def to_run(build: BuildTypeDef) -> CodeBuildRun:
+    """The fields the list shows; the commit and branch come from the build's variables."""
+    variables = {
+        v.get("name", ""): v.get("value", "")
+        for v in build.get("environment", {}).get("environmentVariables", [])
+    }
+    start, end = build.get("startTime"), build.get("endTime")
+    return CodeBuildRun(
+        id=build.get("id", "?"),
+        project=build.get("projectName", "?"),
+        status=build.get("buildStatus", "?"),
+        commit=variables.get("COMMIT_ID"),
+        branch=variables.get("BRANCH_NAME"),
+        tag=variables.get("TAG_NAME"),
+        started_at=_iso(start),
+        ended_at=_iso(end),
+        duration=(end - start).total_seconds() if start and end else None,
+        logs=build.get("logs", {}).get("deepLink"),
+    )
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat(timespec="seconds") if value is not None else None
+
+
+def render(runs: Sequence[CodeBuildRun]) -> str:
+    if not runs:
+        return "no builds\n"
+    header = ("STARTED", "PROJECT", "BUILD", "STATUS", "BRANCH", "COMMIT", "DURATION", "LOGS")
+    rows = [header]
+    for r in runs:
+        rows.append(
+            (
+                (r.started_at or "-")[:19],
+                r.project,
+                r.id.removeprefix(f"{r.project}:"),
+                r.status,
+                r.branch or (f"tag {r.tag}" if r.tag else "-"),
+                (r.commit or "-")[:12],
+                f"{r.duration:.0f}s" if r.duration is not None else "-",
+                r.logs or "-",
+            )
+        )
+    return table(rows)
+
+
+def to_json_lines(runs: Sequence[CodeBuildRun]) -> str:
+    return "".join(json.dumps(asdict(r)) + "\n" for r in runs)
