@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 
 import anyio
@@ -168,6 +169,9 @@ class Worker:
         if message.id in self._poison:
             await self._fail(message, self._poison[message.id])
             return
+        if message.sent_at_ms:  # the "receive" stage: time spent waiting in the work queue
+            waited = max(0.0, time.time() - message.sent_at_ms / 1000)
+            self.metrics.stage_seconds.labels(stage="receive").observe(waited)
         try:
             push = parse_work(message.body)
             bind(

@@ -97,6 +97,9 @@ async def test_feature_branch_push_becomes_an_archive_and_a_build(
     assert await service.metric("branchbuild_events_total", event="created", outcome="queued") == 1
     assert await service.metric("branchbuild_builds_started_total") == 1
     assert await service.metric("branchbuild_upload_bytes_total") == len(archive)
+    for stage in ("receive", "fetch", "archive", "upload", "start_build"):
+        count = await service.metric("branchbuild_stage_duration_seconds_count", stage=stage)
+        assert count == 1, stage
     assert await aws.dlq_bodies(aws.work_dlq_url) == []
     logs = [json.loads(line) for line in service.logs().splitlines() if line.startswith("{")]
     started = [entry for entry in logs if entry["message"].startswith("started build")]
