@@ -284,7 +284,7 @@ class Leases:
         for queue, messages in by_queue.values():
             try:
                 failed = await queue.change_visibility(messages, self.visibility)
-            except TransientError as exc:
+            except BranchbuildError as exc:  # never let the heartbeat die: retry next beat
                 log.warning("heartbeat failed on the %s queue, will retry: %s", queue.name, exc)
                 self.metrics.errors.labels(kind="heartbeat").inc()
                 continue

@@ -5,8 +5,10 @@
   arrive together and all but the newest are acknowledged as superseded.
 * Every held message is heartbeated (:class:`service.queue.Leases`) until it is settled.
 * A message is deleted only after its job succeeded or was deliberately skipped. A failure
-  makes it visible again: at once for a permanent error (SQS dead-letters it after
-  maxReceiveCount), after a backoff for a transient one.
+  makes it visible again (at once for a permanent error, after a backoff for a transient
+  one); on its last allowed receive it is dead-lettered with its reason.
+* No failure of an SQS call ends the loop or a job task: it is logged and counted, and the
+  message's visibility timeout brings it back.
 * On stop: no more receives, running jobs get ``shutdown_grace`` seconds, then the rest are
   cancelled and released (visibility 0) so another instance takes them at once.
 """
@@ -122,14 +124,26 @@ class Worker:
             newest[message.group] = message
         self.leases.hold(self.queue, list(newest.values()))
         if older:
-            failed = await self.queue.delete(older)
-            self.metrics.jobs.labels(outcome=Outcome.SUPERSEDED.value).inc(len(older) - len(failed))
+            self.metrics.jobs.labels(outcome=Outcome.SUPERSEDED.value).inc(len(older))
             for message in older:
                 log.info(
                     "superseded by a newer push of the same branch",
                     extra={"message_id": message.id},
                 )
+            await self._acknowledge(older, "superseded")
         return list(newest.values())
+
+    async def _acknowledge(self, messages: list[Message], why: str) -> None:
+        """Delete settled messages. A failure is logged, never raised: the message comes back
+        after its visibility timeout and the ledger (or supersede) makes that a no-op."""
+        with anyio.CancelScope(shield=True):
+            try:
+                failed = await self.queue.delete(messages)
+            except BranchbuildError as exc:
+                failed = messages
+                log.warning("could not delete %s message(s) (%s): %s", len(messages), why, exc)
+        if failed:
+            self.metrics.errors.labels(kind="delete").inc(len(failed))
 
     async def _run(self, message: Message) -> None:
         bind(message_id=message.id)
@@ -193,11 +207,8 @@ class Worker:
             log.exception("unexpected error in job")
             await self._fail(message, TransientError(f"unexpected {type(exc).__name__}: {exc}"))
         else:
-            with anyio.CancelScope(shield=True):
-                failed = await self.queue.delete([message])
-            if failed:
-                log.warning("could not delete the message; a redelivery will find the ledger")
             self.metrics.jobs.labels(outcome=result.outcome.value).inc()
+            await self._acknowledge([message], "the job is done")
 
     async def _fail(self, message: Message, error: BranchbuildError) -> None:
         s = self.settings

@@ -25,6 +25,7 @@ class Fault:
     content_type: str = "application/xml"
     times: int = 1
     drop: bool = False  # close the connection without an answer
+    body_contains: bytes = b""  # and the request body must contain this
     hits: int = 0
 
 
@@ -72,7 +73,7 @@ class FaultProxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
         for fault in self.faults:
-            if fault.hits < fault.times and fault.match(request):
+            if fault.hits < fault.times and fault.match(request) and fault.body_contains in body:
                 fault.hits += 1
                 if fault.drop:
                     assert request.transport is not None

@@ -165,3 +165,30 @@ async def test_git_host_refusing_the_key_is_dead_lettered_with_the_reason(
     assert "Permission denied" in attributes["branchbuild.reason"]
     assert await service.metric("branchbuild_errors_total", kind="git_access") == 2
     assert (await service.get("/healthz"))[0] == 200
+
+
+async def test_a_failed_delete_after_a_build_neither_kills_the_worker_nor_builds_twice(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    # Every attempt of the first work-queue DeleteMessageBatch fails (botocore tries up to 5
+    # times); the rest of the 8 errors are absorbed by the next delete's retries.
+    delete = proxy.add(json_error("InternalError", match=target(".DeleteMessageBatch"), times=8))
+    delete.status = 500
+    delete.body_contains = aws.work_url.encode()
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint)
+    commit = await push_branch(aws, git_world, tmp_path, "undeleted", {"a.txt": "x"})
+    assert await built(aws, service) == [commit]
+
+    # The message comes back after its visibility timeout, finds the ledger: no second build.
+    async def duplicate() -> bool:
+        return await service.metric("branchbuild_jobs_total", outcome="duplicate") == 1
+
+    await wait_for(duplicate, within=60, what="the redelivery to be recognised")
+    assert delete.hits >= 5  # the first delete failed in every attempt
+    assert await service.metric("branchbuild_errors_total", kind="delete") == 1
+    assert len(await aws.start_builds()) == 1
+    assert (await service.get("/healthz"))[0] == 200
