@@ -63,6 +63,7 @@ class App:
                 part_size=s.part_size,
                 concurrency=s.upload_concurrency,
                 max_bytes=s.max_archive_bytes,
+                buffers=anyio.CapacityLimiter(s.max_parts_in_flight),
             )
             await storage.check()
             leases = Leases(

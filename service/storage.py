@@ -1,8 +1,9 @@
 """Stream an archive to S3 with a multipart upload, and keep the ledger of started builds.
 
-Memory is bounded by ``part_size × (upload_concurrency + 1)`` whatever the archive's size;
-nothing is written to disk. Part sizes double every 1,000 parts, so the 10,000-part limit is
-never reached before S3's 5 TiB object limit. Any failure or cancellation aborts the upload.
+Memory is bounded by ``part_size × BRANCHBUILD_MAX_PARTS_IN_FLIGHT`` for the whole service,
+whatever the archives' sizes and the number of jobs; nothing is written to disk. Part sizes
+double every 500 parts, so the 10,000-part limit is never reached before S3's 5 TiB object
+limit. Any failure or cancellation aborts the upload.
 """
 
 from __future__ import annotations
@@ -10,9 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -67,7 +67,11 @@ class Storage:
         part_size: int,
         concurrency: int,
         max_bytes: int,
+        buffers: anyio.CapacityLimiter | None = None,
     ) -> None:
+        """``buffers``: part buffers the whole service may hold at once (shared by every
+        upload); by default this upload's own ``concurrency + 1``."""
+        self.buffers = buffers or anyio.CapacityLimiter(concurrency + 1)
         self.s3 = s3
         self.bucket = bucket
         self.base_part_size = part_size
@@ -98,20 +102,27 @@ class Storage:
             ArchiveTooLarge: the stream exceeded ``max_bytes`` (permanent).
         """
         reader = _Reader(stream, self.max_bytes)
-        first = await reader.read(part_size(1, self.base_part_size))
+        first, token = await self._read_part(reader, 1)
         if reader.eof:  # small archive: one request, no multipart bookkeeping
-            with translated(f"upload s3://{self.bucket}/{key}", transient=StorageError):
-                reply = await self.s3.put_object(
-                    Bucket=self.bucket, Key=key, Body=first, ContentType="application/zip"
-                )
+            try:
+                with translated(f"upload s3://{self.bucket}/{key}", transient=StorageError):
+                    reply = await self.s3.put_object(
+                        Bucket=self.bucket, Key=key, Body=first, ContentType="application/zip"
+                    )
+            finally:
+                self.buffers.release_on_behalf_of(token)
             return Uploaded(key, len(first), 1, reply.get("ETag", ""))
-        with translated(f"start an upload to s3://{self.bucket}/{key}", transient=StorageError):
-            created = await self.s3.create_multipart_upload(
-                Bucket=self.bucket, Key=key, ContentType="application/zip"
-            )
+        try:
+            with translated(f"start an upload to s3://{self.bucket}/{key}", transient=StorageError):
+                created = await self.s3.create_multipart_upload(
+                    Bucket=self.bucket, Key=key, ContentType="application/zip"
+                )
+        except BaseException:
+            self.buffers.release_on_behalf_of(token)
+            raise
         upload_id = created["UploadId"]
         try:
-            parts = await self._upload_parts(key, upload_id, first, reader)
+            parts = await self._upload_parts(key, upload_id, (first, token), reader)
             with translated(f"complete s3://{self.bucket}/{key}", transient=StorageError):
                 done = await self.s3.complete_multipart_upload(
                     Bucket=self.bucket,
@@ -125,13 +136,24 @@ class Storage:
             raise
         return Uploaded(key, reader.total, len(parts), done.get("ETag", ""))
 
+    async def _read_part(self, reader: _Reader, number: int) -> tuple[bytes, object]:
+        """Read part ``number`` once a buffer is free in the service-wide budget; the token
+        is released when the part is sent (or fails)."""
+        token = object()
+        await self.buffers.acquire_on_behalf_of(token)
+        try:
+            return await reader.read(part_size(number, self.base_part_size)), token
+        except BaseException:
+            self.buffers.release_on_behalf_of(token)
+            raise
+
     async def _upload_parts(
-        self, key: str, upload_id: str, first: bytes, reader: _Reader
+        self, key: str, upload_id: str, first: tuple[bytes, object], reader: _Reader
     ) -> list[CompletedPartTypeDef]:
         parts: dict[int, str] = {}
         slots = anyio.Semaphore(self.concurrency)
 
-        async def send(number: int, body: bytes) -> None:
+        async def send(number: int, body: bytes, token: object) -> None:
             try:
                 with translated(f"upload part {number} of {key}", transient=StorageError):
                     reply = await self.s3.upload_part(
@@ -144,35 +166,30 @@ class Storage:
                 parts[number] = reply["ETag"]
             finally:
                 slots.release()
+                self.buffers.release_on_behalf_of(token)
 
         with unwrap_group():
             async with anyio.create_task_group() as tg:
-                await self._feed(tg, slots, send, first, reader)
+                number, (body, token) = 1, first
+                while True:
+                    # At most `concurrency` parts of this upload in flight, and at most
+                    # `buffers` parts held by the whole service: memory stays bounded.
+                    try:
+                        await slots.acquire()
+                    except BaseException:
+                        self.buffers.release_on_behalf_of(token)
+                        raise
+                    tg.start_soon(send, number, body, token)
+                    if reader.eof:
+                        break
+                    number += 1
+                    if number > MAX_PARTS:
+                        raise ArchiveTooLarge(f"archive needs more than {MAX_PARTS} parts")
+                    body, token = await self._read_part(reader, number)
+                    if not body:
+                        self.buffers.release_on_behalf_of(token)
+                        break
         return [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
-
-    async def _feed(
-        self,
-        tg: anyio.abc.TaskGroup,
-        slots: anyio.Semaphore,
-        send: Callable[[int, bytes], Coroutine[Any, Any, None]],
-        first: bytes,
-        reader: _Reader,
-    ) -> None:
-        number, body = 1, first
-        while True:
-            # Take a slot before reading the next part: at most `concurrency` parts in
-            # flight plus the one being read.
-            await slots.acquire()
-            tg.start_soon(send, number, body)
-            if reader.eof:
-                break
-            number += 1
-            if number > MAX_PARTS:
-                raise ArchiveTooLarge(f"archive needs more than {MAX_PARTS} parts")
-            body = await reader.read(part_size(number, self.base_part_size))
-            if not body:
-                slots.release()
-                break
 
     async def abort_stale(self, prefix: str, pattern: re.Pattern[str]) -> int:
         """Abort multipart uploads under ``prefix`` whose key matches ``pattern``.

@@ -141,3 +141,35 @@ async def test_leftover_uploads_of_the_same_branch_are_aborted(aws: AwsResources
     assert custom_prefix == "builds/"
     assert custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a.zip")
     assert not custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a/b.zip")
+
+
+async def test_the_service_wide_buffer_budget_bounds_parts_in_flight(
+    aws: AwsResources, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two uploads with 4 parts in flight each, sharing a budget of 3 buffers: never more than
+    3 parts exist at once, so memory is bounded however many jobs run."""
+    in_flight = peak = 0
+    real = aws.s3.upload_part
+
+    async def counting(**kwargs: object) -> object:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        try:
+            return await real(**kwargs)  # type: ignore[arg-type]
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(aws.s3, "upload_part", counting)
+    budget = anyio.CapacityLimiter(3)
+    shared = Storage(
+        aws.s3, aws.bucket, part_size=5 * MiB, concurrency=4, max_bytes=1 << 40, buffers=budget
+    )
+    data = {key: os.urandom(21 * MiB) for key in ("repo/b/1.zip", "repo/b/2.zip")}
+    async with anyio.create_task_group() as tg:
+        for key, body in data.items():
+            tg.start_soon(shared.upload, key, BytesStream(body))
+    assert 1 <= peak <= 3
+    assert budget.borrowed_tokens == 0  # every buffer given back
+    for key, body in data.items():
+        assert await aws.object(key) == body
