@@ -13,7 +13,12 @@ LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
 	'cryptography<45' service_identity 'joserfc<1.3'
 
-.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy chaos clean
+BENCH_VENV := .venv-bench
+BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
+# The original design (A) uses the AWS CLI, as it did; charts and profiles need their tools.
+BENCH_PACKAGES := 'awscli==1.46.3' 'matplotlib==3.11.2' 'py-spy==0.4.3' 'psutil==7.2.2'
+
+.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy chaos bench clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
@@ -21,6 +26,7 @@ help:
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
 	@echo "make chaos        the long crash-safety run (random SIGKILLs), with a table"
+	@echo "make bench        the benchmark: the original design, branchbuild and the floor"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -83,8 +89,21 @@ test: lint typecheck lint-deploy pytest
 chaos: venv system-deps
 	CHAOS=long $(BIN)/pytest tests/test_chaos.py -s -p no:cacheprovider --timeout 900
 
+$(BENCH_STAMP):
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q $(BENCH_PACKAGES)
+	touch $@
+
+# A, B and F side by side on this machine (about 30 min); BENCH_ARGS=--quick or
+# BENCH_ARGS='--sizes small' for less. Results, charts and profiles go to bench/results/.
+bench: venv system-deps $(BENCH_STAMP)
+	@command -v zip >/dev/null && command -v jq >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zip jq)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 lint-deploy: system-deps
 	bash deploy/lint.sh
 
 clean:
-	rm -rf $(VENV) $(LOCALSTACK_VENV) .venv-deploy .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOCALSTACK_VENV) $(BENCH_VENV) .venv-deploy .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
