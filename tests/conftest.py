@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -17,7 +14,14 @@ import anyio
 import pytest
 
 from service.localdev.githost import GitHost, RefChange
-from tests.helpers import AwsResources, GitWorld, ServiceProcess, StartService, create_resources
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    ServiceProcess,
+    StartService,
+    create_resources,
+    server_process,
+)
 
 REGION = "eu-west-1"
 
@@ -52,29 +56,11 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))} | {
         "MOTO_ENABLE_RECORDING": "True"
     }
-    with log.open("wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            env=env,
-            cwd=workdir,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
     endpoint = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(endpoint + "/moto-api/data.json", timeout=1).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"moto server did not start: {log.read_text()}") from None
-            time.sleep(0.1)
-    try:
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
+    health = endpoint + "/moto-api/data.json"
+    with server_process(command, env=env, health=health, log=log, within=30, cwd=workdir):
         yield endpoint
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
 
 
 @pytest.fixture

@@ -7,10 +7,14 @@ import io
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
+import urllib.request
 import uuid
 import zipfile
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -359,3 +363,33 @@ class ServiceProcess:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+# -- emulator processes -----------------------------------------------------------------------
+
+
+@contextmanager
+def server_process(
+    command: list[str], *, env: dict[str, str], health: str, log: Path, within: float, cwd: Path
+) -> Iterator[None]:
+    """A server subprocess (an emulator), up once ``health`` answers; terminated on exit.
+
+    Session fixtures are synchronous, so this polls with blocking sleeps before any event loop
+    runs.
+    """
+    with log.open("wb") as out:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + within
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(health, timeout=2).close()
+                break
+            except OSError:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{command[2]} did not start: {log.read_text()}") from None
+                time.sleep(0.1)
+        yield
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
