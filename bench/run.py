@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     isolate_aws(work)
     started = time.time()
     load_before = os.getloadavg()
+    host_machine = machine()  # before the run: the service's commit it starts from
     try:
         with ExitStack() as stack:
             endpoint, moto = stack.enter_context(moto_server(work / "moto"))
@@ -257,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                 "mode": args.mode,
                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)),
                 "seconds": round(time.time() - started, 1),
-                "machine": machine(),
+                "machine": host_machine,
                 "plans": {n: asdict(p) for n, p in plans.items()},
                 "load_before": load_before,
                 "repositories": bench.repos,

@@ -1,7 +1,8 @@
 """Stream an archive to S3 with a multipart upload, and keep the ledger of started builds.
 
-Memory is bounded by ``part_size × BRANCHBUILD_MAX_PARTS_IN_FLIGHT`` for the whole service,
-whatever the archives' sizes and the number of jobs; nothing is written to disk. Part sizes
+Memory is bounded by about ``2 × part_size × BRANCHBUILD_MAX_PARTS_IN_FLIGHT`` for the whole
+service (each part is copied once into the bytes the HTTP client sends), whatever the
+archives' sizes and the number of jobs; nothing is written to disk. Part sizes
 double every 500 parts, so the 10,000-part limit is never reached before S3's 5 TiB object
 limit. Any failure or cancellation aborts the upload.
 """
