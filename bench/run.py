@@ -139,6 +139,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeats", type=int, help="override the plan's repeats")
     parser.add_argument("--variants", default="A,B,F", help="which of A, B, F to run")
+    parser.add_argument("--sweep", help="B's concurrencies, e.g. 2,8 (default: the plan's)")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an extra environment variable for every B service process (repeatable)",
+    )
     parser.add_argument("--no-a", action="store_true", help="skip A (needs .venv-bench's aws)")
     parser.add_argument("--no-charts", action="store_true")
     parser.add_argument("--no-profile", action="store_true")
@@ -169,6 +177,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.no_a = True
     if not args.no_a and not (BENCH_VENV / "bin" / "aws").exists():
         parser.error(f"A needs the AWS CLI in {BENCH_VENV} (make bench creates it), or --no-a")
+    args.extra_env = dict(item.split("=", 1) for item in args.service_env)
     args.out = args.out.resolve()
     args.cache = args.cache.resolve()
     return args
@@ -242,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                         repeats=args.repeats,
                         a_repeats=min(plan.a_repeats, args.repeats) if plan.a_repeats else 0,
                     )
+                if args.sweep:
+                    plan = replace(plan, sweep=tuple(int(c) for c in args.sweep.split(",")))
                 plans[name] = plan
                 size = bench.prepare(name, plan)
                 if not args.no_a:

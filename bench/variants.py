@@ -111,6 +111,7 @@ def run_b(
     With ``warm_up``, an empty cache is first filled by one build of an unmeasured push.
     """
     warm_up = warm_up and not cache_dir.exists()
+    overrides = overrides | bench.args.extra_env  # --service-env
     queues = bench.aws.queues(f"b-{size.name}")
     bucket = bench.aws.bucket(f"b-{size.name}")
     tmp = bench.work / f"tmp-{label.replace(' ', '_').replace('=', '')}"
