@@ -43,7 +43,7 @@ def throughput_chart(document: dict[str, Any], out: Path) -> None:
             if r["size"] == size
             and r["variant"] == "B"
             and r["scenario"] == "burst"
-            and "zip=0" not in r["label"]
+            and "zip=" not in r["label"]
         )
         if sweep:
             xs = [c for c, _ in sweep]
@@ -70,7 +70,7 @@ def throughput_chart(document: dict[str, Any], out: Path) -> None:
                         label=label,
                     )
         for r in rows:
-            if r["size"] == size and r["variant"] == "B" and "zip=0" in r["label"]:
+            if r["size"] == size and r["variant"] == "B" and "zip=" in r["label"]:
                 ax.plot(
                     [_concurrency(r["label"])],
                     [r["throughput_eps"]["median"]],

@@ -27,7 +27,7 @@ class Plan:
     repeats: int  # runs of each burst measurement (median and min/max over them)
     a_repeats: int  # runs of A's burst
     sweep: tuple[int, ...]  # BRANCHBUILD_CONCURRENCY values for B's burst
-    zip0: bool  # also B with BRANCHBUILD_ZIP_LEVEL=0
+    zip_levels: tuple[int, ...]  # also B at these BRANCHBUILD_ZIP_LEVEL values (best c)
     singles: int  # single-push latency measurements, warm and cold
     pair_repeats: int  # runs of the floor two at a time
     timeout: float  # seconds one measurement may take

@@ -134,7 +134,7 @@ def _best_b(rows: list[dict[str, Any]], size: str) -> dict[str, Any] | None:
         if r["size"] == size
         and r["variant"] == "B"
         and r["scenario"] == "burst"
-        and "zip=0" not in r["label"]
+        and "zip=" not in r["label"]
     ]
     return max(candidates, key=lambda r: r["throughput_eps"]["median"], default=None)
 
@@ -209,7 +209,7 @@ def summarize(document: dict[str, Any]) -> dict[str, Any]:
                 if r["size"] == size
                 and r["variant"] == "B"
                 and r["scenario"] == "burst"
-                and "zip=0" not in r["label"]
+                and "zip=" not in r["label"]
             ),
         )
         if len(sweep) >= 2:

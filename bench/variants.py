@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from service.settings import Settings
+
 from . import procstat, report
 from .core import Bench, Size, _mb, _throughput, wait4
 from .infra import PYTHON, ROOT, terminate, wait_until
@@ -22,6 +24,8 @@ BENCH = Path(__file__).resolve().parent
 BENCH_VENV = ROOT / ".venv-bench"
 SETTLED = ("built", "superseded", "duplicate", "failed", "dead_lettered")
 STAGES = ("fetch", "archive", "upload", "start_build")
+# The floor compresses as much as the service does by default, so the two do the same work.
+DEFAULT_ZIP_LEVEL: int = Settings.model_fields["zip_level"].default
 
 
 # -- A: the original design ---------------------------------------------------------------------
@@ -245,7 +249,7 @@ def run_f(
     *,
     mode: str,
     parallel: int = 1,
-    zip_level: int = 6,
+    zip_level: int = DEFAULT_ZIP_LEVEL,
 ) -> None:
     bucket = bench.aws.bucket(f"f-{size.name}")
     scratch = bench.work / f"floor-{size.name}"
@@ -382,7 +386,11 @@ def profile(bench: Bench, size: Size, concurrency: int) -> dict[str, Any]:
         events = bench.push(size, size.plan.events, size.plan.branches)
         finals = {e["detail"]["commitId"] for e in events[-size.plan.branches :]}
         spies = {}
-        for name, pid in (("service", service.pid), ("githost", bench.host.process.pid)):
+        for name, pid in (
+            ("service", service.pid),
+            ("githost", bench.host.process.pid),
+            ("moto", bench.moto_pid),
+        ):
             raw = bench.work / f"profile-{name}.txt"
             spies[name] = (
                 raw,

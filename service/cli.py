@@ -176,10 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run() -> int:
     from .app import App
     from .logs import configure
+    from .storage import return_freed_buffers_to_the_os
 
     try:
         settings = load_settings()
         configure(settings.log_level, settings.log_format)
+        return_freed_buffers_to_the_os()
         anyio.run(App(settings).run)
     except ConfigurationError as exc:
         sys.stderr.write(f"branchbuild: configuration error: {exc}\n")

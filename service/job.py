@@ -55,8 +55,14 @@ def branch_keys(template: str, push: Push) -> tuple[str, re.Pattern[str]]:
     return parts[0], re.compile(pattern)
 
 
-async def run_job(push: Push, services: Services) -> JobResult:
+async def run_job(push: Push, services: Services, *, recovering: bool = True) -> JobResult:
     """Build one push.
+
+    ``recovering``: an earlier attempt at this branch may have been killed mid-upload (the
+    message, or an older one of its branch, was received before), so abort any multipart
+    upload it left open. A first attempt skips that S3 listing: an upload is only ever left
+    open by a killed process, and a killed job's message always comes back (or, after SQS
+    dead-letters it, the bucket's lifecycle rule removes the upload).
 
     Raises:
         PermanentError: the push can never be built (see :mod:`service.errors`).
@@ -68,7 +74,7 @@ async def run_job(push: Push, services: Services) -> JobResult:
     project = project_name(s.settings.project_template, push)
 
     prefix, pattern = branch_keys(s.settings.key_template, push)
-    if prefix:  # (an empty prefix would list the whole bucket)
+    if recovering and prefix:  # (an empty prefix would list the whole bucket)
         await s.storage.abort_stale(prefix, pattern)
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:

@@ -107,7 +107,7 @@ class Settings(LocalSettings):
     part_size: int = Field(default=8 * MiB, ge=5 * MiB, le=5 * GiB)
     upload_concurrency: int = Field(default=4, ge=1, le=64)
     max_parts_in_flight: int = Field(default=4, ge=1, le=1024)
-    zip_level: int = Field(default=6, ge=0, le=9)
+    zip_level: int = Field(default=1, ge=0, le=9)
     max_archive_bytes: int = Field(default=5 * GiB, ge=1)
     max_file_bytes: int = Field(default=2 * GiB, ge=1)
 

@@ -49,6 +49,9 @@ class Worker:
         # Message ids that failed permanently: a redelivery is released without redoing work.
         self._poison: OrderedDict[str, PermanentError] = OrderedDict()
         self._waiting: set[anyio.CancelScope] = set()
+        # Newest messages whose branch had a message received before (a redelivery): their
+        # job first cleans up after a possibly killed attempt.
+        self._recovering: set[str] = set()
 
     async def run(
         self,
@@ -118,10 +121,14 @@ class Worker:
         """Keep the newest message of each branch's group; acknowledge the older ones."""
         newest: dict[str, Message] = {}
         older: list[Message] = []
+        redelivered: set[str] = set()
         for message in messages:  # FIFO order within a group: later is newer
             if message.group in newest:
                 older.append(newest[message.group])
             newest[message.group] = message
+            if message.receive_count > 1:
+                redelivered.add(message.group)
+        self._recovering.update(newest[group].id for group in redelivered)
         self.leases.hold(self.queue, list(newest.values()))
         if older:
             self.metrics.jobs.labels(outcome=Outcome.SUPERSEDED.value).inc(len(older))
@@ -165,6 +172,7 @@ class Worker:
             await self._release(message, "cancelled at the end of the shutdown grace")
             raise
         finally:
+            self._recovering.discard(message.id)
             self.leases.drop([message])
             self._active -= 1
             self.metrics.in_flight.dec()
@@ -194,8 +202,9 @@ class Worker:
                 branch=push.name,
                 commit=push.commit,
             )
+            recovering = message.receive_count > 1 or message.id in self._recovering
             with anyio.fail_after(self.settings.job_timeout):
-                result = await run_job(push, self.services)
+                result = await run_job(push, self.services, recovering=recovering)
         except BranchbuildError as exc:
             await self._fail(message, exc)
         except TimeoutError:

@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import aiohttp
+import anyio
 from aiohttp import web
 
 Match = Callable[[web.Request], bool]
@@ -26,6 +27,7 @@ class Fault:
     times: int = 1
     drop: bool = False  # close the connection without an answer
     body_contains: bytes = b""  # and the request body must contain this
+    hold: anyio.Event | None = None  # forward only once this is set (a request in flight)
     hits: int = 0
 
 
@@ -75,6 +77,9 @@ class FaultProxy:
         for fault in self.faults:
             if fault.hits < fault.times and fault.match(request) and fault.body_contains in body:
                 fault.hits += 1
+                if fault.hold is not None:
+                    await fault.hold.wait()
+                    break
                 if fault.drop:
                     assert request.transport is not None
                     request.transport.close()

@@ -116,16 +116,22 @@ class AwsResources:
             url = self.endpoint + "/moto-api/recorder/download-recording"
             async with session.get(url) as reply:
                 lines = (await reply.text()).splitlines()
-        requests = []
+        entries: list[dict[str, Any]] = []
+        decoder = json.JSONDecoder()
         for number, line in enumerate(lines):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError:
-                if number == len(lines) - 1:  # moto is still writing this one
-                    continue
-                raise
+            # moto writes each record and its newline in two calls from its request threads,
+            # so two records can share a line: read every object on it.
+            position = 0
+            while position < len(line.rstrip()):
+                try:
+                    entry, position = decoder.raw_decode(line, position)
+                except ValueError:
+                    if number == len(lines) - 1:  # moto is still writing this one
+                        break
+                    raise
+                entries.append(entry)
+        requests = []
+        for entry in entries:
             if entry.get("headers", {}).get("X-Amz-Target", "").endswith(".StartBuild"):
                 body = entry["body"]
                 if entry.get("body_encoded"):

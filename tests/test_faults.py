@@ -7,13 +7,15 @@ reason), the service stays healthy, and the metrics count it.
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 
 from service.localdev.githost import codecommit_event
-from tests.faultproxy import FaultProxy, json_error, s3_error, sqs_call, target, upload_part
+from tests.faultproxy import Fault, FaultProxy, json_error, s3_error, sqs_call, target, upload_part
 from tests.helpers import (
     AwsResources,
     GitWorld,
@@ -192,3 +194,51 @@ async def test_a_failed_delete_after_a_build_neither_kills_the_worker_nor_builds
     assert await service.metric("branchbuild_errors_total", kind="delete") == 1
     assert len(await aws.start_builds()) == 1
     assert (await service.get("/healthz"))[0] == 200
+
+
+@pytest.mark.parametrize("newer_push", [False, True], ids=["redelivered", "superseded"])
+async def test_an_upload_left_open_by_a_killed_job_is_aborted_by_the_next_attempt(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+    newer_push: bool,
+) -> None:
+    """SIGKILL while a part is in flight leaves a multipart upload open. The redelivered
+    message's job (or, when a newer push of the branch arrived meanwhile, the newer push's
+    job, which supersedes it) aborts it before doing its own work."""
+    held = anyio.Event()
+    part = proxy.add(Fault(match=upload_part, hold=held))
+    settings = {"AWS_ENDPOINT_URL": proxy.endpoint, "BRANCHBUILD_PART_SIZE": str(5 * 1024**2)}
+    first = await start_service(**settings)
+    await create_project(aws, "killed")
+    repo = await WorkCopy.create(git_world, tmp_path, "killed")
+    commit = await repo.commit({"big.bin": os.urandom(6 * 1024 * 1024)})
+    await repo.push("main:feature/x")
+    await aws.send_event(codecommit_event(git_world.changes[-1]))
+
+    async def part_in_flight() -> bool:
+        return part.hits == 1
+
+    await wait_for(part_in_flight, within=60, what="the first part upload")
+    assert await aws.open_uploads() == 1
+    if newer_push:  # queued behind the held message in the branch's group
+        await repo.git("rm", "--quiet", "big.bin")
+        commit = await repo.commit({"small.txt": "now small\n"}, message="newer")
+        await repo.push("HEAD:feature/x")
+        await aws.send_event(codecommit_event(git_world.changes[-1]))
+
+        async def moved_to_the_work_queue() -> bool:
+            return await aws.count(aws.intake_url) == 0
+
+        await wait_for(moved_to_the_work_queue, within=30, what="the intake")
+    first.signal(signal.SIGKILL)
+    assert await first.wait() == -signal.SIGKILL
+    held.set()
+
+    second = await start_service(**settings)
+    assert await built(aws, second) == [commit]
+    assert await aws.open_uploads() == 0
+    if newer_push:
+        assert await second.metric("branchbuild_jobs_total", outcome="superseded") == 1

@@ -22,7 +22,7 @@ from service.errors import (
 from service.events import Action, Push, RefType
 from service.git import Fetched, Git
 from service.settings import Settings, load_settings
-from tests.helpers import GitWorld, WorkCopy, zip_listing
+from tests.helpers import GitWorld, WorkCopy, wait_for, zip_listing
 
 
 def make_settings(world: GitWorld, tmp_path: Path, **overrides: Any) -> Settings:
@@ -97,6 +97,31 @@ async def test_second_fetch_is_a_cache_hit_and_new_commits_are_incremental(
     assert zip_listing(await archive_bytes(git, fetched)) == ["big.bin", "small.txt"]
 
 
+async def test_the_cache_stays_packed_and_never_rewrites_the_big_first_pack(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """One pack per fetch, no loose objects; git's own gc merges the small packs once there
+    are more than 50 and leaves the first clone's big pack alone."""
+    repo = await WorkCopy.create(git_world, tmp_path, "packs")
+    base = await repo.commit({"big.bin": os.urandom(17 * 1024 * 1024)})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_of("packs", "main", base))
+    pack_dir = anyio.Path(fetched.git_dir / "objects" / "pack")
+    [big] = [p.name async for p in pack_dir.glob("*.pack")]
+    for n in range(52):
+        commit = await repo.commit({"n.txt": f"{n}\n"})
+        await repo.push("main")
+        await git.fetch(push_of("packs", "main", commit))
+    packs = [p.name async for p in pack_dir.glob("*.pack")]
+    assert big in packs and len(packs) < 10, packs
+    loose = [p async for p in anyio.Path(fetched.git_dir / "objects").glob("[0-9a-f][0-9a-f]/*")]
+    assert loose == []
+    latest = await git.fetch(push_of("packs", "main", commit))
+    assert latest.cache_hit
+    assert zip_listing(await archive_bytes(git, latest)) == ["big.bin", "n.txt"]
+
+
 async def test_parallel_fetches_of_one_repository_are_serialised(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
@@ -117,6 +142,87 @@ async def test_parallel_fetches_of_one_repository_are_serialised(
     # One fetch went to the server; the others waited for it and found the commit cached.
     assert sum(not r.cache_hit for r in results) == 1
     assert git_world.host.upload_pack_count == served + 1
+
+
+async def _fetch_while_first_is_held(
+    git_world: GitWorld, git: Git, repository: str, pushes: list[tuple[str, str]]
+) -> dict[str, Fetched | Exception]:
+    """Fetch ``pushes[0]`` and hold it at the server; start the rest (they queue behind it
+    for the repository's lock), then let everything go."""
+    results: dict[str, Fetched | Exception] = {}
+
+    async def one(branch: str, commit: str) -> None:
+        try:
+            results[branch] = await git.fetch(push_of(repository, branch, commit))
+        except Exception as exc:  # noqa: BLE001 (collected for the assertions)
+            results[branch] = exc
+
+    gate = git_world.host.repository_gates[repository] = anyio.Event()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(one, *pushes[0])
+
+        async def held() -> bool:
+            return git_world.host.upload_pack_waiting == 1
+
+        await wait_for(held, within=10, what="the first fetch at the server")
+        for branch, commit in pushes[1:]:
+            tg.start_soon(one, branch, commit)
+        await anyio.wait_all_tasks_blocked()
+        gate.set()
+    return results
+
+
+async def test_waiting_fetches_of_one_repository_share_one_request(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "batch")
+    await repo.commit({"base.txt": "0\n"})
+    await repo.push("main")
+    commits = {}
+    for n in range(1, 5):
+        await repo.git("checkout", "--quiet", "-b", f"b{n}", "main")
+        commits[f"b{n}"] = await repo.commit({f"f{n}.txt": f"{n}\n"})
+        await repo.push(f"b{n}")
+    git = Git(make_settings(git_world, tmp_path))
+    await git.fetch(push_of("batch", "main", await repo.git("rev-parse", "main")))
+    served = git_world.host.upload_pack_count
+
+    results = await _fetch_while_first_is_held(git_world, git, "batch", list(commits.items()))
+
+    # b1's fetch was under way; b2, b3 and b4 waited for the lock and then got one fetch.
+    assert git_world.host.upload_pack_count == served + 2
+    fetched = {b: r for b, r in results.items() if isinstance(r, Fetched)}
+    assert sorted(fetched) == ["b1", "b2", "b3", "b4"], results
+    assert sum(not f.cache_hit for f in fetched.values()) == 2
+    for branch, commit in commits.items():
+        assert fetched[branch].commit == commit
+        listing = zip_listing(await archive_bytes(git, fetched[branch]))
+        assert listing == ["base.txt", f"f{branch[1:]}.txt"]
+
+
+async def test_a_bad_commit_among_waiting_fetches_fails_only_its_own_push(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "batchbad")
+    await repo.commit({"base.txt": "0\n"})
+    await repo.push("main")
+    commits = {}
+    for n in (1, 2, 4):
+        await repo.git("checkout", "--quiet", "-b", f"b{n}", "main")
+        commits[f"b{n}"] = await repo.commit({f"f{n}.txt": f"{n}\n"})
+        await repo.push(f"b{n}")
+    commits["b3"] = "0123456789abcdef0123456789abcdef01234567"  # on no branch of the server
+    git = Git(make_settings(git_world, tmp_path))
+    await git.fetch(push_of("batchbad", "main", await repo.git("rev-parse", "main")))
+    pushes = [(b, commits[b]) for b in ("b1", "b2", "b3", "b4")]
+
+    results = await _fetch_while_first_is_held(git_world, git, "batchbad", pushes)
+
+    assert isinstance(results["b3"], CommitNotFound), results
+    for branch in ("b1", "b2", "b4"):
+        result = results[branch]
+        assert isinstance(result, Fetched) and result.commit == commits[branch], results
+        assert f"f{branch[1:]}.txt" in zip_listing(await archive_bytes(git, result))
 
 
 async def test_symlinks_are_stored_as_links_never_followed(
@@ -235,6 +341,21 @@ async def test_git_never_sees_aws_credentials(
     git = Git(make_settings(git_world, tmp_path))
     assert not any("AWS" in name for name in git._env)
     assert "super-secret-value" not in repr(git._env)
+
+
+async def test_the_ssh_wrapper_takes_any_cache_path_literally(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """The wrapper is /bin/sh: a cache directory full of shell syntax must still just work."""
+    repo = await WorkCopy.create(git_world, tmp_path, "odd-path")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main")
+    cache = tmp_path / "cache $(touch pwned) `id` 'q' ;&|*"
+    git = Git(make_settings(git_world, tmp_path, cache_dir=cache))
+    fetched = await git.fetch(push_of("odd-path", "main", commit))
+    assert zip_listing(await archive_bytes(git, fetched)) == ["a"]
+    assert not [p async for p in anyio.Path(tmp_path).rglob("pwned")]
+    assert not await anyio.Path("pwned").exists()
 
 
 async def test_known_hosts_and_key_given_as_text(git_world: GitWorld, tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import anyio
 import pytest
@@ -10,8 +11,14 @@ from anyio.abc import ByteReceiveStream
 
 from service.errors import ArchiveTooLarge
 from service.settings import MiB
-from service.storage import MAX_PARTS, LedgerEntry, Storage, part_size
-from tests.helpers import AwsResources, wait_for
+from service.storage import (
+    MAX_PARTS,
+    LedgerEntry,
+    Storage,
+    part_size,
+    return_freed_buffers_to_the_os,
+)
+from tests.helpers import ROOT, AwsResources, wait_for
 
 
 class BytesStream(ByteReceiveStream):
@@ -173,3 +180,39 @@ async def test_the_service_wide_buffer_budget_bounds_parts_in_flight(
     assert budget.borrowed_tokens == 0  # every buffer given back
     for key, body in data.items():
         assert await aws.object(key) == body
+
+
+FREED_BUFFERS_SCRIPT = """
+import sys
+from service.storage import return_freed_buffers_to_the_os
+if sys.argv[1] == "set":
+    assert return_freed_buffers_to_the_os()
+keep = []
+for _ in range(6):  # bursts of four 8 MiB part buffers, each followed by a long-lived object
+    parts = []
+    for _ in range(4):
+        part = bytearray(8 * 1024 * 1024)
+        part[::4096] = b"x" * len(part[::4096])  # touch every page
+        parts.append(part)
+        keep.append(bytearray(200_000))
+    del parts
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmRSS")))
+"""
+
+
+async def test_freed_part_buffers_go_back_to_the_os() -> None:
+    """Without the setting, glibc keeps freed part buffers on its heap behind later
+    allocations; with it, each buffer is its own mapping and is returned when freed."""
+
+    async def rss_kib(mode: str) -> int:
+        result = await anyio.run_process(
+            [sys.executable, "-c", FREED_BUFFERS_SCRIPT, mode], cwd=ROOT
+        )
+        return int(result.stdout)
+
+    assert await rss_kib("set") < await rss_kib("unset") - 16 * 1024
+
+
+def test_an_operator_set_malloc_threshold_is_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    assert return_freed_buffers_to_the_os() is False
