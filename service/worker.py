@@ -33,6 +33,8 @@ from .queue import Leases, Message, Queue, receive_until
 log = logging.getLogger("branchbuild.worker")
 
 _POISON_MEMORY = 1024
+# Longest receive wait while jobs are running (seconds); see Worker.run.
+_BUSY_WAIT = 1
 
 
 class Worker:
@@ -67,12 +69,20 @@ class Worker:
             while not stopping.is_set():
                 if not await self._wait_for_capacity(stopping):
                     continue
+                # While jobs run, poll briefly: a finished job unlocks its branch's FIFO group,
+                # and a long poll that is already waiting does not see that group's next
+                # message on every SQS implementation (moto's doesn't: with as many jobs as
+                # branches, the next pushes waited out the whole 20 s). Idle, the service
+                # long-polls for the full BRANCHBUILD_WAIT_TIME.
+                wait = self.settings.wait_time
+                if self._active:
+                    wait = min(wait, _BUSY_WAIT)
                 try:
                     messages = await receive_until(
                         self.queue,
                         stopping,
                         limit=10,
-                        wait=self.settings.wait_time,
+                        wait=wait,
                         visibility=self.settings.visibility_timeout,
                     )
                     failures = 0

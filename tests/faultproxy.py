@@ -63,6 +63,8 @@ class FaultProxy:
     port: int = 0
     forwarded: int = 0
     errors: list[str] = field(default_factory=list)
+    # Every JSON-protocol call seen: (X-Amz-Target, request body).
+    calls: list[tuple[str, bytes]] = field(default_factory=list)
 
     @property
     def endpoint(self) -> str:
@@ -74,6 +76,8 @@ class FaultProxy:
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
+        if "X-Amz-Target" in request.headers:
+            self.calls.append((request.headers["X-Amz-Target"], body))
         for fault in self.faults:
             if fault.hits < fault.times and fault.match(request) and fault.body_contains in body:
                 fault.hits += 1

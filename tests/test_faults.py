@@ -6,6 +6,7 @@ reason), the service stays healthy, and the metrics count it.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -242,3 +243,45 @@ async def test_an_upload_left_open_by_a_killed_job_is_aborted_by_the_next_attemp
     assert await aws.open_uploads() == 0
     if newer_push:
         assert await second.metric("branchbuild_jobs_total", outcome="superseded") == 1
+
+
+async def test_while_jobs_run_the_worker_polls_briefly_so_unlocked_branches_start_at_once(
+    aws: AwsResources,
+    git_world: GitWorld,
+    tmp_path: Path,
+    proxy: FaultProxy,
+    start_service: StartService,
+) -> None:
+    """A finished job unlocks its branch's FIFO group; a long poll already waiting does not
+    see that on every SQS (moto's doesn't). So while jobs run, work-queue receives wait at
+    most 1 s; idle, they wait the full BRANCHBUILD_WAIT_TIME."""
+
+    def work_receive_waits() -> list[int]:
+        return [
+            json.loads(body).get("WaitTimeSeconds", 0)
+            for call, body in proxy.calls
+            if call.endswith(".ReceiveMessage") and aws.work_url.encode() in body
+        ]
+
+    held = anyio.Event()
+    git_world.host.upload_pack_gate = held
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint, BRANCHBUILD_WAIT_TIME="20")
+
+    async def idle_poll() -> bool:
+        return 20 in work_receive_waits()
+
+    await wait_for(idle_poll, what="an idle long poll")
+    commit = await push_branch(aws, git_world, tmp_path, "brief", {"a.txt": "x"})
+
+    async def fetch_held() -> bool:
+        return git_world.host.upload_pack_waiting == 1
+
+    await wait_for(fetch_held, within=60, what="the job's fetch")
+    seen = len(work_receive_waits())
+
+    async def brief_poll() -> bool:
+        return 1 in work_receive_waits()[seen:]
+
+    await wait_for(brief_poll, what="a brief poll while the job runs")
+    held.set()
+    assert await built(aws, service) == [commit]
