@@ -231,6 +231,10 @@ def _b_job(
         bytes_uploaded=bench.bytes_uploaded(bucket, events),
         bytes_uploaded_metric=int(delta("branchbuild_upload_bytes_total")),
         cache_hits=int(delta("branchbuild_git_fetches_total", result="hit")),
+        receives={
+            queue: int(delta("branchbuild_receive_batch_size_count", queue=queue))
+            for queue in ("intake", "work")
+        },
         stage_mean_seconds=stages,
         cpu_breakdown=window,
         run=number,

@@ -228,7 +228,7 @@ class Git:
         try:
             async with lock:
                 if not git_dir.exists():
-                    await self._init(git_dir)
+                    await self._git(None, "init", "--bare", "--quiet", str(git_dir))
                 elif await self._has_commit(git_dir, commit):
                     return Fetched(git_dir, commit, cache_hit=True)
                 try:
@@ -240,22 +240,6 @@ class Git:
         finally:
             if wanted.get(commit) == ref:
                 del wanted[commit]
-
-    async def _init(self, git_dir: Path) -> None:
-        await self._git(None, "init", "--bare", "--quiet", str(git_dir))
-        # Incoming objects stay packed, one pack per fetch: no loose-object pile-up. git's
-        # own housekeeping (`gc --auto` after a fetch) merges the small packs once there are
-        # 50 (gc.autoPackLimit), never rewrites a pack over 16 MiB (such as the first
-        # clone's: rewriting it would cost seconds of CPU per merge), and runs inside the
-        # fetch that needs it, under the lock: never detached in the background, where it
-        # could race an eviction.
-        for name, value in (
-            ("transfer.unpackLimit", "1"),
-            ("gc.bigPackThreshold", "16m"),
-            ("gc.autoDetach", "false"),
-            ("maintenance.autoDetach", "false"),
-        ):
-            await self._git(git_dir, "config", name, value)
 
     async def _fetch_wanted(
         self, git_dir: Path, push: Push, commit: str, ref: str, wanted: dict[str, str]
@@ -339,6 +323,7 @@ class Git:
         args = [
             "git",
             f"--git-dir={fetched.git_dir}",
+            *_CACHE,
             "archive",
             "--format=zip",
             f"-{self.settings.zip_level}",
@@ -379,9 +364,28 @@ class Git:
         return result.stdout
 
 
+# Settings for every git command on the cache (on the command line, so every cache directory
+# gets them, however old). Blobs over 16 MiB are streamed, never held whole in memory (git
+# archive held a 250 MB blob otherwise: 250 MB per concurrent job).
+_CACHE = ("-c", "core.bigFileThreshold=16m")
+
+# Incoming objects stay packed, one pack per fetch: no loose-object pile-up. git's own
+# housekeeping (`gc --auto`, run by the fetch) merges the small packs once there are 50
+# (gc.autoPackLimit), never rewrites a pack over 16 MiB (such as the first clone's: rewriting
+# it would cost seconds of CPU per merge), and runs inside the fetch, under the repository's
+# lock: never detached in the background, where it could race an eviction.
 _FETCH = (
+    *_CACHE,
     "-c",
     "protocol.version=2",
+    "-c",
+    "transfer.unpackLimit=1",
+    "-c",
+    "gc.bigPackThreshold=16m",
+    "-c",
+    "gc.autoDetach=false",
+    "-c",
+    "maintenance.autoDetach=false",
     "fetch",
     "--quiet",
     "--no-tags",

@@ -301,6 +301,48 @@ class Leases:
                     )
 
 
+class Deleter:
+    """Deletes settled messages of one queue in shared batches.
+
+    Jobs tend to finish close together (their fetch was shared); a delete waits up to
+    ``linger`` seconds for others to join it, so one DeleteMessageBatch settles several jobs.
+    Never raises: each caller gets back its own messages that were not deleted.
+    """
+
+    def __init__(self, queue: Queue, *, linger: float = 0.05) -> None:
+        self.queue = queue
+        self.linger = linger
+        self._pending: list[tuple[Sequence[Message], list[Message], anyio.Event]] = []
+        self._full = anyio.Event()
+
+    async def delete(self, messages: Sequence[Message]) -> list[Message]:
+        """Delete ``messages`` (with whatever else is pending); returns the ones that failed."""
+        failed: list[Message] = []
+        done = anyio.Event()
+        self._pending.append((messages, failed, done))
+        if len(self._pending) > 1:  # a batch is being gathered: join it
+            if sum(len(m) for m, _, _ in self._pending) >= BATCH:
+                self._full.set()
+            await done.wait()
+            return failed
+        # The gatherer settles the others too: cancelling it must not strand them.
+        with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(self.linger):
+                await self._full.wait()
+            batch, self._pending, self._full = self._pending, [], anyio.Event()
+            together = [m for messages_, _, _ in batch for m in messages_]
+            not_deleted = {m.receipt for m in together}
+            try:
+                not_deleted = {m.receipt for m in await self.queue.delete(together)}
+            except BranchbuildError as exc:
+                log.warning("could not delete %s message(s): %s", len(together), exc)
+            finally:
+                for messages_, failed_, done_ in batch:
+                    failed_ += [m for m in messages_ if m.receipt in not_deleted]
+                    done_.set()
+        return failed
+
+
 async def receive_until(
     queue: Queue, stopping: anyio.Event, *, limit: int, wait: int, visibility: int
 ) -> list[Message]:

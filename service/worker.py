@@ -28,7 +28,7 @@ from .events import parse_work
 from .health import Health
 from .job import Services, run_job
 from .logs import bind
-from .queue import Leases, Message, Queue, receive_until
+from .queue import Deleter, Leases, Message, Queue, receive_until
 
 log = logging.getLogger("branchbuild.worker")
 
@@ -54,6 +54,7 @@ class Worker:
         # Newest messages whose branch had a message received before (a redelivery): their
         # job first cleans up after a possibly killed attempt.
         self._recovering: set[str] = set()
+        self._deleter = Deleter(queue)
 
     async def run(
         self,
@@ -151,15 +152,13 @@ class Worker:
         return list(newest.values())
 
     async def _acknowledge(self, messages: list[Message], why: str) -> None:
-        """Delete settled messages. A failure is logged, never raised: the message comes back
-        after its visibility timeout and the ledger (or supersede) makes that a no-op."""
+        """Delete settled messages, in batches shared with other jobs finishing at the same
+        time. A failure is logged, never raised: the message comes back after its visibility
+        timeout and the ledger (or supersede) makes that a no-op."""
         with anyio.CancelScope(shield=True):
-            try:
-                failed = await self.queue.delete(messages)
-            except BranchbuildError as exc:
-                failed = messages
-                log.warning("could not delete %s message(s) (%s): %s", len(messages), why, exc)
+            failed = await self._deleter.delete(messages)
         if failed:
+            log.warning("could not delete %s message(s) (%s)", len(failed), why)
             self.metrics.errors.labels(kind="delete").inc(len(failed))
 
     async def _run(self, message: Message) -> None:

@@ -122,6 +122,51 @@ async def test_the_cache_stays_packed_and_never_rewrites_the_big_first_pack(
     assert zip_listing(await archive_bytes(git, latest)) == ["big.bin", "n.txt"]
 
 
+def _child_pid(command_word: bytes) -> int | None:
+    """This process's child whose command line contains ``command_word``."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as stat_file:
+                ppid = int(stat_file.read().rsplit(b")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if ppid == os.getpid() and command_word in cmdline.read().split(b"\0"):
+                    return int(pid)
+        except (OSError, ValueError):  # not a process, or gone
+            continue
+    return None
+
+
+def _anon_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            lines = [line for line in status if line.startswith("RssAnon")]
+    except FileNotFoundError:
+        return 0
+    return int(lines[0].split()[1]) if lines else 0  # none: it has just exited
+
+
+async def test_archiving_a_big_file_streams_it_through_git(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """git would hold a blob under core.bigFileThreshold whole in memory, once per
+    concurrent job; the cache streams every blob over 16 MiB."""
+    repo = await WorkCopy.create(git_world, tmp_path, "bigblob")
+    data = os.urandom(24 * 1024 * 1024)
+    commit = await repo.commit({"big.bin": data})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_of("bigblob", "main", commit))
+    peak = size = 0
+    async with git.archive(fetched) as stream:
+        archiver = _child_pid(b"archive")
+        assert archiver is not None
+        async for chunk in stream:
+            size += len(chunk)
+            peak = max(peak, _anon_kib(archiver))
+    assert size > len(data)
+    assert 0 < peak < 12 * 1024, f"git archive used {peak} KiB of anonymous memory"
+
+
 async def test_parallel_fetches_of_one_repository_are_serialised(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
