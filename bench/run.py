@@ -41,7 +41,7 @@ BENCH = Path(__file__).resolve().parent
 # 35 CPU-seconds per push to compress, so it gets two pushes and no sweep.
 PLANS: dict[str, dict[str, Plan]] = {
     "full": {
-        "small": Plan(40, 20, 3, 2, (1, 2, 4, 8, 16), (0, 6), 3, 3, 600),
+        "small": Plan(40, 20, 3, 2, (1, 2, 4, 8, 16, 32), (0, 6), 3, 3, 600),
         "medium": Plan(8, 4, 2, 1, (1, 2, 8), (0, 6), 3, 1, 900),
         "large": Plan(2, 2, 1, 1, (8,), (0,), 1, 0, 1800),
     },
