@@ -217,19 +217,27 @@ async def _fetch_while_first_is_held(
     return results
 
 
-async def test_waiting_fetches_of_one_repository_share_one_request(
-    git_world: GitWorld, tmp_path: Path
-) -> None:
-    repo = await WorkCopy.create(git_world, tmp_path, "batch")
+async def _branches_off_a_cached_main(
+    git_world: GitWorld, tmp_path: Path, repository: str, numbers: list[int]
+) -> tuple[Git, dict[str, str]]:
+    """Branches b<n> off main, each adding f<n>.txt; a Git whose cache already has main."""
+    repo = await WorkCopy.create(git_world, tmp_path, repository)
     await repo.commit({"base.txt": "0\n"})
     await repo.push("main")
     commits = {}
-    for n in range(1, 5):
+    for n in numbers:
         await repo.git("checkout", "--quiet", "-b", f"b{n}", "main")
         commits[f"b{n}"] = await repo.commit({f"f{n}.txt": f"{n}\n"})
         await repo.push(f"b{n}")
     git = Git(make_settings(git_world, tmp_path))
-    await git.fetch(push_of("batch", "main", await repo.git("rev-parse", "main")))
+    await git.fetch(push_of(repository, "main", await repo.git("rev-parse", "main")))
+    return git, commits
+
+
+async def test_waiting_fetches_of_one_repository_share_one_request(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    git, commits = await _branches_off_a_cached_main(git_world, tmp_path, "batch", [1, 2, 3, 4])
     served = git_world.host.upload_pack_count
 
     results = await _fetch_while_first_is_held(git_world, git, "batch", list(commits.items()))
@@ -248,17 +256,8 @@ async def test_waiting_fetches_of_one_repository_share_one_request(
 async def test_a_bad_commit_among_waiting_fetches_fails_only_its_own_push(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
-    repo = await WorkCopy.create(git_world, tmp_path, "batchbad")
-    await repo.commit({"base.txt": "0\n"})
-    await repo.push("main")
-    commits = {}
-    for n in (1, 2, 4):
-        await repo.git("checkout", "--quiet", "-b", f"b{n}", "main")
-        commits[f"b{n}"] = await repo.commit({f"f{n}.txt": f"{n}\n"})
-        await repo.push(f"b{n}")
+    git, commits = await _branches_off_a_cached_main(git_world, tmp_path, "batchbad", [1, 2, 4])
     commits["b3"] = "0123456789abcdef0123456789abcdef01234567"  # on no branch of the server
-    git = Git(make_settings(git_world, tmp_path))
-    await git.fetch(push_of("batchbad", "main", await repo.git("rev-parse", "main")))
     pushes = [(b, commits[b]) for b in ("b1", "b2", "b3", "b4")]
 
     results = await _fetch_while_first_is_held(git_world, git, "batchbad", pushes)
