@@ -24,6 +24,8 @@ class Service:
         overrides: dict[str, str],
     ) -> None:
         self.port = free_port()
+        self.queues = queues
+        self.bucket = bucket
         tmp_dir.mkdir(parents=True, exist_ok=True)
         self.env = (
             aws_env

@@ -116,20 +116,9 @@ def run_b(
     """
     warm_up = warm_up and not cache_dir.exists()
     overrides = overrides | bench.args.extra_env  # --service-env
-    queues = bench.aws.queues(f"b-{size.name}")
-    bucket = bench.aws.bucket(f"b-{size.name}")
     tmp = bench.work / f"tmp-{label.replace(' ', '_').replace('=', '')}"
-    service = Service(
-        aws_env=bench.env,
-        queues=queues,
-        bucket=bucket,
-        host=bench.host,
-        cache_dir=cache_dir,
-        tmp_dir=tmp,
-        log=bench.work / "service.log",
-        overrides=overrides,
-    )
-    service.start()
+    service = _service(bench, f"b-{size.name}", cache_dir, tmp, overrides)
+    queues, bucket = service.queues, service.bucket
     try:
         if warm_up:  # the cache holds the repository (main) before the measured pushes
             warm = bench.push(size, 1, 1)
@@ -362,25 +351,33 @@ def run_f(
 # -- profile ------------------------------------------------------------------------------------
 
 
+def _service(
+    bench: Bench, label: str, cache_dir: Path, tmp_dir: Path, overrides: dict[str, str]
+) -> Service:
+    """A started service with its own queues and bucket (named after ``label``)."""
+    service = Service(
+        aws_env=bench.env,
+        queues=bench.aws.queues(label),
+        bucket=bench.aws.bucket(label),
+        host=bench.host,
+        cache_dir=cache_dir,
+        tmp_dir=tmp_dir,
+        log=bench.work / "service.log",
+        overrides=overrides,
+    )
+    service.start()
+    return service
+
+
 def profile(bench: Bench, size: Size, concurrency: int) -> dict[str, Any]:
     """py-spy on the service and the git host during one burst (not a measured run)."""
     spy = BENCH_VENV / "bin" / "py-spy"
     if not spy.exists():
         return {}
-    queues = bench.aws.queues(f"p-{size.name}")
-    bucket = bench.aws.bucket(f"p-{size.name}")
     cache = bench.work / f"profile-cache-{size.name}"
-    service = Service(
-        aws_env=bench.env,
-        queues=queues,
-        bucket=bucket,
-        host=bench.host,
-        cache_dir=cache,
-        tmp_dir=bench.work / "tmp-profile",
-        log=bench.work / "service.log",
-        overrides={"BRANCHBUILD_CONCURRENCY": str(concurrency)},
-    )
-    service.start()
+    overrides = {"BRANCHBUILD_CONCURRENCY": str(concurrency)}
+    service = _service(bench, f"p-{size.name}", cache, bench.work / "tmp-profile", overrides)
+    queues, bucket = service.queues, service.bucket
     found: dict[str, Any] = {}
     try:
         warm = bench.push(size, 1, 1)

@@ -51,9 +51,6 @@ class Worker:
         # Message ids that failed permanently: a redelivery is released without redoing work.
         self._poison: OrderedDict[str, PermanentError] = OrderedDict()
         self._waiting: set[anyio.CancelScope] = set()
-        # Newest messages whose branch had a message received before (a redelivery): their
-        # job first cleans up after a possibly killed attempt.
-        self._recovering: set[str] = set()
         self._deleter = Deleter(queue)
 
     async def run(
@@ -97,10 +94,10 @@ class Worker:
                 finally:
                     self.health.beat("worker")
                 self.metrics.batch_size.labels(queue="work").observe(len(messages))
-                for newest in await self._supersede(messages):
+                for newest, recovering in await self._supersede(messages):
                     self._active += 1
                     self.metrics.in_flight.inc()
-                    jobs.start_soon(self._run, newest, name=f"job {newest.id}")
+                    jobs.start_soon(self._run, newest, recovering, name=f"job {newest.id}")
             self.health.draining = True
             for waiting in list(self._waiting):
                 waiting.cancel()
@@ -128,8 +125,12 @@ class Worker:
         self.health.beat("worker")
         return self._active < self.settings.concurrency and not stopping.is_set()
 
-    async def _supersede(self, messages: list[Message]) -> list[Message]:
-        """Keep the newest message of each branch's group; acknowledge the older ones."""
+    async def _supersede(self, messages: list[Message]) -> list[tuple[Message, bool]]:
+        """Keep the newest message of each branch's group; acknowledge the older ones.
+
+        With each newest message: whether its branch had a message received before (a
+        redelivery), so its job first cleans up after a possibly killed attempt.
+        """
         newest: dict[str, Message] = {}
         older: list[Message] = []
         redelivered: set[str] = set()
@@ -139,7 +140,6 @@ class Worker:
             newest[message.group] = message
             if message.receive_count > 1:
                 redelivered.add(message.group)
-        self._recovering.update(newest[group].id for group in redelivered)
         self.leases.hold(self.queue, list(newest.values()))
         if older:
             self.metrics.jobs.labels(outcome=Outcome.SUPERSEDED.value).inc(len(older))
@@ -149,7 +149,7 @@ class Worker:
                     extra={"message_id": message.id},
                 )
             await self._acknowledge(older, "superseded")
-        return list(newest.values())
+        return [(message, group in redelivered) for group, message in newest.items()]
 
     async def _acknowledge(self, messages: list[Message], why: str) -> None:
         """Delete settled messages, in batches shared with other jobs finishing at the same
@@ -161,7 +161,7 @@ class Worker:
             log.warning("could not delete %s message(s) (%s)", len(failed), why)
             self.metrics.errors.labels(kind="delete").inc(len(failed))
 
-    async def _run(self, message: Message) -> None:
+    async def _run(self, message: Message, recovering: bool) -> None:
         bind(message_id=message.id)
         try:
             with anyio.CancelScope() as waiting:
@@ -174,14 +174,13 @@ class Worker:
                 await self._release(message, "not started before shutdown")
                 return
             try:
-                await self._process(message)
+                await self._process(message, recovering)
             finally:
                 self._slots.release()
         except anyio.get_cancelled_exc_class():
             await self._release(message, "cancelled at the end of the shutdown grace")
             raise
         finally:
-            self._recovering.discard(message.id)
             self.leases.drop([message])
             self._active -= 1
             self.metrics.in_flight.dec()
@@ -196,7 +195,7 @@ class Worker:
         self.metrics.jobs.labels(outcome=Outcome.RELEASED.value).inc()
         log.warning("job %s; message released", why)
 
-    async def _process(self, message: Message) -> None:
+    async def _process(self, message: Message, recovering: bool) -> None:
         if message.id in self._poison:
             await self._fail(message, self._poison[message.id])
             return
@@ -211,7 +210,6 @@ class Worker:
                 branch=push.name,
                 commit=push.commit,
             )
-            recovering = message.receive_count > 1 or message.id in self._recovering
             with anyio.fail_after(self.settings.job_timeout):
                 result = await run_job(push, self.services, recovering=recovering)
         except BranchbuildError as exc:
