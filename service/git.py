@@ -135,8 +135,17 @@ class Git:
                 "key (or BRANCHBUILD_KNOWN_HOSTS hold its lines)"
             )
         config = private / "config"
+        legacy = ""
+        if s.ssh_legacy_rsa_hosts:
+            # Appended (+) to OpenSSH's defaults, for these hosts only: rsa-sha2 and ed25519
+            # stay preferred wherever the host offers them. Pinning is unchanged.
+            legacy = (
+                f"Host {' '.join(s.ssh_legacy_rsa_hosts)}\n"
+                "  HostKeyAlgorithms +ssh-rsa\n"
+                "  PubkeyAcceptedAlgorithms +ssh-rsa\n\n"
+            )
         config.write_text(
-            "Host *\n"
+            legacy + "Host *\n"
             f"  IdentityFile {_ssh_quote(key)}\n"
             "  IdentitiesOnly yes\n"
             "  IdentityAgent none\n"
@@ -150,7 +159,7 @@ class Git:
             f"  ConnectTimeout {s.ssh_connect_timeout}\n"
             "  ServerAliveInterval 15\n"
             "  ServerAliveCountMax 3\n"
-            "  LogLevel ERROR\n"
+            "  LogLevel INFO\n"  # ERROR hides why a key exchange failed
         )
         wrapper = private / "git-ssh"
         # POSIX sh only to exec ssh (a Python wrapper cost 14 ms of CPU per fetch); the paths
@@ -404,6 +413,11 @@ def _classify(command: str, stderr: bytes) -> Exception:
     lowered = text.lower()
     if "no space left on device" in lowered:
         return DiskFull(f"git {command}: the disk is full: {text}")
+    if "no matching host key type found" in lowered:
+        return HostKeyMismatch(
+            f"the git host offers no host key type this client accepts ({text}); for a "
+            "host that offers only ssh-rsa (CodeCommit), add it to BRANCHBUILD_SSH_LEGACY_RSA_HOSTS"
+        )
     if any(marker in lowered for marker in _HOST_KEY):
         return HostKeyMismatch(f"the git host's key does not match known_hosts: {text}")
     if any(marker in lowered for marker in _NOT_OUR_REF):

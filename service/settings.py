@@ -8,6 +8,7 @@ configuration runs against AWS, LocalStack or moto.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 
 CommaList = Annotated[tuple[str, ...], NoDecode]
+_SSH_HOST_PATTERN = re.compile(r"[A-Za-z0-9._*?-]+(:[0-9]+)?")
 
 
 class BuildBackend(StrEnum):
@@ -90,6 +92,13 @@ class Settings(LocalSettings):
     ssh_key_id: str = ""
     known_hosts_file: Path | None = None
     known_hosts: str | None = None
+    # CodeCommit's SSH endpoints offer only an ssh-rsa (SHA-1) host key and expect ssh-rsa
+    # signatures from IAM's RSA keys; OpenSSH 8.8 and later refuse both by default. Enabled for
+    # these hosts only, never globally.
+    ssh_legacy_rsa_hosts: CommaList = (
+        "git-codecommit.*.amazonaws.com",
+        "git-codecommit-fips.*.amazonaws.com",
+    )
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
     cache_max_bytes: int = Field(default=20 * GiB, ge=0)
@@ -124,12 +133,24 @@ class Settings(LocalSettings):
         "allowed_accounts",
         "allowed_regions",
         "allowed_repositories",
+        "ssh_legacy_rsa_hosts",
         mode="before",
     )
     @classmethod
     def _split_commas(cls, value: Any) -> Any:
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
+        return value
+
+    @field_validator("ssh_legacy_rsa_hosts")
+    @classmethod
+    def _ssh_host_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # They are written into the generated SSH config: host patterns only, nothing else.
+        for pattern in value:
+            if not _SSH_HOST_PATTERN.fullmatch(pattern):
+                raise ValueError(
+                    f"{pattern!r} is not an SSH host pattern (letters, digits, . - _ * ?)"
+                )
         return value
 
     @field_validator("key_template")

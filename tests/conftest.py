@@ -83,12 +83,19 @@ async def aws(
 
 
 @pytest.fixture
-async def git_world(tmp_path: Path) -> AsyncIterator[GitWorld]:
-    """A real SSH git host on 127.0.0.1 with a client key and a pinned known_hosts."""
+async def git_world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[GitWorld]:
+    """A real SSH git host on 127.0.0.1 with a client key and a pinned known_hosts.
+
+    Parametrized indirectly with ``{"ssh_rsa_only": True}``, the host behaves like
+    CodeCommit's: an RSA host key offered only as ``ssh-rsa``, an RSA client key, and only
+    ``ssh-rsa`` signatures accepted.
+    """
+    rsa_only = bool(getattr(request, "param", {}).get("ssh_rsa_only", False))
     keys = tmp_path / "keys"
     keys.mkdir()
-    key = keys / "id_ed25519"
-    await anyio.run_process(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)])
+    key = keys / ("id_rsa" if rsa_only else "id_ed25519")
+    key_type = ["-t", "rsa", "-b", "3072"] if rsa_only else ["-t", "ed25519"]
+    await anyio.run_process(["ssh-keygen", "-q", *key_type, "-N", "", "-f", str(key)])
     world_home = tmp_path / "home"
     world_home.mkdir()
     changes: list[RefChange] = []
@@ -101,9 +108,15 @@ async def git_world(tmp_path: Path) -> AsyncIterator[GitWorld]:
         host_key=keys / "host_key",
         authorized_keys=[key.with_suffix(".pub")],
         on_change=record,
+        ssh_rsa_only=rsa_only,
     )
     world = GitWorld(
-        host=host, key=key, known_hosts=keys / "known_hosts", home=world_home, changes=changes
+        host=host,
+        key=key,
+        known_hosts=keys / "known_hosts",
+        home=world_home,
+        changes=changes,
+        legacy_rsa=rsa_only,
     )
     async with host:
         host.write_known_hosts(world.known_hosts)

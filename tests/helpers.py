@@ -215,6 +215,7 @@ class GitWorld:
     known_hosts: Path
     home: Path
     changes: list[RefChange] = field(default_factory=list)
+    legacy_rsa: bool = False  # the host offers and accepts only ssh-rsa, as CodeCommit does
 
     @property
     def url_template(self) -> str:
@@ -225,6 +226,8 @@ class GitWorld:
             f"ssh -i {self.key} -o IdentitiesOnly=yes -o StrictHostKeyChecking=yes "
             f"-o UserKnownHostsFile={self.known_hosts} -o BatchMode=yes"
         )
+        if self.legacy_rsa:
+            ssh += " -o HostKeyAlgorithms=+ssh-rsa -o PubkeyAcceptedAlgorithms=+ssh-rsa"
         return {
             "PATH": os.environ["PATH"],
             "HOME": str(self.home),

@@ -13,7 +13,7 @@ from service.errors import RejectedEvent
 from service.events import Push, parse_event
 from service.settings import Settings, load_settings
 
-EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+EVENTS = Path(__file__).parent / "events"
 
 
 def settings(**overrides: Any) -> Settings:

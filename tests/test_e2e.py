@@ -32,9 +32,7 @@ from tests.helpers import (
 
 pytestmark = pytest.mark.e2e
 
-MERGE_EVENT = (
-    Path(__file__).resolve().parents[2] / "shared" / "events" / "merge-commit-unreferenced.json"
-).read_text()
+MERGE_EVENT = (Path(__file__).parent / "events" / "merge-commit-unreferenced.json").read_text()
 
 
 async def send_change(aws: AwsResources, change: RefChange) -> None:

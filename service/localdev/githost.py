@@ -124,12 +124,16 @@ def _parse_command(command: str) -> tuple[str, str]:
     return _SERVICES[words[0]], _check_name(match[1])
 
 
-def _load_or_create_host_key(path: Path) -> asyncssh.SSHKey:
+def _load_or_create_host_key(path: Path, algorithm: str) -> asyncssh.SSHKey:
     try:
-        return asyncssh.read_private_key(path)
+        key = asyncssh.read_private_key(path)
     except FileNotFoundError:
         pass
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="branchbuild-githost")
+    else:
+        if key.algorithm.decode() != algorithm:
+            raise ValueError(f"host key {path} is {key.algorithm.decode()}, not {algorithm}")
+        return key
+    key = asyncssh.generate_private_key(algorithm, comment="branchbuild-githost")
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_EXCL: never overwrite a key another process has just written.
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as file:
@@ -176,8 +180,12 @@ class GitHost:
         host: str = "127.0.0.1",
         port: int = 0,
         on_change: Callable[[RefChange], Awaitable[None]] | None = None,
+        ssh_rsa_only: bool = False,
     ) -> None:
+        """``ssh_rsa_only``: behave like CodeCommit's SSH endpoints, which offer only an
+        ``ssh-rsa`` host key and accept only ``ssh-rsa`` (SHA-1) signatures from user keys."""
         self.root = root.resolve()
+        self.ssh_rsa_only = ssh_rsa_only
         self.host = host
         self.upload_pack_delay: float = 0.0
         self.refuse_all_keys = False
@@ -192,7 +200,9 @@ class GitHost:
         self._port = port
         self._authorized_key_files = list(authorized_keys)
         self._on_change = on_change
-        self._host_key = _load_or_create_host_key(host_key)
+        self._host_key = _load_or_create_host_key(
+            host_key, "ssh-rsa" if ssh_rsa_only else "ssh-ed25519"
+        )
         self._allowed_keys: frozenset[bytes] = frozenset()
         self._acceptor: asyncssh.SSHAcceptor | None = None
         self._connections: set[asyncssh.SSHServerConnection] = set()
@@ -211,11 +221,18 @@ class GitHost:
         if self._acceptor is not None:
             raise RuntimeError("GitHost is already started")
         self._allowed_keys = await anyio.to_thread.run_sync(self._read_authorized_keys)
+        [host_key] = asyncssh.load_keypairs([self._host_key])
+        algorithms: dict[str, list[str]] = {}
+        if self.ssh_rsa_only:
+            # Offer the RSA key as ssh-rsa only (not rsa-sha2-*), and accept only ssh-rsa
+            # signatures, as CodeCommit's endpoints are reported to do.
+            host_key.host_key_algorithms = [b"ssh-rsa"]
+            algorithms = {"signature_algs": ["ssh-rsa"]}
         self._acceptor = await asyncssh.listen(
             self.host,
             self._port,
             server_factory=lambda: _Connection(self),
-            server_host_keys=[self._host_key],
+            server_host_keys=[host_key],
             process_factory=self._session,
             encoding=None,
             config=None,
@@ -225,6 +242,7 @@ class GitHost:
             host_based_auth=False,
             allow_pty=False,
             agent_forwarding=False,
+            **algorithms,
         )
         self._port = self._acceptor.get_port()
         logger.info(
@@ -456,6 +474,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         host=args.host,
         port=args.port,
         on_change=log_event,
+        ssh_rsa_only=args.ssh_rsa_only,
     )
     for name in args.repository:
         host.create_repository(name)
@@ -489,6 +508,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="OpenSSH public key file allowed to log in (repeatable)",
     )
     parser.add_argument("--known-hosts", type=Path, help="write the pinned host key line here")
+    parser.add_argument(
+        "--ssh-rsa-only",
+        action="store_true",
+        help="offer only an ssh-rsa host key and accept only ssh-rsa signatures, as CodeCommit",
+    )
     parser.add_argument(
         "--repository",
         action="append",
