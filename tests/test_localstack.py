@@ -21,7 +21,7 @@ import aioboto3
 import anyio
 import pytest
 
-from service.local_builds import list_builds
+from service.localdev.builder import list_builds
 from service.localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (

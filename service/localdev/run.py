@@ -117,7 +117,7 @@ def localstack_env(volume: Path, port: int) -> dict[str, str]:
         "DISABLE_EVENTS": "1",
         "SKIP_SSL_CERT_DOWNLOAD": "1",
         "LOCALSTACK_VOLUME_DIR": str(volume),
-        "SERVICES": "sqs,s3,events,cloudformation,iam,sts",
+        "SERVICES": "sqs,s3,events,cloudformation,iam,sts,ssm,secretsmanager",
     }
 
 
@@ -413,7 +413,7 @@ phases:
 
 async def demo(options: Options, keys: Keys) -> bool:
     """Push four things, wait for their outcomes, print a table; True if all are as expected."""
-    from service.local_builds import list_builds
+    from service.localdev.builder import list_builds
 
     work = options.state / "demo-work" / uuid.uuid4().hex[:8]
     work.mkdir(parents=True)
