@@ -396,8 +396,9 @@ class _Build:
             if not await self._command(plan, name, command.text, user):
                 ok = False
                 break
-        for command in phase.finally_:
+        if phase.finally_:
             await self.say(f"{name}: finally")
+        for command in phase.finally_:
             ok = await self._command(plan, name, command.text, user) and ok
         await self._phase(label, "SUCCEEDED" if ok else "FAILED")
         if ok:
