@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import pwd
 import subprocess
 import sys
 import zipfile
@@ -481,3 +483,27 @@ def test_buildspec_check_command(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "line 4: error: phases.build.commands must be a list" in result.stdout
     assert "line 5: error: phases.build.on-failure must be one of ABORT, CONTINUE" in result.stdout
+
+
+async def test_run_as_drops_to_the_user_when_root(aws: AwsResources, tmp_path: Path) -> None:
+    """As root, a phase's run-as runs it as that user; otherwise it is a warning."""
+    spec = """version: 0.2
+phases:
+  install:
+    run-as: nobody
+    commands:
+      - id -un > who
+  build:
+    commands:
+      - 'echo "install as $(cat who), build as $(id -un)"'
+"""
+    record = await run_build(aws, tmp_path, {"buildspec.yml": spec})
+    log = await anyio.Path(record.log).read_text()
+    assert record.status == "SUCCEEDED", log
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    if os.geteuid() == 0:
+        assert f"install as nobody, build as {me}" in log
+        assert record.warnings == ()
+    else:
+        assert f"install as {me}, build as {me}" in log
+        assert record.warnings == ("run-as nobody: ignored, branchbuild does not run as root",)

@@ -163,6 +163,7 @@ class _Build:
         self.env: dict[str, str] = {}
         self.failed: str | None = None
         self.warnings: list[str] = []
+        self.owner = (os.geteuid(), os.getegid())
 
     # -- the record and the log --
 
@@ -371,12 +372,19 @@ class _Build:
             users[name] = None
             self.warnings.append(f"run-as {name}: ignored, {why}")
             await self.say(f"run-as {name}: ignored, {why}; commands run as this user")
-        if plan.run_as and users.get(plan.run_as) is not None:
-            user = users[plan.run_as]
-            assert user is not None
-            for path in (self.workdir, self.source, self.home, self.state):
-                await anyio.to_thread.run_sync(_chown_tree, path, user.pw_uid, user.pw_gid)
+        if any(users.values()):
+            await anyio.Path(self.workdir).chmod(0o755)  # mkdtemp's 0700 would lock them out
         return users
+
+    async def _own(self, user: pwd.struct_passwd | None) -> None:
+        """Hand the source, home and shell state to the user the next commands run as, so
+        that they can write their build as they would on CodeBuild (root only)."""
+        uid, gid = (user.pw_uid, user.pw_gid) if user else (os.geteuid(), os.getegid())
+        if (uid, gid) == self.owner:
+            return
+        for path in (self.source, self.home, self.state):
+            await anyio.to_thread.run_sync(_chown_tree, path, uid, gid)
+        self.owner = (uid, gid)
 
     async def _run_phase(self, plan: Plan, name: str) -> bool:
         """Run one phase if CodeBuild would; False when the build goes straight to FINALIZING.
@@ -391,6 +399,7 @@ class _Build:
             return True
         await self._phase(label, "IN_PROGRESS")
         user = self._user(plan, phase)
+        await self._own(user)
         ok = True
         for command in phase.commands:
             if not await self._command(plan, name, command.text, user):
@@ -492,6 +501,7 @@ class _Build:
             values = await self._exported(plan)
             await self._update(exported=values)
             await self.say("exported variables: " + ", ".join(values))
+        await self._own(None)
         artifacts: dict[str, list[str]] = {}
         for artifact in plan.artifacts:
             target = self.folder / "artifacts" / _folder_name(artifact, self.env)
@@ -526,6 +536,7 @@ class _Build:
         out = self.state / "exported"
         printf = " ".join(shlex.quote(f"{n}=") + f'"${{{n}-}}"' for n in plan.exported)
         command = f"printf '%s\\0' {printf} > {shlex.quote(str(out))}"
+        await self._own(None)
         await anyio.Path(self.state / "command").write_text(command + "\n")
         wrapper = _wrapper(plan.shell, self.state, one_shell=plan.one_shell, save=False)
         shell = "bash" if plan.shell == "bash" else "/bin/sh"

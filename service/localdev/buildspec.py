@@ -303,7 +303,14 @@ class _Checker:
             plan = _replace(plan, phases=self.phases(top["phases"][1], plan.version))
         if not plan.phases and not any(p.severity == "error" for p in self.problems):
             where = top["phases"][1] if "phases" in top else root
-            self.error(where, "no phases: a buildspec needs at least one of " + ", ".join(PHASES))
+            why = (
+                " (a batch section alone needs StartBuildBatch; branchbuild starts single builds)"
+                if "batch" in top
+                else ""
+            )
+            self.error(
+                where, "no phases: a buildspec needs at least one of " + ", ".join(PHASES) + why
+            )
         return self.outputs(plan, top)
 
     def outputs(self, plan: Plan, top: dict[str, tuple[yaml.Node, yaml.Node]]) -> Plan:
