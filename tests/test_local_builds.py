@@ -381,6 +381,7 @@ phases:
       - mkdir -p deps dist/js dist/css reports && echo "$CODEBUILD_BUILD_NUMBER" > deps/fetched
       - echo app > dist/js/app.js && echo css > dist/css/site.css && echo x > dist/notes.tmp
       - echo '<testsuite/>' > reports/junit.xml
+      - SCRIPTS=js
   post_build:
     commands: [exit 1]
 artifacts:
@@ -392,6 +393,9 @@ artifacts:
     flat:
       files: [dist/**/*]
       discard-paths: yes
+    named:
+      files: ['${SCRIPTS}/*.js']
+      base-directory: $CODEBUILD_SRC_DIR/dist
 reports:
   unit:
     files: ['*.xml']
@@ -408,6 +412,7 @@ cache:
     assert first.artifacts == {
         "primary": ["css/site.css", "js/app.js"],
         "flat": ["app.js", "notes.tmp", "site.css"],
+        "named": ["js/app.js"],
     }
     assert (folder / "artifacts" / "site-feature_x" / "js" / "app.js").read_text() == "app\n"
     assert (folder / "artifacts" / "flat" / "site.css").exists()

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import signal
@@ -25,10 +26,11 @@ import tempfile
 import time
 import uuid
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from string import Template
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
@@ -496,15 +498,24 @@ class _Build:
 
     async def _outputs(self, plan: Plan) -> None:
         """Exported variables, artifacts, reports and the cache, into the build's folder."""
+        self.env["CODEBUILD_BUILD_SUCCEEDING"] = "0" if self.failed else "1"
+        sets = plan.artifacts + plan.reports
+        referenced = {n for s in sets for text in _texts(s) for n in VARIABLE.findall(text)}
+        values = await self._final_values(plan, (*plan.exported, *sorted(referenced)))
         if plan.exported:
-            self.env["CODEBUILD_BUILD_SUCCEEDING"] = "0" if self.failed else "1"
-            values = await self._exported(plan)
-            await self._update(exported=values)
-            await self.say("exported variables: " + ", ".join(values))
+            exported = {n: values.get(n, "") for n in plan.exported}
+            await self._update(exported=exported)
+            await self.say("exported variables: " + ", ".join(exported))
+        # Paths may name variables, as on CodeBuild: their values at the end of the build.
+        plan = replace(
+            plan,
+            artifacts=tuple(_expand(s, self.env | values, self.source) for s in plan.artifacts),
+            reports=tuple(_expand(s, self.env | values, self.source) for s in plan.reports),
+        )
         await self._own(None)
         artifacts: dict[str, list[str]] = {}
         for artifact in plan.artifacts:
-            target = self.folder / "artifacts" / _folder_name(artifact, self.env)
+            target = self.folder / "artifacts" / _folder_name(artifact)
             files = await anyio.to_thread.run_sync(collect, artifact, self.source, target)
             key = artifact.id or "primary"
             artifacts[key] = files
@@ -532,9 +543,12 @@ class _Build:
                 self.warnings.append(problem)
                 await self.say(f"cache: {problem}")
 
-    async def _exported(self, plan: Plan) -> dict[str, str]:
+    async def _final_values(self, plan: Plan, names: Sequence[str]) -> dict[str, str]:
+        """The values of ``names`` in the build's shell at the end of the build."""
+        if not names:
+            return {}
         out = self.state / "exported"
-        printf = " ".join(shlex.quote(f"{n}=") + f'"${{{n}-}}"' for n in plan.exported)
+        printf = " ".join(shlex.quote(f"{n}=") + f'"${{{n}-}}"' for n in names)
         command = f"printf '%s\\0' {printf} > {shlex.quote(str(out))}"
         await self._own(None)
         await anyio.Path(self.state / "command").write_text(command + "\n")
@@ -609,14 +623,32 @@ def _wrapper(shell: str, state: Path, *, one_shell: bool, save: bool = True) -> 
     return "\n".join(lines) + "\n"
 
 
-def _folder_name(artifact: FileSet, env: Mapping[str, str]) -> str:
+VARIABLE = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def _texts(files: FileSet) -> tuple[str, ...]:
+    return (*files.files, *files.exclude_paths, files.base_directory, files.name)
+
+
+def _expand(files: FileSet, env: Mapping[str, str], source: Path) -> FileSet:
+    def expand(text: str) -> str:
+        expanded = Template(text).safe_substitute(env)
+        inside = expanded.removeprefix(f"{source}/")  # $CODEBUILD_SRC_DIR/dist
+        return "." if expanded == str(source) else inside
+
+    return replace(
+        files,
+        files=tuple(expand(f) for f in files.files),
+        exclude_paths=tuple(expand(f) for f in files.exclude_paths),
+        base_directory=expand(files.base_directory),
+        name=expand(files.name),
+    )
+
+
+def _folder_name(artifact: FileSet) -> str:
     if artifact.id:
         return _safe(artifact.id)
-    if artifact.name:
-        from string import Template
-
-        return _safe(Template(artifact.name).safe_substitute(env))
-    return "primary"
+    return _safe(artifact.name) if artifact.name else "primary"
 
 
 def _safe(name: str) -> str:
