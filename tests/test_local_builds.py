@@ -326,6 +326,7 @@ async def test_parameters_and_secrets_are_resolved_masked_and_exported(
         created = await secrets.create_secret(
             Name="shop/api", SecretString=json.dumps({"token": "t0ken-value", "user": "bob"})
         )
+        await secrets.create_secret(Name="shop/key", SecretString="-----BEGIN-----\nk3y-b0dy\n")
     spec = f"""version: 0.2
 env:
   variables:
@@ -337,6 +338,7 @@ env:
     API_TOKEN: shop/api:token
     API_USER: {created["ARN"]}:user:AWSCURRENT
     API_ALL: shop/api
+    KEY: shop/key
   exported-variables:
     - RESULT
     - DB_HOST
@@ -346,6 +348,8 @@ phases:
       - echo "password is $DB_PASSWORD and token is $API_TOKEN"
       - test "$API_USER" = bob && test "$DB_HOST" = db.internal && test "$PLAIN" = visible
       - echo "$API_ALL" | grep -q '"user"'
+      - echo "$KEY"; printf 'no newline k3y-b0dy'
+      - printf '%s' "$KEY" | sed -n 2p
       - RESULT="built-$CODEBUILD_BUILD_NUMBER"
       - export RESULT
       - 'echo "id=$CODEBUILD_BUILD_ID arn=$CODEBUILD_BUILD_ARN start=$CODEBUILD_START_TIME"'
@@ -356,6 +360,7 @@ phases:
     assert record.status == "SUCCEEDED", log
     assert "password is *** and token is ***" in log
     assert "pa55-word" not in log and "t0ken-value" not in log
+    assert "k3y-b0dy" not in log and "BEGIN" not in log and "\nno newline ***\n" in log
     assert f"id={record.id} arn=arn:aws:codebuild:eu-west-1:123456789012:build/{record.id}" in log
     assert record.exported == {"RESULT": "built-1", "DB_HOST": "db.internal"}
 

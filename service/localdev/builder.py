@@ -52,6 +52,7 @@ log = logging.getLogger("branchbuild.local_builds")
 
 RECORD = "build.json"
 MASK = "***"
+LONGEST_LINE = 64 * 1024  # bytes of output kept waiting for a newline before being written
 
 
 class BuildspecError(PermanentError):
@@ -351,8 +352,8 @@ class _Build:
                         f"{where}: cannot read {variable.value!r}: {exc}"
                     ) from None
                 values[variable.name] = value
-                if value:
-                    self.secrets.append(value)
+                # The log is masked line by line: a multi-line secret is masked line by line.
+                self.secrets += [line for line in {value, *value.splitlines()} if line.strip()]
         self.secrets.sort(key=len, reverse=True)  # mask the longest first
         return values
 
@@ -468,10 +469,13 @@ class _Build:
             async with await anyio.open_file(self.record.log, "ab") as out:
                 async for chunk in process.stdout:
                     pending += chunk
-                    lines, _, pending = pending.rpartition(b"\n")
-                    if lines:
-                        await out.write(self._mask_bytes(lines + b"\n"))
+                    cut = pending.rfind(b"\n") + 1  # whole lines, so that masking sees them
+                    if not cut and len(pending) > LONGEST_LINE:
+                        cut = len(pending)
+                    if cut:
+                        await out.write(self._mask_bytes(pending[:cut]))
                         await out.flush()
+                        pending = pending[cut:]
                 if pending:
                     await out.write(self._mask_bytes(pending + b"\n"))
             return await process.wait()
