@@ -178,3 +178,14 @@ def test_random_yaml_never_raises(document: object) -> None:
 def test_random_text_never_raises(text: str) -> None:
     plan, problems = check(text)
     assert plan is not None or any(p.severity == "error" for p in problems)
+
+
+def test_each_problem_is_reported_once() -> None:
+    _, problems = check(
+        "version: 0.2\nphases:\n  build:\n    commands: [a]\n"
+        "artifacts:\n  files: [a]\n  nmae: x\n  files: [b]\n"
+    )
+    assert [str(p) for p in problems] == [
+        "line 7: warning: artifacts: unknown key 'nmae', ignored (did you mean 'name'?)",
+        "line 8: error: artifacts: duplicate key 'files' (first on line 6)",
+    ]

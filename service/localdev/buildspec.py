@@ -596,7 +596,8 @@ def check(text: str) -> tuple[Plan | None, tuple[Problem, ...]]:
         plan = checker.plan(documents[0])
     except RecursionError:
         return None, (Problem(None, "the buildspec is nested too deeply"),)
-    problems = tuple(sorted(checker.problems, key=lambda p: (p.line or 0, p.severity)))
+    unique = dict.fromkeys(checker.problems)  # the primary artifacts' keys are read twice
+    problems = tuple(sorted(unique, key=lambda p: (p.line or 0, p.severity)))
     if plan is None or any(p.severity == "error" for p in problems):
         return None, problems
     return _replace(plan, problems=problems), problems

@@ -387,8 +387,10 @@ Push your own commits from any git repository:
   git push branchbuild HEAD:feature/my-change
 
 A buildspec.yml at the top of the repository is run by the local build backend
-(this runs the repository's commands on this machine: development only). See the builds:
+(this runs the repository's commands on this machine: development only). Check a buildspec
+first, then see the builds (and --follow ID to stream a running one's log):
 
+  {ROOT / ".venv/bin/branchbuild"} buildspec check buildspec.yml
   {env} {ROOT / ".venv/bin/branchbuild"} builds
 """
 
