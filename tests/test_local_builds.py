@@ -517,3 +517,28 @@ phases:
     else:
         assert f"install as {me}, build as {me}" in log
         assert record.warnings == ("run-as nobody: ignored, branchbuild does not run as root",)
+
+
+def test_production_code_imports_nothing_from_localdev() -> None:
+    """The local backend is imported only when BRANCHBUILD_BUILD_BACKEND=local."""
+    probe = (
+        "import sys, service.app, service.cli, service.worker\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('service.localdev'))\n"
+        "print(loaded)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_builds_follow_an_unknown_build(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "builds", "--follow", "nope"],
+        capture_output=True,
+        text=True,
+        env={"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
+        check=False,
+    )
+    assert result.returncode == 2
+    assert result.stderr == f"branchbuild builds: no single build matches 'nope' in {tmp_path}\n"
