@@ -15,7 +15,6 @@ from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services
-from .local_builds import LocalBuilds
 from .metrics import Metrics
 from .queue import Leases, Queue
 from .settings import BuildBackend as BackendName
@@ -101,6 +100,9 @@ class App:
                 "BRANCHBUILD_BUILD_BACKEND=local: buildspec commands run on this machine "
                 "(development only)"
             )
+            # Imported here: production code (the codebuild backend) imports nothing of localdev.
+            from .localdev.builder import LocalBuilds
+
             return LocalBuilds(
                 clients.s3,
                 root=self.settings.builds_dir,

@@ -12,6 +12,7 @@ import sys
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
@@ -126,6 +127,22 @@ def _parser() -> _Parser:
     builds.add_argument(
         "--project", action="append", default=[], metavar="P", help="CodeBuild project (repeatable)"
     )
+    builds.add_argument(
+        "--follow",
+        metavar="ID",
+        help="stream a local build's log until it ends (exit 0 if it passed)",
+    )
+    buildspec = command("buildspec", "buildspec tools for the local build backend")
+    buildspec_commands = buildspec.add_subparsers(
+        dest="buildspec_command", required=True, metavar="COMMAND"
+    )
+    buildspec_check = buildspec_commands.add_parser(
+        "check",
+        help="validate a buildspec without running it; print its plan or its problems",
+        description="validate a buildspec without running it; print its plan or its problems",
+        epilog="exit codes: 0 it would run locally, 1 it has errors, 2 it cannot be read",
+    )
+    buildspec_check.add_argument("file", metavar="FILE", type=Path)
     return parser
 
 
@@ -156,7 +173,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
                 return 2
             return _admin("builds", partial(_codebuild_builds, args))
-        return _builds(args.limit, args.json)
+        return _builds(args.limit, args.json, args.follow)
+    if command == "buildspec":
+        from .localdev.commands import check_file
+
+        return check_file(args.file)
     if command == "dlq":
         command = f"dlq {args.dlq_command}"
         work = _dlq_list if args.dlq_command == "list" else _dlq_redrive
@@ -206,12 +227,8 @@ def _healthcheck(port: int | None, timeout: float) -> int:
         return 1
 
 
-def _builds(limit: int, as_json: bool) -> int:
-    import json
-    from dataclasses import asdict
-
-    from .admin import table
-    from .local_builds import list_builds
+def _builds(limit: int, as_json: bool, follow: str | None) -> int:
+    from .localdev import commands
     from .settings import load_local_settings
 
     try:
@@ -219,21 +236,9 @@ def _builds(limit: int, as_json: bool) -> int:
     except ConfigurationError as exc:
         sys.stderr.write(f"branchbuild: configuration error: {exc}\n")
         return 2
-    records = list_builds(root, limit)
-    if as_json:
-        sys.stdout.write("".join(json.dumps(asdict(r)) + "\n" for r in records))
-        return 0
-    if not records:
-        sys.stdout.write(f"no builds in {root}\n")
-        return 0
-    rows = [("STARTED", "REPOSITORY", "BRANCH", "COMMIT", "STATUS", "DURATION", "LOG")]
-    for r in records:
-        duration = f"{r.duration:.1f}s" if r.duration is not None else "-"
-        rows.append(
-            (r.started_at[:19], r.repository, r.branch, r.commit[:12], r.status, duration, r.log)
-        )
-    sys.stdout.write(table(rows))
-    return 0
+    if follow:
+        return commands.follow(root, follow)
+    return commands.builds(root, limit, as_json)
 
 
 # -- admin commands ---------------------------------------------------------------------------

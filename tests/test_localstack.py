@@ -15,13 +15,14 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from pathlib import Path
 
 import aioboto3
 import anyio
 import pytest
 
-from service.local_builds import list_builds
+from service.localdev.builder import BuildRecord, list_builds
 from service.localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (
@@ -271,3 +272,144 @@ async def test_redeploy_reuses_an_unchanged_stack_and_replaces_a_changed_one(
         )
     [message] = reply["Messages"]
     assert json.loads(message["Body"])["detail"]["repositoryName"] == "other"
+
+
+E2E_BUILDSPEC = """version: 0.2
+env:
+  parameter-store:
+    DB_HOST: /e2e/db-host
+  secrets-manager:
+    API_TOKEN: e2e/api:token
+  exported-variables:
+    - IMAGE_TAG
+phases:
+  install:
+    on-failure: CONTINUE
+    commands:
+      - exit 5
+  build:
+    commands:
+      - 'if [ -d deps ]; then echo "cache: hit $(cat deps/from)"; else echo "cache: miss"; fi'
+      - mkdir -p deps out reports && echo "$BRANCH_NAME" > deps/from
+      - echo "db=$DB_HOST token=$API_TOKEN"
+      - IMAGE_TAG="img-$(echo $CODEBUILD_RESOLVED_SOURCE_VERSION | cut -c 1-7)"
+      - echo app > out/app.txt && echo '<testsuite/>' > reports/unit.xml
+      - false
+    finally:
+      - echo "finally ran"
+artifacts:
+  files: ['**/*']
+  base-directory: out
+reports:
+  unit:
+    files: [reports/unit.xml]
+    discard-paths: yes
+cache:
+  paths: ['deps/**/*']
+"""
+
+
+async def test_make_run_builds_like_codebuild(localstack_endpoint: str, tmp_path: Path) -> None:
+    """`make run`'s real path: push → EventBridge → intake → worker → local build, with
+    variables from LocalStack's SSM and Secrets Manager, finally, on-failure, exported
+    variables, artifacts, reports and the cache kept between two builds of the project."""
+    session = aioboto3.Session(
+        aws_access_key_id="test", aws_secret_access_key="test", region_name=REGION
+    )
+    async with (
+        session.client("ssm", endpoint_url=localstack_endpoint) as ssm,
+        session.client("secretsmanager", endpoint_url=localstack_endpoint) as secrets,
+    ):
+        await ssm.put_parameter(Name="/e2e/db-host", Value="db.e2e", Type="String", Overwrite=True)
+        secret = json.dumps({"token": "s3cr3t-t0ken"})
+        try:
+            await secrets.create_secret(Name="e2e/api", SecretString=secret)
+        except secrets.exceptions.ResourceExistsException:
+            await secrets.put_secret_value(SecretId="e2e/api", SecretString=secret)
+    state = tmp_path / "state"
+    state.mkdir()
+    git_port = free_port()
+    command = runner(state, "--git-port", str(git_port))
+    out = tmp_path / "run.out"
+    with out.open("wb") as sink:
+        proc = await anyio.open_process(
+            command,
+            env=demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    try:
+
+        async def printed() -> bool:
+            return "git push branchbuild" in out.read_text()
+
+        await wait_for(printed, within=120, what="the push instructions")
+        work = tmp_path / "work"
+        work.mkdir()
+        keys = state / "keys"
+        env = demo_env(
+            HOME=str(tmp_path),
+            GIT_CONFIG_NOSYSTEM="1",
+            GIT_AUTHOR_NAME="t",
+            GIT_AUTHOR_EMAIL="t@example.com",
+            GIT_COMMITTER_NAME="t",
+            GIT_COMMITTER_EMAIL="t@example.com",
+            GIT_SSH_COMMAND=(
+                f"ssh -i {keys / 'id_ed25519'} -o IdentitiesOnly=yes "
+                f"-o UserKnownHostsFile={keys / 'known_hosts'} -o StrictHostKeyChecking=yes"
+            ),
+        )
+
+        async def git(*args: str) -> str:
+            result = await anyio.run_process(["git", *args], cwd=work, env=env)
+            return result.stdout.decode().strip()
+
+        await git("init", "--quiet", "--initial-branch=main")
+        (work / "buildspec.yml").write_text(E2E_BUILDSPEC)
+        await git("add", "--all")
+        await git("commit", "--quiet", "-m", "buildspec")
+        commit = await git("rev-parse", "HEAD")
+        url = f"ssh://git@127.0.0.1:{git_port}/v1/repos/demo"
+
+        async def build_of(branch: str) -> object:
+            for record in list_builds(state / "builds"):
+                if record.branch == branch and record.status != "IN_PROGRESS":
+                    return record
+            return None
+
+        await git("push", "--quiet", url, "HEAD:feature/e2e-one")
+        first = await wait_for(partial(build_of, "feature/e2e-one"), within=120, what="build 1")
+        await git("push", "--quiet", url, "HEAD:feature/e2e-two")
+        second = await wait_for(partial(build_of, "feature/e2e-two"), within=120, what="build 2")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+    assert isinstance(first, BuildRecord) and isinstance(second, BuildRecord)
+    log = await anyio.Path(first.log).read_text()
+    assert first.status == "FAILED" and first.phase == "INSTALL", log
+    phases = {p.name: p.status for p in first.phases}
+    assert phases["INSTALL"] == "FAILED" and phases["BUILD"] == "FAILED"  # CONTINUE went on
+    assert phases["UPLOAD_ARTIFACTS"] == "SUCCEEDED"
+    assert (
+        "finally ran" in log
+        and "db=*** token=***" in log
+        and "s3cr3t" not in log
+        and "db.e2e" not in log
+    )
+    assert first.exported == {"IMAGE_TAG": f"img-{commit[:7]}"}
+    folder = Path(first.log).parent
+    assert first.artifacts == {"primary": ["app.txt"]}
+    assert (folder / "artifacts" / "primary" / "app.txt").read_text() == "app\n"
+    assert first.reports == {"unit": ["unit.xml"]}
+    assert (folder / "reports" / "unit" / "unit.xml").exists()
+    assert "cache: miss" in log
+    assert "cache: hit feature/e2e-one" in await anyio.Path(second.log).read_text()
+    listing = await anyio.run_process(
+        [sys.executable, "-m", "service", "builds"],
+        env=demo_env(BRANCHBUILD_LOCAL_BUILDS_DIR=str(state / "builds")),
+        cwd=ROOT,
+    )
+    text = listing.stdout.decode()
+    assert "  INSTALL" in text and "  UPLOAD_ARTIFACTS" in text

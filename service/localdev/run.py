@@ -117,7 +117,7 @@ def localstack_env(volume: Path, port: int) -> dict[str, str]:
         "DISABLE_EVENTS": "1",
         "SKIP_SSL_CERT_DOWNLOAD": "1",
         "LOCALSTACK_VOLUME_DIR": str(volume),
-        "SERVICES": "sqs,s3,events,cloudformation,iam,sts",
+        "SERVICES": "sqs,s3,events,cloudformation,iam,sts,ssm,secretsmanager",
     }
 
 
@@ -387,8 +387,10 @@ Push your own commits from any git repository:
   git push branchbuild HEAD:feature/my-change
 
 A buildspec.yml at the top of the repository is run by the local build backend
-(this runs the repository's commands on this machine: development only). See the builds:
+(this runs the repository's commands on this machine: development only). Check a buildspec
+first, then see the builds (and --follow ID to stream a running one's log):
 
+  {ROOT / ".venv/bin/branchbuild"} buildspec check buildspec.yml
   {env} {ROOT / ".venv/bin/branchbuild"} builds
 """
 
@@ -413,7 +415,7 @@ phases:
 
 async def demo(options: Options, keys: Keys) -> bool:
     """Push four things, wait for their outcomes, print a table; True if all are as expected."""
-    from service.local_builds import list_builds
+    from service.localdev.builder import list_builds
 
     work = options.state / "demo-work" / uuid.uuid4().hex[:8]
     work.mkdir(parents=True)
