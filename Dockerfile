@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # branchbuild: the always-on service that turns CodeCommit pushes into CodeBuild builds.
 # Build:  docker build -t branchbuild:$(git rev-parse --short HEAD) .
 #    or:  make image   (podman, no Docker daemon; see README.md, "The image")

@@ -12,6 +12,7 @@ nothing changed). `make test` installs podman first (`make image-deps`).
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import aioboto3
 import aiohttp
 import anyio
 import pytest
@@ -265,3 +267,66 @@ async def test_the_image_refuses_a_bad_configuration_with_one_line(
         "branchbuild: configuration error: BRANCHBUILD_CONCURRENCY: Input should be a valid "
         "integer, unable to parse string as an integer (got 'lots')"
     )
+
+
+async def test_the_image_pipeline_template_exports_the_repository_and_reads_only_its_source(
+    moto_endpoint: str,
+) -> None:
+    """deploy/image-pipeline.yaml in moto's CloudFormation (which creates no CodeBuild project
+    and ignores ECR's scan and lifecycle settings: `make lint-deploy` checks those)."""
+    body = (ROOT / "deploy" / "image-pipeline.yaml").read_text()
+    session = aioboto3.Session()
+    async with (
+        session.client("cloudformation", endpoint_url=moto_endpoint) as cloudformation,
+        session.client("ecr", endpoint_url=moto_endpoint) as ecr,
+        session.client("iam", endpoint_url=moto_endpoint) as iam,
+    ):
+        grants = {}
+        for source_type, location in (
+            ("CODECOMMIT", "https://git-codecommit.eu-west-1.amazonaws.com/v1/repos/bb-src"),
+            ("GITHUB", "https://github.com/example/branchbuild.git"),
+        ):
+            suffix = uuid.uuid4().hex[:8]
+            stack = f"image-{suffix}"
+            await cloudformation.create_stack(
+                StackName=stack,
+                TemplateBody=body,
+                Parameters=[
+                    {"ParameterKey": "ImageRepositoryName", "ParameterValue": f"bb-{suffix}"},
+                    {"ParameterKey": "SourceType", "ParameterValue": source_type},
+                    {"ParameterKey": "SourceLocation", "ParameterValue": location},
+                ],
+                Capabilities=["CAPABILITY_IAM"],
+            )
+            [described] = (await cloudformation.describe_stacks(StackName=stack))["Stacks"]
+            assert described["StackStatus"] == "CREATE_COMPLETE"
+            exports = {
+                e["Name"]: e["Value"] for e in (await cloudformation.list_exports())["Exports"]
+            }
+            [repository] = (await ecr.describe_repositories(repositoryNames=[f"bb-{suffix}"]))[
+                "repositories"
+            ]
+            assert exports[f"{stack}-ImageRepositoryUri"] == repository["repositoryUri"]
+            assert exports[f"{stack}-ImageRepositoryArn"] == repository["repositoryArn"]
+            assert repository["imageTagMutability"] == "IMMUTABLE"
+            [role] = [
+                r
+                for r in (await iam.list_roles())["Roles"]
+                if r["RoleName"].startswith(f"{stack}-BuildRole")
+            ]
+            [policy_name] = (await iam.list_role_policies(RoleName=role["RoleName"]))["PolicyNames"]
+            document = (
+                await iam.get_role_policy(RoleName=role["RoleName"], PolicyName=policy_name)
+            )["PolicyDocument"]
+            # moto's CloudFormation keeps an inline policy as the repr of its document, and
+            # an `!If [..., AWS::NoValue]` statement as None.
+            statements = document if isinstance(document, dict) else ast.literal_eval(document)
+            grants[source_type] = {s["Sid"]: s for s in statements["Statement"] if s}
+            assert grants[source_type]["PushImage"]["Resource"] == repository["repositoryArn"]
+    assert grants["CODECOMMIT"]["ReadSource"] == {
+        "Sid": "ReadSource",
+        "Effect": "Allow",
+        "Action": "codecommit:GitPull",
+        "Resource": "arn:aws:codecommit:eu-west-1:123456789012:bb-src",
+    }
+    assert "ReadSource" not in grants["GITHUB"]
