@@ -18,7 +18,7 @@ import os
 import shutil
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ PODMAN = ["podman", "--runtime", "runc"]
 # with "error setting rlimits"); these are well above what the service needs.
 ULIMITS = ["--ulimit", "nofile=16384:16384", "--ulimit", "nproc=8192:8192"]
 UID = 10001  # the image's USER
+StartContainer = Callable[..., Awaitable["Container"]]
 
 
 @pytest.fixture(scope="session")
@@ -137,7 +138,7 @@ def container_names() -> Iterator[list[str]]:
 @pytest.fixture
 async def start_container(
     image: str, aws: AwsResources, git_world: GitWorld, container_names: list[str]
-) -> AsyncIterator[Any]:
+) -> AsyncIterator[StartContainer]:
     async def start(**overrides: str) -> Container:
         port = free_port()
         env = {
@@ -168,7 +169,7 @@ async def start_container(
 
 
 async def test_the_image_builds_a_push_hardened_healthy_and_drains_on_stop(
-    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_container: Any
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_container: StartContainer
 ) -> None:
     await create_project(aws, "shop")
     repo = await WorkCopy.create(git_world, tmp_path, "shop")
@@ -179,7 +180,7 @@ async def test_the_image_builds_a_push_hardened_healthy_and_drains_on_stop(
     await repo.push("feature/in-a-container")
     gate = anyio.Event()
     git_world.host.upload_pack_gate = gate  # holds the container's fetch until set
-    container: Container = await start_container(BRANCHBUILD_SHUTDOWN_GRACE="60")
+    container = await start_container(BRANCHBUILD_SHUTDOWN_GRACE="60")
 
     async def ready() -> bool:
         return await container.readyz() == 200
@@ -253,9 +254,9 @@ async def test_the_image_builds_a_push_hardened_healthy_and_drains_on_stop(
 
 
 async def test_the_image_refuses_a_bad_configuration_with_one_line(
-    aws: AwsResources, start_container: Any
+    aws: AwsResources, start_container: StartContainer
 ) -> None:
-    container: Container = await start_container(BRANCHBUILD_CONCURRENCY="lots")
+    container = await start_container(BRANCHBUILD_CONCURRENCY="lots")
 
     async def exited() -> dict[str, Any] | None:
         state: dict[str, Any] = (await container.inspect())["State"]
