@@ -1,26 +1,41 @@
-# syntax=docker/dockerfile:1
 # branchbuild: the always-on service that turns CodeCommit pushes into CodeBuild builds.
 # Build:  docker build -t branchbuild:$(git rev-parse --short HEAD) .
-# Both stages use the same base so the venv's interpreter symlinks stay valid. For
-# reproducible production builds, pin both FROM lines by digest as well
-# (python:3.11-slim-bookworm@sha256:...) and let a bot bump it.
+#    or:  make image   (podman, no Docker daemon; see README.md, "The image")
+# Every stage uses the same base, so the venv's interpreter symlinks stay valid. For
+# reproducible production builds, pin the base by digest as well
+# (--build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:...) and let a bot bump it.
+# `make image` passes an equivalent base made from Debian's own packages (Python 3.11 from
+# bookworm) where Docker Hub is out of reach.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-FROM python:3.11-slim-bookworm AS builder
+# Only the runtime dependencies, read from pyproject.toml: the install layer below is
+# rebuilt when they change, not when the code (or the dev dependencies) do.
+FROM ${BASE_IMAGE} AS requirements
+WORKDIR /src
+COPY pyproject.toml ./
+RUN python3 -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"], sep="\n")' \
+      > requirements.txt
+
+FROM ${BASE_IMAGE} AS builder
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONDONTWRITEBYTECODE=1
 WORKDIR /src
 # A venv is self-contained, so the final stage copies it whole and gets no pip caches,
 # no source tree and no build tools.
-RUN python -m venv /opt/venv
+RUN python3 -m venv /opt/venv
+COPY --from=requirements /src/requirements.txt ./
+RUN /opt/venv/bin/pip install --no-cache-dir --requirement requirements.txt
 COPY pyproject.toml README.md ./
 COPY service ./service
-# A regular (non-editable) install: byte-code is compiled here because the runtime
-# root filesystem is read-only.
-RUN /opt/venv/bin/pip install --no-cache-dir . \
+# A regular (non-editable) install, then pip and setuptools leave the venv: nothing installs
+# at run time. Byte-code is compiled here because the runtime root filesystem is read-only.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
+ && /opt/venv/bin/pip check \
+ && /opt/venv/bin/pip uninstall --yes --quiet pip setuptools \
  && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
-FROM python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="branchbuild" \
       org.opencontainers.image.description="Builds every push to every CodeCommit branch with CodeBuild" \
       org.opencontainers.image.licenses="Apache-2.0"

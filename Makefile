@@ -18,13 +18,15 @@ BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 # The original design (A) uses the AWS CLI, as it did; charts and profiles need their tools.
 BENCH_PACKAGES := 'awscli==1.46.3' 'matplotlib==3.11.2' 'py-spy==0.4.3' 'psutil==7.2.2'
 
-.PHONY: help venv system-deps localstack run demo lint format typecheck pytest test lint-deploy chaos bench clean
+.PHONY: help venv system-deps image-deps image image-test localstack run demo lint format typecheck pytest test lint-deploy chaos bench clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
 	@echo "make demo         the same, non-interactively: push, check the outcomes, stop"
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
+	@echo "make image        the service image, built with podman (no Docker daemon needed)"
+	@echo "make image-test   run that image as ECS does, against moto and the SSH git host"
 	@echo "make chaos        the long crash-safety run (random SIGKILLs), with a table"
 	@echo "make bench        the benchmark: the original design, branchbuild and the floor"
 
@@ -69,6 +71,29 @@ system-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
+# podman, buildah and runc build and run the image without a Docker daemon; mmdebstrap
+# makes its base from Debian's packages (dpkg-dev: dpkg-architecture, for its eatmydata
+# hook); uidmap lets podman run rootless too.
+image-deps:
+	@missing=""; \
+	command -v podman >/dev/null || missing="$$missing podman"; \
+	command -v buildah >/dev/null || missing="$$missing buildah"; \
+	command -v runc >/dev/null || missing="$$missing runc"; \
+	command -v mmdebstrap >/dev/null || missing="$$missing mmdebstrap"; \
+	command -v dpkg-architecture >/dev/null || missing="$$missing dpkg-dev"; \
+	command -v newuidmap >/dev/null || missing="$$missing uidmap"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing runc; \
+	fi
+
+# The image of this tree as branchbuild:dev (see README.md, "The image").
+image: image-deps
+	bash deploy/build-image.sh branchbuild:dev
+
+image-test: venv system-deps image
+	$(BIN)/pytest tests/test_image.py
+
 lint: venv
 	$(BIN)/ruff check service tests
 	$(BIN)/ruff format --check service tests
@@ -80,7 +105,7 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv system-deps $(LOCALSTACK_STAMP)
+pytest: venv system-deps $(LOCALSTACK_STAMP) image
 	$(BIN)/pytest
 
 test: lint typecheck lint-deploy pytest
