@@ -180,6 +180,9 @@ class GitHost:
         self.root = root.resolve()
         self.host = host
         self.upload_pack_delay: float = 0.0
+        # Speak only protocol v0 (ignore the client's GIT_PROTOCOL): like a host without
+        # uploadpack.allowReachableSHA1InWant, it then serves only advertised commits by id.
+        self.protocol_v0 = False
         self.refuse_all_keys = False
         self.drop_after_bytes: int | None = None
         self.upload_pack_count = 0
@@ -336,7 +339,7 @@ class GitHost:
             logger.warning("refused %s: repository %s does not exist", service, name)
             process.stderr.write(f"fatal: repository '{name}' does not exist\n".encode())
             return 128
-        env = self._git_env(process.env.get("GIT_PROTOCOL"))
+        env = self._git_env(None if self.protocol_v0 else process.env.get("GIT_PROTOCOL"))
         if service == "upload-pack":
             self.upload_pack_count += 1
             if self.upload_pack_delay > 0:
@@ -457,6 +460,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         port=args.port,
         on_change=log_event,
     )
+    host.protocol_v0 = args.protocol_v0
     for name in args.repository:
         host.create_repository(name)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -494,6 +498,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="append",
         default=[],
         help="create this repository if missing (repeatable)",
+    )
+    parser.add_argument(
+        "--protocol-v0",
+        action="store_true",
+        help="serve protocol v0 only: commits that no branch or tag points at can't be "
+        "fetched by id (like a host without uploadpack.allowReachableSHA1InWant)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
