@@ -381,11 +381,14 @@ class GitHost:
         proc = await anyio.open_process(["git", service, str(git_dir)], env=env)
         try:
             assert proc.stdout is not None and proc.stderr is not None
+            sent = [0]  # bytes of git's output sent to the client (logged: the bench reads it)
             async with anyio.create_task_group() as session:
                 session.start_soon(self._pump_stdin, process, proc)
                 async with anyio.create_task_group() as output:
-                    output.start_soon(self._pump_out, proc.stdout, process.stdout, proc, drop_after)
-                    output.start_soon(self._pump_out, proc.stderr, process.stderr, proc, None)
+                    output.start_soon(
+                        self._pump_out, proc.stdout, process.stdout, proc, drop_after, sent
+                    )
+                    output.start_soon(self._pump_out, proc.stderr, process.stderr, proc, None, None)
                 status = await proc.wait()
                 session.cancel_scope.cancel()  # the client may keep its side open
         finally:
@@ -393,7 +396,7 @@ class GitHost:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.aclose()
-        logger.info("git %s %s exited with %d", service, git_dir, status)
+        logger.info("git %s %s exited with %d, %d bytes sent", service, git_dir, status, sent[0])
         return status if status >= 0 else 128  # killed by a signal
 
     @staticmethod
@@ -412,6 +415,7 @@ class GitHost:
         sink: asyncssh.SSHWriter[bytes],
         proc: Process,
         limit: int | None,
+        total: list[int] | None,
     ) -> None:
         sent = 0
         async for chunk in source:
@@ -426,6 +430,8 @@ class GitHost:
             sink.write(chunk)
             await sink.drain()
             sent += len(chunk)
+            if total is not None:
+                total[0] += len(chunk)
 
     async def _refs(self, git_dir: Path) -> dict[str, str]:
         """Branches and tags of ``git_dir``, annotated tags peeled to their commit."""
