@@ -8,7 +8,7 @@ an empty git cache. Measured side by side, on ``history`` (25,000 commits over 2
   StartBuild) and the full-history floor (the same fetch without ``--depth``: what the service
   fetched before its cache went shallow), interleaved, one of each per repeat;
 * single pushes on a warm cache, before and after a few bursts of pushes into the shallow
-  cache, against the warm floor (a fetch into a full clone of main);
+  cache, each followed by one through the warm floor (a fetch into a full clone of main);
 * N fresh instances starting at once (N = 1, 2, 4), each getting one push of the repository:
   N service processes with empty caches, against N full-history fetches (the floor, N at a
   time). The git host's CPU and the bytes it sent are in each run's ``cpu_breakdown``.
@@ -25,7 +25,7 @@ from . import procstat
 from .core import Bench, Plan, Size, _mb, _throughput
 from .infra import wait_until
 from .service_proc import Service, metric
-from .variants import SETTLED, BJob, _service, run_b, run_f
+from .variants import SETTLED, STAGES, BJob, _b_job, _service, run_b, run_f
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class ColdPlan:
 
 
 COLD_PLANS = {
-    "full": ColdPlan("history", 3, (40, 10, 2), (1, 2, 4), 600),
+    "full": ColdPlan("history", 5, (40, 10, 2), (1, 2, 4), 600),
     "quick": ColdPlan("history", 1, (20, 10, 1), (1, 2, 4), 600),
     "smoke": ColdPlan("history-tiny", 1, (3, 3, 1), (2,), 60),
 }
@@ -57,17 +57,23 @@ def measure_cold_start(bench: Bench, plan: ColdPlan) -> None:
         run_b(bench, size, "B c=8", {}, [BJob("single-cold", 1, 1)], cold, warm_up=False)
         shutil.rmtree(cold, ignore_errors=True)
 
-    bench.log(f"{size.name}: warm single pushes into a shallow cache")
     warm_cache = bench.work / f"cache-{size.name}"
-    run_b(bench, size, "B c=8", {}, [BJob("single-warm", 1, 1)] * plan.singles, warm_cache)
-    for _ in range(plan.singles):
-        run_f(bench, size, "F floor", "single-warm", bench.push(size, 1, 1), mode="warm")
-    bench.log(f"{size.name}: {plan.fill[2]} burst(s) of {events} pushes, then warm singles")
-    jobs = [BJob("burst", events, branches)] * plan.fill[2]
-    jobs += [BJob("single-warm-many", 1, 1)] * plan.singles
-    run_b(bench, size, "B c=8", {}, jobs, warm_cache)
-    for _ in range(plan.singles):
-        run_f(bench, size, "F floor", "single-warm-many", bench.push(size, 1, 1), mode="warm")
+    tmp = bench.work / "tmp-warm"
+    service = _service(bench, f"warm-{size.name}", warm_cache, tmp, {})
+    try:
+        # The cache starts as a fresh instance's would: one cold (depth-1) fetch.
+        first = bench.recorder.count()
+        bench.aws.send_events(service.queues.intake, bench.push(size, 1, 1))
+        wait_until(lambda: bench.recorder.count() > first, within=plan.timeout, what="warm-up")
+        bench.log(f"{size.name}: warm single pushes, B and F alternately")
+        warm_pairs(bench, size, plan, service, warm_cache, tmp, "single-warm")
+        bench.log(f"{size.name}: {plan.fill[2]} burst(s) of {events} pushes into the cache")
+        for number in range(plan.fill[2]):
+            job = BJob("burst", events, branches)
+            b_job(bench, size, job, number, service, warm_cache, tmp)
+        warm_pairs(bench, size, plan, service, warm_cache, tmp, "single-warm-many")
+    finally:
+        service.stop()
     bench.repos[size.name]["service_cache"] = cache_shape(warm_cache)
 
     for n in plan.fresh:
@@ -82,6 +88,32 @@ def measure_cold_start(bench: Bench, plan: ColdPlan) -> None:
             mode="cold-full",
             parallel=n,
         )
+
+
+def warm_pairs(
+    bench: Bench,
+    size: Size,
+    plan: ColdPlan,
+    service: Service,
+    cache: Path,
+    tmp: Path,
+    scenario: str,
+) -> None:
+    """``plan.singles`` single pushes through the running service, each followed by one
+    through the warm floor: side by side, so that load from elsewhere hits both alike."""
+    for number in range(plan.singles):
+        job = BJob(scenario, 1, 1)
+        b_job(bench, size, job, number, service, cache, tmp)
+        run_f(bench, size, "F floor", scenario, bench.push(size, 1, 1), mode="warm")
+
+
+def b_job(
+    bench: Bench, size: Size, job: BJob, number: int, service: Service, cache: Path, tmp: Path
+) -> None:
+    """One measured job through the running service (at its defaults: "B c=8")."""
+    intake, bucket = service.queues.intake, service.bucket
+    _b_job(bench, size, "B c=8", {}, job, number, service, intake, bucket, cache, tmp)
+    bench.aws.empty(bucket)
 
 
 def cache_shape(cache: Path) -> dict[str, Any]:
@@ -99,12 +131,11 @@ def cache_shape(cache: Path) -> dict[str, Any]:
 def fresh_services(bench: Bench, size: Size, n: int) -> None:
     """``n`` service processes with empty caches, one push each, all enqueued at once."""
     caches = [bench.work / f"fresh-{n}-{i}" for i in range(n)]
+    tmp = bench.work / "tmp-fresh"  # shared by the instances: it must stay empty
     services: list[Service] = []
     try:
         for i, cache in enumerate(caches):
-            services.append(
-                _service(bench, f"fresh-{n}-{i}", cache, bench.work / f"tmp-fresh-{i}", {})
-            )
+            services.append(_service(bench, f"fresh-{n}-{i}", cache, tmp, {}))
         events = bench.push(size, n, n)
         first = bench.recorder.count()
         befores = [s.metrics() for s in services]
@@ -124,7 +155,7 @@ def fresh_services(bench: Bench, size: Size, n: int) -> None:
             return done >= n
 
         with bench.window(pids) as window:
-            dirs = {f"cache{i}": c for i, c in enumerate(caches)}
+            dirs = {f"cache{i}": c for i, c in enumerate(caches)} | {"tmp": tmp}
             with procstat.Sampler(services[0].pid, dirs) as sampler:
                 enqueued: list[float] = []
                 for service, event in zip(services, events, strict=True):
@@ -135,6 +166,19 @@ def fresh_services(bench: Bench, size: Size, n: int) -> None:
                 except TimeoutError:
                     timed_out = True
         builds = bench.recorder.since(first)
+        afters = [s.metrics() for s in services]
+
+        def total(name: str, **labels: str) -> float:
+            return sum(
+                metric(a, name, **labels) - metric(b, name, **labels)
+                for a, b in zip(afters, befores, strict=True)
+            )
+
+        stages = {}
+        for stage in STAGES:
+            count = total("branchbuild_stage_duration_seconds_count", stage=stage)
+            seconds = total("branchbuild_stage_duration_seconds_sum", stage=stage)
+            stages[stage] = round(seconds / count, 4) if count else 0.0
         cpu = sum(
             window.get(f"{name}_cpu_own", 0.0) + window.get(f"{name}_cpu_children", 0.0)
             for name in pids
@@ -152,8 +196,7 @@ def fresh_services(bench: Bench, size: Size, n: int) -> None:
             branches=n,
             builds=len(builds),
             superseded=0,
-            errors=sum(int(metric(s.metrics(), "branchbuild_errors_total")) for s in services)
-            + (1 if timed_out else 0),
+            errors=int(total("branchbuild_errors_total")) + (1 if timed_out else 0),
             timed_out=timed_out,
             **_throughput(events, enqueued, builds),
             cpu_seconds=round(cpu, 3),
@@ -162,6 +205,8 @@ def fresh_services(bench: Bench, size: Size, n: int) -> None:
             process_rss_mb=_mb(sampler.peaks.rss),
             peak_disk_mb={k: _mb(v) for k, v in sampler.peaks.disk.items()},
             bytes_uploaded=uploaded,
+            bytes_uploaded_metric=int(total("branchbuild_upload_bytes_total")),
+            stage_mean_seconds=stages,
             cpu_breakdown=window,
         )
         for service in services:
