@@ -139,12 +139,12 @@ def cold_start_chart(document: dict[str, Any], out: Path) -> None:
     if size is None:
         return
     bars = [
-        ("single-cold", "B c=8", "B, fresh instance", "tab:blue"),
-        ("single-cold", "F depth-1", "F depth-1 (cold floor)", "tab:green"),
-        ("single-cold", "F full history", "F full history\n(the service before)", "tab:red"),
+        ("single-cold", "B c=8", "B, fresh\ninstance", "tab:blue"),
+        ("single-cold", "F depth-1", "F depth-1\n(cold floor)", "tab:green"),
+        ("single-cold", "F full history", "F full history\n(the service\nbefore)", "tab:red"),
         ("single-warm", "B c=8", "B, warm", "tab:blue"),
         ("single-warm", "F floor", "F warm", "tab:green"),
-        ("single-warm-many", "B c=8", "B, warm after\nthe bursts", "tab:blue"),
+        ("single-warm-many", "B c=8", "B, warm\nafter the\nbursts", "tab:blue"),
         ("single-warm-many", "F floor", "F warm", "tab:green"),
     ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -177,6 +177,7 @@ def cold_start_chart(document: dict[str, Any], out: Path) -> None:
     fresh = [
         r for r in document["runs"] if r["size"] == size and r["scenario"] == "fresh-instances"
     ]
+    mb_axis = right.twinx()
     for variant, style, name in (("B", "b-o", "B (depth 1)"), ("F", "r-s", "full history")):
         points = sorted(
             (
@@ -190,20 +191,21 @@ def cold_start_chart(document: dict[str, Any], out: Path) -> None:
         )
         if points:
             xs = [p[0] for p in points]
-            right.plot(xs, [p[1] for p in points], style, label=f"{name}: host CPU-s")
-            right.plot(
-                xs,
-                [p[2] / 10 for p in points],
-                style[0] + ":" + style[2],
-                label=f"{name}: MB sent / 10",
+            right.plot(xs, [p[1] for p in points], style, label=f"{name}: CPU-s")
+            mb_axis.plot(
+                xs, [p[2] for p in points], style[0] + ":" + style[2], label=f"{name}: MB sent"
             )
             right.set_xticks(xs, [str(x) for x in xs])
     right.set_xlabel("fresh instances starting at once")
-    right.set_ylabel("git host: CPU seconds, MB sent / 10")
+    right.set_ylabel("git host CPU seconds (solid)")
+    mb_axis.set_ylabel("MB the git host sent (dotted)")
+    mb_axis.set_ylim(bottom=0)
     right.set_title("a deploy: the git host's work")
     right.set_ylim(bottom=0)
     right.grid(alpha=0.3)
-    right.legend(fontsize=7)
+    lines = right.get_legend_handles_labels()
+    more = mb_axis.get_legend_handles_labels()
+    right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
     fig.tight_layout()
     fig.savefig(out / "cold-start.png", dpi=110)
     plt.close(fig)
