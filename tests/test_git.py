@@ -255,6 +255,22 @@ async def test_waiting_fetches_of_one_repository_share_one_request(
         assert await cache_git(fetched[branch], "rev-list", "--count", commit) == "1"
 
 
+async def test_waiting_fetches_share_one_request_on_a_host_refusing_commits_by_id(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    git, commits = await _branches_off_a_cached_main(git_world, tmp_path, "batchv0", [1, 2, 3])
+    git_world.host.protocol_v0 = True  # each pushed commit is its branch's tip: advertised
+    served = git_world.host.upload_pack_count
+
+    results = await _fetch_while_first_is_held(git_world, git, "batchv0", list(commits.items()))
+
+    assert git_world.host.upload_pack_count == served + 2
+    for branch, commit in commits.items():
+        fetched = results[branch]
+        assert isinstance(fetched, Fetched) and fetched.commit == commit, results
+        assert zip_listing(await archive_bytes(git, fetched)) == ["base.txt", f"f{branch[1:]}.txt"]
+
+
 async def test_a_bad_commit_among_waiting_fetches_fails_only_its_own_push(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
