@@ -2,7 +2,8 @@
 
     .venv-bench/bin/python bench/charts.py bench/results
 
-Writes throughput-vs-concurrency.png and latency-vs-size.png into that directory.
+Writes throughput-vs-concurrency.png and latency-vs-size.png (the sizes section) and
+cold-start.png (the cold-start section) into that directory, for the sections it ran.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def _concurrency(label: str) -> int | None:
 def throughput_chart(document: dict[str, Any], out: Path) -> None:
     rows = _rows(document)
     sizes = [s for s in SIZES if any(r["size"] == s for r in rows)]
+    if not sizes:
+        return
     fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for ax, size in zip(axes[0], sizes, strict=True):
         sweep = sorted(
@@ -94,6 +97,8 @@ def latency_chart(document: dict[str, Any], out: Path) -> None:
     rows = _rows(document)
     repos = document["repositories"]
     sizes = [s for s in SIZES if s in repos]
+    if not sizes:
+        return
     mb = {s: repos[s]["bytes"] / 1024 / 1024 for s in sizes}
     series = [
         ("A original.sh", "burst", "r-o", "A in a burst (queueing included)"),
@@ -126,12 +131,94 @@ def latency_chart(document: dict[str, Any], out: Path) -> None:
     plt.close(fig)
 
 
+def cold_start_chart(document: dict[str, Any], out: Path) -> None:
+    """Left: single pushes on the history-heavy repository, B against its floors, cold and
+    warm. Right: the git host's CPU and bytes sent for N fresh instances at once."""
+    rows = _rows(document)
+    size = next((s for s in ("history", "history-tiny") if s in document["repositories"]), None)
+    if size is None:
+        return
+    bars = [
+        ("single-cold", "B c=8", "B, fresh\ninstance", "tab:blue"),
+        ("single-cold", "F depth-1", "F depth-1\n(cold floor)", "tab:green"),
+        ("single-cold", "F full history", "F full history\n(the service\nbefore)", "tab:red"),
+        ("single-warm", "B c=8", "B, warm", "tab:blue"),
+        ("single-warm", "F floor", "F warm", "tab:green"),
+        ("single-warm-many", "B c=8", "B, warm\nafter the\nbursts", "tab:blue"),
+        ("single-warm-many", "F floor", "F warm", "tab:green"),
+    ]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    names, values, errors, colours = [], [], [[], []], []
+    for scenario, label, name, colour in bars:
+        row = next(
+            (
+                r
+                for r in rows
+                if r["size"] == size and r["scenario"] == scenario and r["label"] == label
+            ),
+            None,
+        )
+        if row is None:
+            continue
+        lat = row["latency_p50"]
+        names.append(name)
+        values.append(lat["median"])
+        errors[0].append(lat["median"] - lat["min"])
+        errors[1].append(lat["max"] - lat["median"])
+        colours.append(colour)
+    left.bar(range(len(values)), values, yerr=errors, color=colours, capsize=3)
+    left.set_xticks(range(len(values)), names, fontsize=7)
+    left.set_ylabel("enqueue → StartBuild, p50 (s)")
+    repo = document["repositories"][size]
+    left.set_title(
+        f"{size}: {repo['files']} files, {repo['history_commits']} commits; single pushes"
+    )
+    left.grid(alpha=0.3, axis="y")
+    fresh = [
+        r for r in document["runs"] if r["size"] == size and r["scenario"] == "fresh-instances"
+    ]
+    mb_axis = right.twinx()
+    for variant, style, name in (("B", "b-o", "B (depth 1)"), ("F", "r-s", "full history")):
+        points = sorted(
+            (
+                r["events"],
+                r["cpu_breakdown"].get("githost_cpu_own", 0.0)
+                + r["cpu_breakdown"].get("githost_cpu_children", 0.0),
+                r["cpu_breakdown"].get("githost_bytes_sent", 0) / 1024 / 1024,
+            )
+            for r in fresh
+            if r["variant"] == variant
+        )
+        if points:
+            xs = [p[0] for p in points]
+            right.plot(xs, [p[1] for p in points], style, label=f"{name}: CPU-s")
+            mb_axis.plot(
+                xs, [p[2] for p in points], style[0] + ":" + style[2], label=f"{name}: MB sent"
+            )
+            right.set_xticks(xs, [str(x) for x in xs])
+    right.set_xlabel("fresh instances starting at once")
+    right.set_ylabel("git host CPU seconds (solid)")
+    mb_axis.set_ylabel("MB the git host sent (dotted)")
+    mb_axis.set_ylim(bottom=0)
+    right.set_title("a deploy: the git host's work")
+    right.set_ylim(bottom=0)
+    right.grid(alpha=0.3)
+    lines = right.get_legend_handles_labels()
+    more = mb_axis.get_legend_handles_labels()
+    right.legend(lines[0] + more[0], lines[1] + more[1], fontsize=7, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(out / "cold-start.png", dpi=110)
+    plt.close(fig)
+
+
 def main(argv: list[str]) -> None:
     out = Path(argv[0])
     document = json.loads((out / "results.json").read_text())
     throughput_chart(document, out)
     latency_chart(document, out)
-    sys.stdout.write(f"charts: {out}/throughput-vs-concurrency.png, latency-vs-size.png\n")
+    cold_start_chart(document, out)
+    written = sorted(p.name for p in out.glob("*.png"))
+    sys.stdout.write(f"charts in {out}: {', '.join(written)}\n")
 
 
 if __name__ == "__main__":

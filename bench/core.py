@@ -153,6 +153,7 @@ class Bench:
         ``out["extra_cpu"]``, so that it is not counted as other work on the machine.
         """
         quiet = self.wait_for_quiet()
+        log_offset = self.host.log_offset()
         watched = {"githost": self.host.process.pid, "moto": self.moto_pid} | pids
         before = {name: procstat.cpu(pid) for name, pid in watched.items()}
         me0 = procstat.cpu(os.getpid()).own  # its reaped children are in extra_cpu
@@ -176,6 +177,8 @@ class Bench:
         # processes nor this orchestrator: other work on the machine disturbs the run.
         jiffies = max(1, total1 - total0)
         out["window_seconds"] = round(wall, 3)
+        # What the git host served: upload-pack sessions and the bytes they sent.
+        out["githost_fetches"], out["githost_bytes_sent"] = self.host.uploads_since(log_offset)
         out["orchestrator_cpu"] = round(me, 3)
         out["machine_busy"] = round((busy1 - busy0) / jiffies, 3)
         out["machine_steal"] = round((steal1 - steal0) / jiffies, 3)

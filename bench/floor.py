@@ -1,10 +1,12 @@
 """F, the floor: the least work one push needs, with no queue and no service.
 
 For each event: fetch the commit (warm: into an already-populated bare repository; cold:
-``git clone --bare`` from scratch), pipe ``git archive --format=zip`` into one S3 upload
-(boto3 ``upload_fileobj``: a single PUT, or multipart for a large stream), and call
-StartBuild once. Each event is timed on its own; the CPU of the timed part (this process and
-its git/ssh children) is reported too.
+``git clone --bare`` from scratch; cold-shallow: ``git init --bare`` and ``git fetch --depth 1``
+of the commit, the cold floor of a history-heavy repository; cold-full: the same without
+``--depth``, the commit's whole history, as the service fetched before it went shallow),
+pipe ``git archive --format=zip`` into one S3 upload (boto3 ``upload_fileobj``: a single PUT,
+or multipart for a large stream), and call StartBuild once. Each event is timed on its own;
+the CPU of the timed part (this process and its git/ssh children) is reported too.
 
 Usage: python -m bench.floor JOB.json RESULT.json  (the orchestrator writes JOB.json)
 """
@@ -56,10 +58,28 @@ def one(job: dict[str, Any], event: dict[str, Any], n: int, clients: Any) -> dic
     env = job["git_env"]
     repository, commit, branch = event["repository"], event["commit"], event["branch"]
     started = time.time()
-    if job["mode"] == "cold":
+    cold = job["mode"].startswith("cold")
+    if cold:
         bare = Path(job["scratch"]) / f"cold-{n}.git"
         shutil.rmtree(bare, ignore_errors=True)
+    if job["mode"] == "cold":
         _git(env, "clone", "--bare", "--quiet", event["url"], str(bare))
+    elif cold:  # cold-shallow: the commit at depth 1; cold-full: the commit and its history
+        depth = ["--depth=1"] if job["mode"] == "cold-shallow" else []
+        _git(env, "init", "--bare", "--quiet", str(bare))
+        _git(
+            env,
+            f"--git-dir={bare}",
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            *depth,
+            event["url"],
+            f"+{commit}:refs/floor/{n}",
+        )
     else:
         bare = Path(job["bare"])
         _git(
@@ -95,7 +115,7 @@ def one(job: dict[str, Any], event: dict[str, Any], n: int, clients: Any) -> dic
         artifactsOverride={"type": "NO_ARTIFACTS"},
     )
     done = time.time()
-    if job["mode"] == "cold":
+    if cold:
         shutil.rmtree(bare, ignore_errors=True)
     return {
         "commit": commit,

@@ -355,6 +355,18 @@ class GitHostProcess:
     def log_offset(self) -> int:
         return self.log.stat().st_size
 
+    def uploads_since(self, offset: int) -> tuple[int, int]:
+        """(upload-pack sessions, bytes they sent) that the host logged after ``offset``."""
+        with self.log.open("rb") as file:
+            file.seek(offset)
+            text = file.read().decode(errors="replace")
+        sessions = sent = 0
+        for line in text.splitlines():
+            if " git upload-pack " in line and " bytes sent" in line:
+                sessions += 1
+                sent += int(line.rsplit(" bytes sent", 1)[0].rsplit(" ", 1)[1])
+        return sessions, sent
+
     def events_since(self, offset: int) -> list[dict[str, Any]]:
         """The CodeCommit events the host logged after ``offset``, in push order."""
         with self.log.open("rb") as file:

@@ -9,8 +9,14 @@ from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
-SIZE_ORDER = {"tiny": 0, "small": 1, "medium": 2, "large": 3}
-SCENARIO_ORDER = {"burst": 0, "single-warm": 1, "single-cold": 2}
+SIZE_ORDER = {"tiny": 0, "small": 1, "medium": 2, "large": 3, "history-tiny": 4, "history": 5}
+SCENARIO_ORDER = {
+    "burst": 0,
+    "single-warm": 1,
+    "single-warm-many": 2,
+    "single-cold": 3,
+    "fresh-instances": 4,
+}
 
 
 def percentile(values: list[float], pct: float) -> float:
@@ -220,7 +226,77 @@ def summarize(document: dict[str, Any]) -> dict[str, Any]:
                     "met": None,
                 }
             )
+    targets += cold_start_targets(document, rows)
     return {"groups": rows, "targets": targets, "cpu_shares": cpu_shares(document, rows)}
+
+
+def cold_start_targets(
+    document: dict[str, Any], rows: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The cold-start section: fresh and warm single pushes on the history-heavy repository
+    against their floors, and the git host's work for N fresh instances."""
+    found: list[dict[str, Any]] = []
+    for size in ("history-tiny", "history"):
+        b = _find(rows, size, "single-cold", "B c=8")
+        for label, limit, what in (
+            ("F depth-1", 1.25, "<= 1.25x the depth-1 floor"),
+            ("F full history", None, "vs the full-history floor (the service before)"),
+        ):
+            f = _find(rows, size, "single-cold", label)
+            if b and f and f["latency_p50"]["median"] > 0:
+                ratio = b["latency_p50"]["median"] / f["latency_p50"]["median"]
+                found.append(
+                    {
+                        "target": f"{size}: single push, fresh instance, {what}",
+                        "value": f"{_pair(b, f)} = {ratio:.2f}x",
+                        "ratio": round(ratio, 3),
+                        "met": None if limit is None else ratio <= limit,
+                    }
+                )
+        for scenario, when in (("single-warm", ""), ("single-warm-many", ", after the bursts")):
+            b, f = _find(rows, size, scenario, "B c=8"), _find(rows, size, scenario, "F floor")
+            if b and f and f["latency_p50"]["median"] > 0:
+                ratio = b["latency_p50"]["median"] / f["latency_p50"]["median"]
+                found.append(
+                    {
+                        "target": f"{size}: single push, warm shallow cache{when}, <= 1.04x F warm",
+                        "value": f"{_pair(b, f)} = {ratio:.2f}x",
+                        "ratio": round(ratio, 3),
+                        "met": ratio <= 1.04,
+                    }
+                )
+        fresh = sorted(
+            (
+                r
+                for r in document["runs"]
+                if r["size"] == size and r["scenario"] == "fresh-instances"
+            ),
+            key=lambda r: (r["variant"], r["events"]),
+        )
+        if fresh:
+            found.append(
+                {
+                    "target": f"{size}: N fresh instances at once, the git host's work",
+                    "value": "; ".join(
+                        f"{r['label']}: {host_cpu(r):.2f} CPU-s, "
+                        f"{r['cpu_breakdown'].get('githost_bytes_sent', 0) / 1024 / 1024:.1f} MB "
+                        f"sent, p50 {r['latency_p50']:.2f} s"
+                        for r in fresh
+                    ),
+                    "met": None,
+                }
+            )
+    return found
+
+
+def host_cpu(run: dict[str, Any]) -> float:
+    """CPU seconds of the git host (its Python, and the git upload-packs it ran)."""
+    window = run["cpu_breakdown"]
+    return float(window.get("githost_cpu_own", 0.0) + window.get("githost_cpu_children", 0.0))
+
+
+def _pair(b: dict[str, Any], f: dict[str, Any]) -> str:
+    return f"{b['latency_p50']['median']:.2f} s vs {f['latency_p50']['median']:.2f} s"
 
 
 def cpu_shares(document: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,4 +1,9 @@
-"""Deterministic synthetic repositories (small, medium, large), generated once and cached.
+"""Deterministic synthetic repositories (small, medium, large, history), generated once and
+cached.
+
+``history`` is history-heavy: tens of thousands of commits over a few thousand files, each
+commit changing a few lines of one or two files, streamed into ``git fast-import`` (a minute,
+not hours), then repacked with a bitmap index as a real server holds it.
 
 A repository is generated from a fixed seed into a bare repository under ``bench/.cache/repos``
 with fixed author/committer dates, so its commit ids are the same on every machine. A stamp
@@ -45,6 +50,7 @@ class RepoSpec:
     binaries: int = 0  # random (incompressible) binary files
     binary_bytes: int = 0  # size of each
     seed: int = 20261126
+    history: bool = False  # generated with fast-import: small changes, many commits
 
 
 SPECS: dict[str, RepoSpec] = {
@@ -58,6 +64,12 @@ SPECS: dict[str, RepoSpec] = {
         commits=4,
         binaries=8,
         binary_bytes=125 * MiB,
+    ),
+    "history": RepoSpec(
+        "bench-history", files=2500, text_bytes=10 * MiB, commits=25_000, history=True
+    ),
+    "history-tiny": RepoSpec(
+        "bench-history-tiny", files=40, text_bytes=128 * 1024, commits=300, history=True
     ),
 }
 
@@ -122,6 +134,8 @@ def _tree_paths(spec: RepoSpec) -> list[str]:
 
 def generate(spec: RepoSpec, dest: Path) -> str:
     """Generate ``spec`` into bare repository ``dest``; return the tip of main."""
+    if spec.history:
+        return _generate_history(spec, dest)
     rng = random.Random(f"{spec.seed}:{spec.name}")
     text = _Text(rng)
     mean = spec.text_bytes // max(1, spec.files)
@@ -155,6 +169,60 @@ def generate(spec: RepoSpec, dest: Path) -> str:
     git("prune-packed", cwd=dest)
     for leftover in ("index", "COMMIT_EDITMSG"):
         (dest / leftover).unlink(missing_ok=True)
+    return git("rev-parse", "refs/heads/main", cwd=dest)
+
+
+def _generate_history(spec: RepoSpec, dest: Path) -> str:
+    """The first commit adds every file; each later one rewrites 1-3 lines of 1-2 files."""
+    rng = random.Random(f"{spec.seed}:{spec.name}")
+    text = _Text(rng)
+    mean = spec.text_bytes // max(1, spec.files)
+    paths = _tree_paths(spec)
+    git("init", "--bare", "--quiet", "--initial-branch=main", str(dest))
+    importer = subprocess.Popen(
+        ["git", "fast-import", "--quiet", "--done"],
+        cwd=dest,
+        env=git_env(),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    assert importer.stdin is not None
+    out = importer.stdin
+    files: dict[str, list[bytes]] = {}
+
+    def data(body: bytes) -> None:
+        out.write(b"data %d\n%s\n" % (len(body), body))
+
+    start = 1767225600  # 2026-01-01T00:00:00Z, a commit a minute
+    for n in range(spec.commits):
+        out.write(b"commit refs/heads/main\n")
+        out.write(b"committer Bench <bench@example.com> %d +0000\n" % (start + 60 * n))
+        data(b"history %d" % n)
+        if n == 0:
+            changed = paths
+            buildspec = b"version: 0.2\nphases:\n  build:\n    commands:\n      - echo $COMMIT_ID\n"
+            out.write(b"M 100644 inline buildspec.yml\n")
+            data(buildspec)
+            for path in paths:
+                files[path] = text.make(int(mean * rng.uniform(0.2, 1.8))).split(b"\n")
+        else:
+            changed = rng.sample(paths, rng.randint(1, 2))
+            for path in changed:
+                lines = files[path]
+                for _ in range(rng.randint(1, 3)):
+                    lines[rng.randrange(len(lines))] = text.make(40).split(b"\n")[0]
+        for path in changed:
+            out.write(b"M 100644 inline %s\n" % path.encode())
+            data(b"\n".join(files[path]))
+        out.write(b"\n")
+    out.write(b"done\n")
+    out.close()
+    if importer.wait() != 0:
+        raise RuntimeError("git fast-import failed")
+    # One pack with a bitmap index, as a hosting service keeps it (full clones count objects
+    # from the bitmap); fast-import's deltas are reused, so this takes seconds.
+    git("repack", "-a", "-d", "-q", "--write-bitmap-index", cwd=dest)
+    git("prune-packed", cwd=dest)
     return git("rev-parse", "refs/heads/main", cwd=dest)
 
 

@@ -9,6 +9,7 @@ charts (with .venv-bench's matplotlib) to PNG files beside them.
     python -m bench.run                       # everything (about 40 minutes on 2 cores)
     python -m bench.run --sizes small --quick # a quick subset
     python -m bench.run --smoke               # B and F on a tiny repository (the test suite)
+    python -m bench.run --sections cold-start # only fresh instances on the history-heavy repo
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from . import procstat, report
+from .coldstart import COLD_PLANS, measure_cold_start
 from .core import Bench, Plan, Size, _mb
 from .infra import ROOT, Aws, BuildRecorder, aws_env, git_host, moto_server
 from .repos import git
@@ -134,6 +136,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="fewer events, one repeat")
     parser.add_argument(
+        "--sections",
+        default="sizes,cold-start",
+        help="comma-separated: sizes (A, B and F per --sizes), cold-start (fresh instances on "
+        "the history-heavy repository); default: both",
+    )
+    parser.add_argument(
         "--smoke",
         action="store_true",
         help="B and F only, a tiny repository, 3 events (what the tests run)",
@@ -173,6 +181,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             f"unknown size(s) {unknown} for this mode; choose from {list(PLANS[args.mode])}"
         )
     args.size_list = wanted
+    args.section_set = {x for x in args.sections.split(",") if x}
+    if args.section_set - {"sizes", "cold-start"}:
+        parser.error(f"unknown section(s) {sorted(args.section_set - {'sizes', 'cold-start'})}")
+    if "sizes" not in args.section_set:
+        args.size_list = []
     args.variant_set = set(args.variants.upper().split(","))
     if "A" not in args.variant_set:
         args.no_a = True
@@ -246,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             profiles: dict[str, Any] = {}
             plans: dict[str, Plan] = {}
+            cold_start: dict[str, Any] = {}
             for name in args.size_list:
                 plan = PLANS[args.mode][name]
                 if args.repeats:
@@ -267,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "small" and not args.no_profile:
                     bench.log("small: profiling the service and the git host with py-spy")
                     profiles = profile(bench, size, best_concurrency(bench, size))
+            if "cold-start" in args.section_set:
+                cold_plan = COLD_PLANS[args.mode]
+                cold_start = asdict(cold_plan)
+                measure_cold_start(bench, cold_plan)
             document = {
                 "version": 1,
                 "mode": args.mode,
@@ -274,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(time.time() - started, 1),
                 "machine": host_machine,
                 "plans": {n: asdict(p) for n, p in plans.items()},
+                "sections": sorted(args.section_set),
+                "cold_start_plan": cold_start,
                 "load_before": load_before,
                 "repositories": bench.repos,
                 "runs": bench.runs,

@@ -7,10 +7,16 @@
   pinned known_hosts, batch mode. git starts it through a two-line exec wrapper (``GIT_SSH``)
   whose only variable part is ``"$@"``, git's own argument list passed on verbatim: nothing
   from an event is ever parsed by a shell.
-* Each repository has one bare repository on disk; a fetch brings only what is new. Fetches of
-  one repository are serialised by a lock; different repositories fetch in parallel. Jobs that
-  wait for the same repository's lock are served together: the holder fetches every commit
-  wanted at that moment in one ``git fetch``, one SSH connection, one pack.
+* Each repository has one shallow bare repository on disk. A push needs one tree, never
+  history: every fetch is ``git fetch --depth 1`` of the pushed commit by id, so a fresh
+  instance fetches one tree however long the history, and a warm one only the objects the
+  commits it already has lack (the shallow fetch sends the cached commits as haves). A host
+  that refuses commits by id (protocol v0 without ``uploadpack.allowReachableSHA1InWant``)
+  gets a depth-1 fetch of the pushed branch, deepened in doubling steps until the commit is
+  there: only as deep as the pushed commit, never every branch's history.
+* Fetches of one repository are serialised by a lock; different repositories fetch in
+  parallel. Jobs that wait for the same repository's lock are served together: the holder
+  fetches every commit wanted at that moment in one ``git fetch``, one SSH connection, one pack.
 """
 
 from __future__ import annotations
@@ -225,12 +231,36 @@ class Git:
             HostKeyMismatch, GitAccessDenied, CommitNotFound: permanent.
             GitError: transient (network, SSH drop, timeout).
         """
-        commit = push.commit
-        assert commit is not None
+        assert push.commit is not None
+        return await self._fetch_commit(push, push.commit, _cache_ref(push.ref))
+
+    async def changed_paths(self, push: Push, base: str) -> list[str]:
+        """The paths that differ between commit ``base`` and ``push.commit``. Both commits are
+        fetched at depth 1 (two trees, never the history between them).
+
+        Raises: as :meth:`fetch` (for either commit).
+        """
+        assert push.commit is not None
+        async with self.cache.use(self.git_dir(push)):
+            fetched = await self._fetch_commit(push, push.commit, _cache_ref(push.ref))
+            # The base is kept under a ref of its own: the branch's ref stays at its tip.
+            await self._fetch_commit(push, base, _cache_ref(push.ref + "\0base"))
+            listing = await self._git(
+                fetched.git_dir,
+                "diff-tree",
+                "-r",
+                "-z",
+                "--name-only",
+                "--no-renames",
+                base,
+                fetched.commit,
+            )
+        return [p.decode("utf-8", "surrogateescape") for p in listing.split(b"\0") if p]
+
+    async def _fetch_commit(self, push: Push, commit: str, ref: str) -> Fetched:
+        """Make ``commit`` present and keep it under ``ref``: the next fetch sends it as a
+        have, so it transfers only new objects (the ref name is a hash, never the branch)."""
         git_dir = self.git_dir(push)
-        # Keep what we fetch under a ref, so the next fetch negotiates from it and transfers
-        # only new objects; the ref name is a hash, never the branch name.
-        ref = "refs/branchbuild/" + hashlib.sha256(push.ref.encode()).hexdigest()[:32]
         lock = self._locks.setdefault(git_dir, anyio.Lock())
         wanted = self._wanted.setdefault(git_dir, {})
         wanted.setdefault(commit, ref)
@@ -260,7 +290,14 @@ class Git:
             batch.setdefault(other_ref, other)  # one commit per ref: a refspec can't share one
         if len(batch) > 1:
             try:
-                await self._git(git_dir, *_FETCH, url, *(f"+{c}:{r}" for r, c in batch.items()))
+                await self._git(
+                    git_dir,
+                    *_FETCH,
+                    "--depth=1",
+                    "--end-of-options",
+                    url,
+                    *(f"+{c}:{r}" for r, c in batch.items()),
+                )
                 return
             except _NotOurRef as exc:
                 # One commit the server won't serve fails the whole request: fetch ours on
@@ -270,19 +307,38 @@ class Git:
                     "a fetch of %s commits failed (%s); fetching %s alone", len(batch), exc, commit
                 )
         try:
-            await self._git(git_dir, *_FETCH, url, f"+{commit}:{ref}")
+            await self._git(
+                git_dir, *_FETCH, "--depth=1", "--end-of-options", url, f"+{commit}:{ref}"
+            )
         except _NotOurRef:
-            # The server refuses fetching by id: fetch its branches and look again.
-            log.info("fetch by commit id refused; fetching all branches of %s", push.repository)
-            try:
-                await self._git(git_dir, *_FETCH, url, "+refs/heads/*:refs/remotes/origin/*")
-            except _NotOurRef as exc:
-                raise GitError(str(exc)) from None
-            if not await self._has_commit(git_dir, commit):
+            log.info(
+                "fetch by commit id refused; deepening %s of %s to it", push.ref, push.repository
+            )
+            await self._deepen_to(git_dir, url, push.ref, commit, ref)
+
+    async def _deepen_to(self, git_dir: Path, url: str, branch: str, commit: str, ref: str) -> None:
+        """Fetch ``branch`` at depth 1, then deepen it (1, 2, 4, ... more commits) until
+        ``commit`` is present; raise CommitNotFound once its whole history is here without it.
+
+        The pushed commit is nearly always the branch's tip, so one request is the rule. The
+        deepened history is kept under ``ref`` only until ``commit`` is found.
+        """
+        refspec = f"+{branch}:{ref}"
+        try:
+            await self._git(git_dir, *_FETCH, "--depth=1", "--end-of-options", url, refspec)
+        except _NotOurRef:
+            raise CommitNotFound(f"{branch} is no longer on the server") from None
+        step, seen = 1, -1
+        while not await self._has_commit(git_dir, commit):
+            count = int(await self._git(git_dir, "rev-list", "--count", ref))
+            if count == seen:  # deepening brought nothing: the whole history is here
                 raise CommitNotFound(
-                    f"commit {commit} is no longer on the server (force-pushed away?)"
-                ) from None
-            await self._git(git_dir, "update-ref", ref, commit)
+                    f"commit {commit} is not on {branch} any more (force-pushed away?)"
+                )
+            seen = count
+            await self._git(git_dir, *_FETCH, f"--deepen={step}", "--end-of-options", url, refspec)
+            step *= 2
+        await self._git(git_dir, "update-ref", ref, commit)
 
     async def _has_commit(self, git_dir: Path, commit: str) -> bool:
         result = await anyio.run_process(
@@ -382,11 +438,16 @@ _CACHE = ("-c", "core.bigFileThreshold=16m")
 # housekeeping (`gc --auto`, run by the fetch) merges the small packs once there are 50
 # (gc.autoPackLimit), never rewrites a pack over 16 MiB (such as the first clone's: rewriting
 # it would cost seconds of CPU per merge), and runs inside the fetch, under the repository's
-# lock: never detached in the background, where it could race an eviction.
+# lock: never detached in the background, where it could race an eviction. Every fetch is
+# shallow, so a branch's earlier pushes become unreachable once its ref moves on: gc keeps
+# them in one cruft pack (not as loose objects) until they expire (gc.pruneExpire, 2 weeks:
+# a job may still be archiving one).
 _FETCH = (
     *_CACHE,
     "-c",
     "protocol.version=2",
+    "-c",
+    "gc.cruftPacks=true",
     "-c",
     "transfer.unpackLimit=1",
     "-c",
@@ -400,8 +461,11 @@ _FETCH = (
     "--no-tags",
     "--no-write-fetch-head",
     "--no-recurse-submodules",
-    "--end-of-options",
 )
+
+
+def _cache_ref(name: str) -> str:
+    return "refs/branchbuild/" + hashlib.sha256(name.encode()).hexdigest()[:32]
 
 
 class _NotOurRef(GitError):

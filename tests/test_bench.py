@@ -1,7 +1,9 @@
 """The benchmark's smoke mode: `make bench`'s own code path, end to end, on a tiny repository.
 
 It starts a real moto server, the SSH git host and the service, pushes 3 real commits, and
-measures B (the service) and F (the floor). Only the shape of the results is checked: the
+measures B (the service) and F (the floor); then the cold-start section on a small
+history-heavy repository: fresh and warm single pushes against their floors, and two fresh
+instances at once. Only the shape of the results is checked: the
 numbers are whatever this machine gives, so there are no timing assertions.
 """
 
@@ -17,7 +19,19 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+COLD_START = {
+    ("B", "single-cold"),
+    ("F", "single-cold"),
+    ("B", "single-warm"),
+    ("F", "single-warm"),
+    ("B", "burst"),
+    ("B", "single-warm-many"),
+    ("F", "single-warm-many"),
+    ("B", "fresh-instances"),
+    ("F", "fresh-instances"),
+}
 
 RUN_KEYS = {
     "size",
@@ -53,7 +67,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=100,
+        timeout=280,
         check=False,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
@@ -65,9 +79,9 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_smoke_runs_b_and_f_on_the_tiny_repository(results: dict[str, Any]) -> None:
     assert results["mode"] == "smoke"
-    assert set(results["repositories"]) == {"tiny"}
+    assert set(results["repositories"]) == {"tiny", "history-tiny"}
     assert results["repositories"]["tiny"]["files"] > 0
-    measured = {(r["variant"], r["scenario"]) for r in results["runs"]}
+    measured = {(r["variant"], r["scenario"]) for r in results["runs"] if r["size"] == "tiny"}
     assert measured == {
         ("B", "burst"),
         ("B", "single-warm"),
@@ -80,7 +94,7 @@ def test_smoke_runs_b_and_f_on_the_tiny_repository(results: dict[str, Any]) -> N
 def test_every_run_is_complete_and_its_counts_match_its_events(results: dict[str, Any]) -> None:
     for run in results["runs"]:
         assert RUN_KEYS <= set(run), sorted(RUN_KEYS - set(run))
-        expected = 3 if run["scenario"] == "burst" else 1
+        expected = {"burst": 3, "fresh-instances": 2}.get(run["scenario"], 1)
         assert run["events"] == expected
         assert len(run["latencies"]) == run["events"]  # every event got its build
         assert run["errors"] == 0
@@ -106,8 +120,33 @@ def test_the_service_streams_its_archives(results: dict[str, Any]) -> None:
             assert set(run["stage_mean_seconds"]) == {"fetch", "archive", "upload", "start_build"}
 
 
+def test_cold_start_measures_fresh_instances_against_both_floors(
+    results: dict[str, Any],
+) -> None:
+    runs = [r for r in results["runs"] if r["size"] == "history-tiny"]
+    assert {(r["variant"], r["scenario"]) for r in runs} == COLD_START
+    assert results["repositories"]["history-tiny"]["history_commits"] == 300
+    labels = {r["label"] for r in runs if r["scenario"] == "single-cold"}
+    assert labels == {"B c=8", "F depth-1", "F full history"}
+    sent = {}
+    for run in runs:
+        window = run["cpu_breakdown"]
+        if run["scenario"] in ("single-cold", "fresh-instances"):  # an empty cache fetches
+            assert window["githost_fetches"] >= run["events"], run["label"]
+            sent[(run["label"], run["scenario"])] = window["githost_bytes_sent"]
+    # A depth-1 fetch sends one tree; the full-history fetch sends 300 commits' worth.
+    assert 0 < sent[("F depth-1", "single-cold")] < sent[("F full history", "single-cold")]
+    assert 0 < sent[("B c=8", "single-cold")] < sent[("F full history", "single-cold")]
+    assert 0 < sent[("B x2", "fresh-instances")] < sent[("F full history x2", "fresh-instances")]
+    cache = results["repositories"]["history-tiny"]["service_cache"]
+    assert cache["shallow_commits"] >= 1 and cache["loose_objects"] == 0
+    targets = {t["target"] for t in results["summary"]["targets"]}
+    assert "history-tiny: single push, fresh instance, <= 1.25x the depth-1 floor" in targets
+    assert "history-tiny: N fresh instances at once, the git host's work" in targets
+
+
 def test_summary_and_table(results: dict[str, Any]) -> None:
-    groups = results["summary"]["groups"]
+    groups = [g for g in results["summary"]["groups"] if g["size"] == "tiny"]
     assert {(g["label"], g["scenario"]) for g in groups} == {
         ("B c=8", "burst"),
         ("B c=8", "single-warm"),

@@ -251,6 +251,24 @@ async def test_waiting_fetches_of_one_repository_share_one_request(
         assert fetched[branch].commit == commit
         listing = zip_listing(await archive_bytes(git, fetched[branch]))
         assert listing == ["base.txt", f"f{branch[1:]}.txt"]
+        # The shared fetch is shallow too: each commit without its parent.
+        assert await cache_git(fetched[branch], "rev-list", "--count", commit) == "1"
+
+
+async def test_waiting_fetches_share_one_request_on_a_host_refusing_commits_by_id(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    git, commits = await _branches_off_a_cached_main(git_world, tmp_path, "batchv0", [1, 2, 3])
+    git_world.host.protocol_v0 = True  # each pushed commit is its branch's tip: advertised
+    served = git_world.host.upload_pack_count
+
+    results = await _fetch_while_first_is_held(git_world, git, "batchv0", list(commits.items()))
+
+    assert git_world.host.upload_pack_count == served + 2
+    for branch, commit in commits.items():
+        fetched = results[branch]
+        assert isinstance(fetched, Fetched) and fetched.commit == commit, results
+        assert zip_listing(await archive_bytes(git, fetched)) == ["base.txt", f"f{branch[1:]}.txt"]
 
 
 async def test_a_bad_commit_among_waiting_fetches_fails_only_its_own_push(
@@ -495,3 +513,146 @@ async def test_empty_repository_and_empty_tree(git_world: GitWorld, tmp_path: Pa
     fetched = await git.fetch(push_of("empty", "main", commit))
     data = await archive_bytes(git, fetched)
     assert zip_listing(data) == []
+
+
+# -- the shallow cache ---------------------------------------------------------------------------
+
+
+def zip_files(data: bytes) -> dict[str, bytes]:
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        return {name: z.read(name) for name in z.namelist()}
+
+
+async def assert_builds_exactly(git: Git, fetched: Fetched, repo: WorkCopy, commit: str) -> None:
+    """The cache's archive of ``commit`` holds exactly the files, and bytes, git has."""
+    assert fetched.commit == commit
+    expected = await anyio.run_process(
+        ["git", "archive", "--format=zip", commit], cwd=repo.path, env=repo.world.env()
+    )
+    assert zip_files(await archive_bytes(git, fetched)) == zip_files(expected.stdout)
+
+
+async def cache_git(fetched: Fetched, *args: str) -> str:
+    result = await anyio.run_process(["git", f"--git-dir={fetched.git_dir}", *args])
+    return result.stdout.decode().strip()
+
+
+async def commits_in(fetched: Fetched) -> set[str]:
+    """Every commit object in the cache, referenced or not."""
+    listing = await cache_git(
+        fetched, "cat-file", "--batch-all-objects", "--batch-check=%(objecttype) %(objectname)"
+    )
+    return {line.split()[1] for line in listing.splitlines() if line.startswith("commit ")}
+
+
+async def test_a_shallow_cache_builds_exactly_the_pushed_tree(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """Depth-1 fetches: the tip, a commit far behind it, a force push back to an older commit,
+    and a branch whose history was rewritten each build exactly their own tree."""
+    repo = await WorkCopy.create(git_world, tmp_path, "shallow")
+    history = [
+        await repo.commit({"v.txt": f"{n}\n", f"src/{n}.py": f"x = {n}\n"}) for n in range(12)
+    ]
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+
+    tip = await git.fetch(push_of("shallow", "main", history[-1]))
+    await assert_builds_exactly(git, tip, repo, history[-1])
+    assert await cache_git(tip, "rev-parse", "--is-shallow-repository") == "true"
+    assert await commits_in(tip) == {history[-1]}  # one commit, no history
+
+    behind = await git.fetch(push_of("shallow", "main", history[3]))  # not the tip
+    await assert_builds_exactly(git, behind, repo, history[3])
+    assert await cache_git(tip, "rev-list", "--count", history[3]) == "1"
+
+    await repo.git("reset", "--quiet", "--hard", history[7])  # force push to an older commit
+    await repo.push("--force", "main")
+    older = await git.fetch(push_of("shallow", "main", history[7]))
+    assert not older.cache_hit
+    await assert_builds_exactly(git, older, repo, history[7])
+
+    await repo.checkout("feature")  # a branch whose history is then rewritten
+    first = [await repo.commit({"feature.txt": f"{n}\n"}) for n in range(3)]
+    await repo.push("feature")
+    await git.fetch(push_of("shallow", "feature", first[-1]))
+    await repo.git("reset", "--quiet", "--hard", history[2])
+    rewritten = await repo.commit({"feature.txt": "rewritten\n", "v.txt": "new\n"})
+    await repo.push("--force", "feature")
+    fetched = await git.fetch(push_of("shallow", "feature", rewritten))
+    await assert_builds_exactly(git, fetched, repo, rewritten)
+    assert await git.check_sizes(fetched) == sum(
+        len(v) for v in zip_files(await archive_bytes(git, fetched)).values()
+    )
+    assert await cache_git(fetched, "rev-list", "--count", rewritten) == "1"
+
+
+async def test_a_warm_shallow_fetch_sends_only_the_new_objects(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "thin")
+    await repo.commit({"big.bin": os.urandom(300_000).hex()})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    first = await git.fetch(push_of("thin", "main", await repo.git("rev-parse", "HEAD")))
+    pack_dir = first.git_dir / "objects" / "pack"
+    for n in range(3):  # each push is fetched at depth 1 into the shallow cache
+        before = {p.name for p in pack_dir.glob("*.pack")}
+        await repo.git("checkout", "--quiet", "-B", f"b{n}", "main")
+        commit = await repo.commit({f"new{n}.txt": f"{n}\n"})
+        await repo.push(f"b{n}")
+        fetched = await git.fetch(push_of("thin", f"b{n}", commit))
+        [new] = [p for p in pack_dir.glob("*.pack") if p.name not in before]
+        # The 600 kB blob is not sent again: the cached commits were sent as haves.
+        assert new.stat().st_size < 2_000, new.stat().st_size
+        assert zip_listing(await archive_bytes(git, fetched)) == ["big.bin", f"new{n}.txt"]
+
+
+async def test_a_host_refusing_commits_by_id_gets_the_branch_deepened_to_the_commit(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "v0")
+    history = [await repo.commit({"v.txt": f"{n}\n"}) for n in range(20)]
+    await repo.push("main")
+    await repo.checkout("other")
+    others = [await repo.commit({"o.txt": f"{n}\n"}) for n in range(5)]
+    await repo.push("other")
+    git_world.host.protocol_v0 = True
+    git = Git(make_settings(git_world, tmp_path))
+
+    served = git_world.host.upload_pack_count
+    tip = await git.fetch(push_of("v0", "main", history[-1]))  # advertised: by id, at depth 1
+    assert git_world.host.upload_pack_count == served + 1
+    await assert_builds_exactly(git, tip, repo, history[-1])
+
+    behind = await git.fetch(push_of("v0", "main", history[-6]))  # 5 behind: not advertised
+    await assert_builds_exactly(git, behind, repo, history[-6])
+    # Deepened 1, 2, 4 from the tip: 8 commits of main, none of the other branch's.
+    have = await commits_in(behind)
+    assert history[-6] in have and len(have) == 8, len(have)
+    assert not have & set(others)
+
+    with pytest.raises(CommitNotFound):  # on no branch: main's whole history, then a clear no
+        await git.fetch(push_of("v0", "main", "0123456789abcdef0123456789abcdef01234567"))
+    with pytest.raises(CommitNotFound):  # the branch is gone
+        await git.fetch(push_of("v0", "gone", "0123456789abcdef0123456789abcdef01234567"))
+
+
+async def test_changed_paths_needs_both_trees_not_the_history_between(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    repo = await WorkCopy.create(git_world, tmp_path, "diff")
+    base = await repo.commit({"a.txt": "a\n", "b.txt": "b\n", "dir/c.txt": "c\n"})
+    for n in range(10):
+        await repo.commit({"b.txt": f"b{n}\n", f"dir/new{n}.txt": "n\n"})
+    await repo.git("rm", "--quiet", "a.txt")
+    tip = await repo.commit({"dir/new0.txt": "gone soon\n"})
+    await repo.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    push = push_of("diff", "main", tip)
+    changed = await git.changed_paths(push, base)
+    expected = await repo.git("diff", "--name-only", base, tip)
+    assert sorted(changed) == sorted(expected.split("\n")) and "a.txt" in changed
+    fetched = await git.fetch(push)
+    assert fetched.cache_hit
+    assert await commits_in(fetched) == {base, tip}

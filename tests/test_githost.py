@@ -319,6 +319,22 @@ async def test_clone_and_fetch_of_an_old_commit_with_protocol_v2(
     assert (await client.git("rev-parse", "FETCH_HEAD", cwd=empty))[1] == old
 
 
+async def test_protocol_v0_host_serves_only_advertised_commits_by_id(
+    client: Client, host: GitHost, work: Path, tmp_path: Path
+) -> None:
+    old = await client.commit(work, "old")
+    tip = await client.commit(work, "tip")
+    await client.git("push", "--quiet", "origin", "main", cwd=work)
+    host.protocol_v0 = True
+    empty = tmp_path / "v0.git"
+    await client.git("init", "--quiet", "--bare", str(empty))
+    fetch = ("-c", "protocol.version=2", "fetch", "--quiet", "--depth=1", url(host))
+    status, _, err = await client.git(*fetch, old, cwd=empty, check=False)
+    assert status != 0 and "unadvertised object" in err
+    await client.git(*fetch, tip, cwd=empty)  # the tip of main is advertised
+    assert (await client.git("cat-file", "-t", tip, cwd=empty))[1] == "commit"
+
+
 async def test_wrong_host_key_fails_verification(
     client: Client, host: GitHost, tmp_path: Path
 ) -> None:

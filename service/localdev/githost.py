@@ -188,6 +188,9 @@ class GitHost:
         self.ssh_rsa_only = ssh_rsa_only
         self.host = host
         self.upload_pack_delay: float = 0.0
+        # Speak only protocol v0 (ignore the client's GIT_PROTOCOL): like a host without
+        # uploadpack.allowReachableSHA1InWant, it then serves only advertised commits by id.
+        self.protocol_v0 = False
         self.refuse_all_keys = False
         self.drop_after_bytes: int | None = None
         self.upload_pack_count = 0
@@ -354,7 +357,7 @@ class GitHost:
             logger.warning("refused %s: repository %s does not exist", service, name)
             process.stderr.write(f"fatal: repository '{name}' does not exist\n".encode())
             return 128
-        env = self._git_env(process.env.get("GIT_PROTOCOL"))
+        env = self._git_env(None if self.protocol_v0 else process.env.get("GIT_PROTOCOL"))
         if service == "upload-pack":
             self.upload_pack_count += 1
             if self.upload_pack_delay > 0:
@@ -396,11 +399,14 @@ class GitHost:
         proc = await anyio.open_process(["git", service, str(git_dir)], env=env)
         try:
             assert proc.stdout is not None and proc.stderr is not None
+            sent = [0]  # bytes of git's output sent to the client (logged: the bench reads it)
             async with anyio.create_task_group() as session:
                 session.start_soon(self._pump_stdin, process, proc)
                 async with anyio.create_task_group() as output:
-                    output.start_soon(self._pump_out, proc.stdout, process.stdout, proc, drop_after)
-                    output.start_soon(self._pump_out, proc.stderr, process.stderr, proc, None)
+                    output.start_soon(
+                        self._pump_out, proc.stdout, process.stdout, proc, drop_after, sent
+                    )
+                    output.start_soon(self._pump_out, proc.stderr, process.stderr, proc, None, None)
                 status = await proc.wait()
                 session.cancel_scope.cancel()  # the client may keep its side open
         finally:
@@ -408,7 +414,7 @@ class GitHost:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.aclose()
-        logger.info("git %s %s exited with %d", service, git_dir, status)
+        logger.info("git %s %s exited with %d, %d bytes sent", service, git_dir, status, sent[0])
         return status if status >= 0 else 128  # killed by a signal
 
     @staticmethod
@@ -427,6 +433,7 @@ class GitHost:
         sink: asyncssh.SSHWriter[bytes],
         proc: Process,
         limit: int | None,
+        total: list[int] | None,
     ) -> None:
         sent = 0
         async for chunk in source:
@@ -441,6 +448,8 @@ class GitHost:
             sink.write(chunk)
             await sink.drain()
             sent += len(chunk)
+            if total is not None:
+                total[0] += len(chunk)
 
     async def _refs(self, git_dir: Path) -> dict[str, str]:
         """Branches and tags of ``git_dir``, annotated tags peeled to their commit."""
@@ -476,6 +485,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
         on_change=log_event,
         ssh_rsa_only=args.ssh_rsa_only,
     )
+    host.protocol_v0 = args.protocol_v0
     for name in args.repository:
         host.create_repository(name)
     with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -518,6 +528,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         action="append",
         default=[],
         help="create this repository if missing (repeatable)",
+    )
+    parser.add_argument(
+        "--protocol-v0",
+        action="store_true",
+        help="serve protocol v0 only: commits that no branch or tag points at can't be "
+        "fetched by id (like a host without uploadpack.allowReachableSHA1InWant)",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
