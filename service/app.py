@@ -17,6 +17,7 @@ from .intake import Intake
 from .job import Services
 from .local_builds import LocalBuilds
 from .metrics import Metrics
+from .pipelines import Pipelines, Watcher
 from .queue import Leases, Queue
 from .settings import BuildBackend as BackendName
 from .settings import Settings
@@ -66,6 +67,11 @@ class App:
                 buffers=anyio.CapacityLimiter(s.max_parts_in_flight),
             )
             await storage.check()
+            pipelines = Pipelines.from_settings(s)
+            watcher = None
+            if s.config is not None:
+                watcher = Watcher(s, pipelines, self.metrics, clients.s3)
+                await watcher.load()  # a bad file refuses to start (ConfigurationError)
             leases = Leases(
                 visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
             )
@@ -81,11 +87,14 @@ class App:
                     backend=self._backend(clients, background),
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
+                    pipelines=pipelines,
                 )
-                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
+                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health, pipelines)
                 worker = Worker(work_queue, services, leases, self.health)
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(leases.run, name="heartbeat")
+                if watcher is not None:
+                    background.start_soon(watcher.run, self.stopping, name="config")
                 async with anyio.create_task_group() as consumers:
                     await consumers.start(intake.run, self.stopping)
                     await consumers.start(worker.run, self.stopping)

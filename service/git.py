@@ -358,6 +358,47 @@ class Git:
         if returncode != 0:
             raise GitError(f"git archive failed: {_tail(stderr)}")
 
+    # -- for service.changes (skip markers, path filters): read-only queries, one base commit --
+
+    async def query(self, git_dir: Path, *args: str) -> tuple[int, bytes]:
+        """Run a read-only git command on a cache directory: (exit status, stdout).
+
+        Raises:
+            GitError: git could not run or timed out.
+        """
+        command = ["git", f"--git-dir={git_dir}", *_CACHE, *args]
+        try:
+            with anyio.fail_after(self.settings.git_timeout):
+                result = await anyio.run_process(command, env=self._env, check=False)
+        except TimeoutError:
+            raise GitError(f"git {args[0]} timed out") from None
+        return result.returncode, result.stdout
+
+    async def fetch_base(self, push: Push, commit: str, *, shallow: bool) -> bool:
+        """Bring ``commit`` (the commit a push replaced) into the cache by id, under the
+        repository's lock, kept under one ref per branch; depth 1 on a shallow cache.
+        Returns False when the server cannot give it (gone, or unreachable).
+        """
+        git_dir = self.git_dir(push)
+        ref = "refs/branchbuild/base-" + hashlib.sha256(push.ref.encode()).hexdigest()[:32]
+        depth = ("--depth=1",) if shallow else ()
+        async with self._locks.setdefault(git_dir, anyio.Lock()):
+            if await self._has_commit(git_dir, commit):
+                return True
+            try:
+                await self._git(
+                    git_dir,
+                    *_FETCH[:-1],
+                    *depth,
+                    "--end-of-options",
+                    self.url(push),
+                    f"+{commit}:{ref}",
+                )
+            except (GitError, CommitNotFound) as exc:
+                log.info("the replaced commit %s cannot be fetched: %s", commit, exc)
+                return False
+            return await self._has_commit(git_dir, commit)
+
     # -- running git ------------------------------------------------------------------------
 
     async def _git(self, git_dir: Path | None, *args: str) -> bytes:

@@ -18,6 +18,7 @@ from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
+from .pipelines import Pipelines
 from .queue import Message, Outgoing, Queue, receive_until
 from .settings import Settings
 
@@ -34,8 +35,15 @@ def work_message(push: Push) -> Outgoing:
 
 class Intake:
     def __init__(
-        self, intake: Queue, work: Queue, settings: Settings, metrics: Metrics, health: Health
+        self,
+        intake: Queue,
+        work: Queue,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        pipelines: Pipelines | None = None,
     ) -> None:
+        self.pipelines = pipelines or Pipelines.from_settings(settings)
         self.intake = intake
         self.work = work
         self.settings = settings
@@ -80,7 +88,10 @@ class Intake:
         for message in messages:
             try:
                 event = parse_event(message.body)
-                decision = decide(event, self.settings)
+                rule = None
+                if isinstance(event, Push):
+                    rule = self.pipelines.rule_for(event.repository)
+                decision = decide(event, self.settings, rule)
             except PermanentError as exc:
                 await self._reject(message, exc)
                 continue

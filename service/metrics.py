@@ -95,5 +95,12 @@ class Metrics:
             "Visibility timeout extensions of in-flight messages (heartbeats).",
             registry=r,
         )
+        # -- pipeline configuration (service/pipelines.py) --
+        self.config_reloads = Counter(
+            "branchbuild_config_reloads",
+            "New versions of the pipeline configuration file, by result (loaded, refused).",
+            ["result"],
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})
