@@ -19,6 +19,7 @@ from .local_builds import LocalBuilds
 from .metrics import Metrics
 from .pipelines import Pipelines, Watcher
 from .queue import Leases, Queue
+from .reconcile import Reconciler
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
@@ -95,6 +96,8 @@ class App:
                 background.start_soon(leases.run, name="heartbeat")
                 if watcher is not None:
                     background.start_soon(watcher.run, self.stopping, name="config")
+                    reconciler = Reconciler(s, pipelines, git, storage, work_queue, self.metrics)
+                    background.start_soon(reconciler.run, self.stopping, name="reconcile")
                 async with anyio.create_task_group() as consumers:
                     await consumers.start(intake.run, self.stopping)
                     await consumers.start(worker.run, self.stopping)

@@ -57,6 +57,8 @@ class Push:
     commit: str | None
     old_commit: str | None = None
     time: str | None = None
+    # "event": from a CodeCommit event; "reconcile": a missed push found by service.reconcile.
+    origin: str = "event"
 
     @property
     def ref(self) -> str:
@@ -145,6 +147,7 @@ def parse_work(body: str | bytes) -> Push:
             commit=_commit(data, "commit", required=True),
             old_commit=_commit(data, "old_commit", required=False),
             time=data.get("time") if isinstance(data.get("time"), str) else None,
+            origin="reconcile" if data.get("origin") == "reconcile" else "event",
         )
     except ValueError as exc:
         raise MalformedEvent(f"bad work message: {exc}") from None

@@ -399,6 +399,23 @@ class Git:
                 return False
             return await self._has_commit(git_dir, commit)
 
+    async def list_heads(self, repository: str, region: str) -> dict[str, str]:
+        """The repository's branches on the server (``git ls-remote --heads``), for
+        :mod:`service.reconcile`: ref name -> commit id.
+
+        Raises:
+            HostKeyMismatch, GitAccessDenied: permanent.
+            GitError: the host cannot be reached.
+        """
+        url = self.url_for(check_repository(repository), region)
+        listing = await self._git(None, "ls-remote", "--heads", "--end-of-options", url)
+        heads: dict[str, str] = {}
+        for line in listing.decode("utf-8", errors="replace").splitlines():
+            commit, _, ref = line.partition("\t")
+            if ref.startswith("refs/heads/") and len(commit) == 40:
+                heads[ref] = commit
+        return heads
+
     # -- running git ------------------------------------------------------------------------
 
     async def _git(self, git_dir: Path | None, *args: str) -> bytes:

@@ -23,7 +23,7 @@ import anyio
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .aws import translated
+from .aws import region, translated
 from .errors import BranchbuildError, ConfigurationError, StorageError
 from .settings import Settings, check_template
 
@@ -191,6 +191,10 @@ class _RuleModel(_Model):
 
 class _Reconcile(_Model):
     repositories: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")], ...] = ()
+    # The repositories' account and region (the pushes' own); by default the only entry of
+    # BRANCHBUILD_ALLOWED_ACCOUNTS, and AWS_REGION.
+    account: Annotated[str, Field(pattern=r"^[0-9]{12}$")] | None = None
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")] | None = None
 
 
 class _FileModel(_Model):
@@ -210,6 +214,8 @@ class PipelineConfig:
     defaults: Rule
     rules: tuple[tuple[tuple[str, ...], Rule], ...] = ()
     reconcile_repositories: tuple[str, ...] = ()
+    reconcile_account: str | None = None
+    reconcile_region: str | None = None
 
     def rule_for(self, repository: str) -> Rule:
         """The first rule whose globs match ``repository``, else the environment's."""
@@ -253,6 +259,15 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
         field = dotted.replace(".[", "[") or "(file)"
         message = error["msg"].removeprefix("Value error, ")
         raise ConfigurationError(f"{source}:{line}: {field}: {message}") from None
+    reconcile = model.reconcile
+    account = reconcile.account
+    if account is None and len(settings.allowed_accounts) == 1:
+        account = settings.allowed_accounts[0]
+    if reconcile.repositories and account is None:
+        raise ConfigurationError(
+            f"{source}:{_lines(node).get(('reconcile',), 1)}: reconcile.account: required "
+            "(the repositories' AWS account) unless BRANCHBUILD_ALLOWED_ACCOUNTS names one"
+        )
     defaults = Rule.from_settings(settings)
     rules = tuple(
         (rule.repository, rule.resolve(defaults, index)) for index, rule in enumerate(model.rules)
@@ -261,7 +276,9 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
         source=source,
         defaults=defaults,
         rules=rules,
-        reconcile_repositories=model.reconcile.repositories,
+        reconcile_repositories=reconcile.repositories,
+        reconcile_account=account,
+        reconcile_region=reconcile.region or region(),
     )
 
 

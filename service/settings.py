@@ -123,6 +123,7 @@ class Settings(LocalSettings):
     # The pipeline configuration file (service/pipelines.py): a path or s3://bucket/key.
     config: str | None = None
     config_reload_interval: float = Field(default=30.0, gt=0)
+    reconcile_interval: float = Field(default=600.0, gt=0)
 
     build_backend: BuildBackend = BuildBackend.CODEBUILD
     local_build_timeout: float = Field(default=1800.0, gt=0)

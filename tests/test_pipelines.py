@@ -59,6 +59,15 @@ def test_the_shipped_example_loads_and_resolves() -> None:
     assert other.protected_branches == ("test", "develop", "staging")
     assert other.skip_markers == DEFAULT_SKIP_MARKERS and other.source is SourceMode.ARCHIVE
     assert config.reconcile_repositories == ("platform-monorepo", "web-shop")
+    assert (config.reconcile_account, config.reconcile_region) == ("111122223333", "eu-west-1")
+
+
+def test_reconciliation_needs_the_repositories_account() -> None:
+    text = "version: 1\nrules: []\nreconcile:\n  repositories: [shop]\n"
+    with pytest.raises(ConfigurationError, match=r"p.yaml:3: reconcile.account: required"):
+        parse_config(text, "p.yaml", settings())
+    config = parse_config(text, "p.yaml", settings(allowed_accounts=("444455556666",)))
+    assert config.reconcile_account == "444455556666"
 
 
 def test_first_match_wins_and_the_environment_is_the_default() -> None:

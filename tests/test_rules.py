@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import anyio
 import pytest
 
 from service.localdev.githost import RefChange, codecommit_event
+from service.reconcile import Lease
 from tests.helpers import (
     ROOT,
     AwsResources,
@@ -286,3 +288,84 @@ async def test_reload_from_s3_and_a_bad_reload_keeps_the_last_good_version(
     requests = await aws.start_builds()
     assert [r["projectName"] for r in requests] == ["shop-v2", "shop-v2"]
     assert commits_built(requests)[-1] == second
+
+
+RECONCILE = """
+version: 1
+reconcile:
+  repositories: [recon]
+  account: "123456789012"
+"""
+
+
+async def total(services: list[ServiceProcess], name: str, **labels: str) -> float:
+    return sum([await service.metric(name, **labels) for service in services])
+
+
+async def test_reconciliation_builds_a_missed_push_once_with_no_storm_and_survives_its_holder(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "recon")
+    repo = await WorkCopy.create(git_world, tmp_path, "recon")
+    await repo.commit({"a": "1"})
+    await repo.push("main", "main:feature/before")  # events never sent: missed
+    config = write_config(tmp_path, RECONCILE)
+    services = [
+        await start_service(
+            BRANCHBUILD_CONFIG=config,
+            BRANCHBUILD_RECONCILE_INTERVAL="1",
+            BRANCHBUILD_CACHE_DIR=str(tmp_path / f"cache-{n}"),
+        )
+        for n in range(2)
+    ]
+
+    async def runs(at_least: float) -> bool:
+        return await total(services, "branchbuild_reconcile_runs_total", result="done") >= at_least
+
+    # First contact: the branches are recorded, none is built (no storm).
+    await wait_for(lambda: runs(2), what="two reconciliation runs")
+    state = json.loads(await aws.object("_branchbuild/heads/recon.json"))
+    assert sorted(state) == ["refs/heads/feature/before", "refs/heads/main"]
+    assert await aws.start_builds() == []
+
+    # A push whose event is lost is found within an interval and built once, by one instance.
+    await repo.checkout("feature/missed")
+    missed = await repo.commit({"a": "2"})
+    await repo.push("feature/missed")
+    done = await total(services, "branchbuild_reconcile_runs_total", result="done")
+    requests = await wait_for(aws.start_builds, what="the missed push's build")
+    await wait_for(lambda: runs(done + 3), what="three more reconciliation runs")
+    assert commits_built(await aws.start_builds()) == commits_built(requests) == [missed]
+    assert await total(services, "branchbuild_reconciled_pushes_total") == 1
+    assert await total(services, "branchbuild_reconcile_runs_total", result="not_leader") >= 1
+    [holder] = [s for s in services if await s.metric("branchbuild_reconciled_pushes_total")]
+    [other] = [s for s in services if s is not holder]
+    assert await other.metric("branchbuild_reconcile_runs_total", result="done") == 0
+    assert "missed push queued: recon refs/heads/feature/missed" in holder.logs()
+
+    # The holder dies: its lease lapses and the other instance reconciles from then on.
+    holder.signal(signal.SIGKILL)
+    await holder.wait()
+    later = await repo.commit({"a": "3"})
+    await repo.push("feature/missed")
+    await wait_for(
+        lambda: other.metric("branchbuild_reconciled_pushes_total"),
+        what="the surviving instance reconciling",
+    )
+    await wait_for(lambda: _builds(aws, 2), what="the second missed push's build")
+    assert commits_built(await aws.start_builds()) == [missed, later]
+
+
+async def _builds(aws: AwsResources, count: int) -> bool:
+    return len(await aws.start_builds()) >= count
+
+
+async def test_a_dead_instances_lease_lapses(aws: AwsResources) -> None:
+    first = Lease(aws.s3, aws.bucket, duration=0.5)
+    second = Lease(aws.s3, aws.bucket, duration=0.5)
+    assert await first.acquire() is True
+    assert await second.acquire() is False
+    assert await first.acquire() is True  # the holder renews
+    # The first never renews again (it "died"): its lease lapses and the second takes over.
+    await wait_for(second.acquire, within=30, what="the lease to lapse")
+    assert await first.acquire() is False
