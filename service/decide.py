@@ -8,7 +8,7 @@ from fnmatch import fnmatchcase
 
 from .errors import RejectedEvent
 from .events import Action, OtherEvent, Push, RefType
-from .pipelines import Rule
+from .pipelines import OnDelete, Rule
 from .settings import Settings
 
 
@@ -39,7 +39,8 @@ class Skip:
 
 
 def decide(event: Push | OtherEvent, settings: Settings, rule: Rule | None = None) -> Push | Skip:
-    """Return the push to build, or why it is skipped, under the repository's ``rule`` (by
+    """Return the push to build (or, for a rule with ``on_delete: delete``, the deletion to
+    clean up after), or why it is skipped, under the repository's ``rule`` (by
     default the environment's settings). Path filters and skip markers need the commit: they
     are applied by the job (:mod:`service.changes`).
 
@@ -51,6 +52,8 @@ def decide(event: Push | OtherEvent, settings: Settings, rule: Rule | None = Non
     _check_allowed(event, settings)
     rule = rule or Rule.from_settings(settings)
     if event.action is Action.DELETED:
+        if rule.on_delete is OnDelete.DELETE:
+            return event  # the job deletes its archives, in the branch's lane (service.cleanup)
         return Skip(Outcome.DELETED, f"{event.ref} was deleted")
     if event.ref_type is RefType.TAG:
         if not rule.build_tags:

@@ -27,9 +27,10 @@ log = logging.getLogger("branchbuild.intake")
 
 def work_message(push: Push) -> Outgoing:
     """Group per repository+ref (order within a branch); dedup per repository+ref+commit."""
-    assert push.commit is not None
+    # A deletion (service.cleanup) has no commit: its own id, from the deleted commit.
+    commit = push.commit or f"deleted:{push.old_commit}"
     group = hashlib.sha256(f"{push.repository}\0{push.ref}".encode()).hexdigest()
-    dedup = hashlib.sha256(f"{push.repository}\0{push.ref}\0{push.commit}".encode()).hexdigest()
+    dedup = hashlib.sha256(f"{push.repository}\0{push.ref}\0{commit}".encode()).hexdigest()
     return Outgoing(body=push.to_json(), group=group, dedup=dedup)
 
 

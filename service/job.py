@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .builds import BuildBackend, BuildRequest, codecommit_url, project_name
 from .changes import screen
+from .cleanup import clean_up_branch
 from .decide import Outcome
 from .errors import PermanentError
-from .events import Push, event_time
+from .events import Action, Push, event_time
 from .git import Git
 from .metrics import Metrics
 from .pipelines import Pipelines, Rule, SourceMode
@@ -35,6 +36,8 @@ class Services:
     backend_name: str
     metrics: Metrics
     pipelines: Pipelines | None = None  # None: the environment's settings are the only rule
+    # Hook for the build-outcomes work: stop a deleted branch's running build (service.cleanup).
+    on_branch_deleted: Callable[[Push, Rule], Awaitable[None]] | None = None
 
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:
@@ -78,8 +81,11 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         TransientError: a retry may succeed; nothing half-done is left behind.
     """
     s = services
-    assert push.commit is not None
     rule = s.rule_for(push)
+    if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
+        await clean_up_branch(push, rule, s)
+        return JobResult(Outcome.DELETED, None, "")
+    assert push.commit is not None
     key = object_key(rule.key_template, push)
     project = project_name(rule.project_template, push)
     direct = rule.source is SourceMode.CODECOMMIT

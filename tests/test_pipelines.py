@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,8 @@ import pytest
 
 from service.decide import Outcome, Skip, decide
 from service.errors import ConfigurationError
-from service.events import Push, parse_event
+from service.events import Push, parse_event, parse_work
+from service.intake import work_message
 from service.metrics import Metrics
 from service.pipelines import (
     DEFAULT_SKIP_MARKERS,
@@ -181,3 +183,20 @@ def test_an_s3_location_needs_a_key() -> None:
 
 def test_the_readme_shows_the_shipped_example() -> None:
     assert EXAMPLE.read_text() in (ROOT / "README.md").read_text()
+
+
+def test_a_deletion_is_queued_for_clean_up_only_under_on_delete() -> None:
+    text = "version: 1\nrules:\n  - repository: tidy\n    on_delete: delete\n"
+    pipelines = Pipelines(parse_config(text, "p.yaml", settings()))
+    s = settings()
+    for repository, queued in (("tidy", True), ("other", False)):
+        raw = event_for(repository, "refs/heads/feature/x", None, old="b" * 40)
+        deletion = parse_event(json.dumps(raw))
+        assert isinstance(deletion, Push)
+        result = decide(deletion, s, pipelines.rule_for(repository))
+        assert (result is deletion) is queued, repository
+        if queued:
+            # Through the work queue and back: no new commit, the deleted one kept.
+            message = work_message(deletion)
+            assert parse_work(message.body) == deletion
+            assert message.dedup != work_message(replace(deletion, old_commit="c" * 40)).dedup

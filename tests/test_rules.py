@@ -369,3 +369,43 @@ async def test_a_dead_instances_lease_lapses(aws: AwsResources) -> None:
     # The first never renews again (it "died"): its lease lapses and the second takes over.
     await wait_for(second.acquire, within=30, what="the lease to lapse")
     assert await first.acquire() is False
+
+
+CLEANUP = """
+version: 1
+rules:
+  - repository: tidy
+    on_delete: delete
+"""
+
+
+async def test_branch_deletion_clean_up_per_rule(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    for name in ("tidy", "kept"):
+        await create_project(aws, name)
+    tidy = await WorkCopy.create(git_world, tmp_path, "tidy")
+    kept = await WorkCopy.create(git_world, tmp_path, "kept")
+    service = await start_service(BRANCHBUILD_CONFIG=write_config(tmp_path, CLEANUP))
+    for copy in (tidy, kept, tidy):
+        await copy.commit({"a": str(len(git_world.changes))})
+        await copy.push("HEAD:feature/x")
+        await settle(aws, service, git_world.changes[-1], metric="jobs")
+    await tidy.push("HEAD:feature/x-other")  # a neighbour whose keys share a prefix
+    await settle(aws, service, git_world.changes[-1], metric="jobs")
+    before = await aws.keys()
+    assert len([k for k in before if k.startswith("tidy/feature/x/")]) == 4  # 2 zips, 2 ledgers
+
+    await tidy.push("--delete", "feature/x")
+    await settle(aws, service, git_world.changes[-1], metric="jobs")
+    await kept.push("--delete", "feature/x")
+    await settle(aws, service, git_world.changes[-1], metric="events")
+
+    after = await aws.keys()
+    assert [k for k in after if k.startswith("tidy/feature/x/")] == []
+    assert [k for k in after if not k.startswith("tidy/feature/x/")] == [
+        k for k in before if not k.startswith("tidy/feature/x/")
+    ]
+    assert len([k for k in after if k.startswith("kept/feature/x/")]) == 2  # kept (default)
+    assert await service.metric("branchbuild_jobs_total", outcome="deleted") == 1
+    assert await service.metric("branchbuild_events_total", outcome="deleted") == 1
