@@ -339,7 +339,7 @@ class Watcher:
             ConfigurationError: the file is missing, unreadable or invalid.
         """
         version = await self._stat()
-        self.pipelines.current = await self._read()
+        self.pipelines.current = parse_config(await self._read(), self.location, self.settings)
         self._version = version
         log.info(
             "pipeline configuration %s: %s rule(s)",
@@ -366,9 +366,13 @@ class Watcher:
             return self._refuse(exc)
         if version == self._version:
             return False
+        try:
+            text = await self._read()
+        except ConfigurationError as exc:  # unreadable for now: tried again next time
+            return self._refuse(exc)
         self._version = version  # a bad version is refused once, not at every check
         try:
-            config = await self._read()
+            config = parse_config(text, self.location, self.settings)
         except ConfigurationError as exc:
             return self._refuse(exc)
         self.pipelines.current = config
@@ -403,7 +407,7 @@ class Watcher:
             raise ConfigurationError(f"{self.location}: cannot read: {exc}") from None
         return str(reply.get("ETag", ""))
 
-    async def _read(self) -> PipelineConfig:
+    async def _read(self) -> bytes:
         s3 = self._s3_location()
         if s3 is None:
             try:
@@ -418,4 +422,4 @@ class Watcher:
                     text = await reply["Body"].read()
             except BranchbuildError as exc:
                 raise ConfigurationError(f"{self.location}: cannot read: {exc}") from None
-        return parse_config(text, self.location, self.settings)
+        return text

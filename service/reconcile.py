@@ -62,6 +62,18 @@ class Lease:
         self.bucket = bucket
         self.duration = duration
         self.owner = uuid.uuid4().hex
+        self._etag: str | None = None  # of the lease as we last wrote it
+
+    async def release(self) -> None:
+        """Let the lease lapse now (on shutdown), if it is still ours; never raises."""
+        if self._etag is None:
+            return
+        body = json.dumps({"owner": self.owner, "expires": 0})
+        try:
+            await self._put(body, etag=self._etag)
+        except StorageError as exc:
+            log.warning("could not release the reconciliation lease: %s", exc)
+        self._etag = None
 
     async def acquire(self) -> bool:
         """Take or renew the lease; False while another instance holds an unexpired one.
@@ -92,17 +104,19 @@ class Lease:
         try:
             with translated(f"write s3://{self.bucket}/{LEASE_KEY}", transient=StorageError):
                 if etag is None:
-                    await self.s3.put_object(
+                    reply = await self.s3.put_object(
                         Bucket=self.bucket, Key=LEASE_KEY, Body=body.encode(), IfNoneMatch="*"
                     )
                 else:
-                    await self.s3.put_object(
+                    reply = await self.s3.put_object(
                         Bucket=self.bucket, Key=LEASE_KEY, Body=body.encode(), IfMatch=etag
                     )
         except StorageError as exc:
             if error_code(exc.__cause__ or exc) in _LOST:
+                self._etag = None
                 return False
             raise
+        self._etag = reply.get("ETag")
         return True
 
 
@@ -125,7 +139,15 @@ class Reconciler:
         self.lease = Lease(storage.s3, storage.bucket, duration=settings.reconcile_interval * 1.5)
 
     async def run(self, stopping: anyio.Event) -> None:
-        """Reconcile every interval until stopping; never raises for a failed run."""
+        """Reconcile every interval until stopping; never raises for a failed run. On the way
+        out the lease is released, so another instance takes over at its next run."""
+        try:
+            await self._loop(stopping)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.lease.release()
+
+    async def _loop(self, stopping: anyio.Event) -> None:
         while not stopping.is_set():
             with anyio.move_on_after(self.settings.reconcile_interval):
                 await stopping.wait()

@@ -142,6 +142,34 @@ async def test_a_force_push_that_cannot_be_compared_builds(
     assert "built without a path comparison" in service.logs()
 
 
+async def test_a_rewritten_branch_builds_and_later_pushes_are_compared_again(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    await create_project(aws, "rewrite")
+    repo = await WorkCopy.create(git_world, tmp_path, "rewrite")
+    await repo.commit({"services/pay/app.py": "1\n"})
+    await repo.push("main")
+    config = "version: 1\nrules:\n  - repository: rewrite\n    paths: {include: [services/pay/*]}\n"
+    service = await start_service(BRANCHBUILD_CONFIG=write_config(tmp_path, config))
+    await repo.checkout("feature/f")
+    old = await repo.commit({"services/pay/app.py": "2\n"})
+    await repo.push("feature/f")
+    await settle(aws, service, git_world.changes[-1], metric="jobs")
+    # Force-pushed: the payments change is gone from the branch (another team's commit in
+    # its place). The old commit is still on the server and in the cache: the push builds.
+    await repo.git("reset", "--quiet", "--hard", "main")
+    new = await repo.commit({"services/web/app.py": "x\n"})
+    await repo.push("--force", "feature/f")
+    assert git_world.changes[-1].old == old
+    await settle(aws, service, git_world.changes[-1], metric="jobs")
+    # A fast-forward after it touching only other paths is compared, and filtered.
+    await repo.commit({"services/web/app.py": "y\n"})
+    await repo.push("feature/f")
+    await settle(aws, service, git_world.changes[-1], metric="jobs")
+    assert commits_built(await aws.start_builds()) == [old, new]
+    assert await service.metric("branchbuild_jobs_total", outcome="filtered") == 1
+
+
 async def test_skip_markers(
     aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
 ) -> None:
@@ -369,6 +397,9 @@ async def test_a_dead_instances_lease_lapses(aws: AwsResources) -> None:
     # The first never renews again (it "died"): its lease lapses and the second takes over.
     await wait_for(second.acquire, within=30, what="the lease to lapse")
     assert await first.acquire() is False
+    # Released on shutdown: taken over at once.
+    await second.release()
+    assert await first.acquire() is True
 
 
 CLEANUP = """
