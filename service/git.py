@@ -388,7 +388,7 @@ class Git:
             try:
                 await self._git(
                     git_dir,
-                    *_FETCH[:-1],
+                    *(a for a in _FETCH if a != "--end-of-options"),
                     *depth,
                     "--end-of-options",
                     self.url(push),
