@@ -16,7 +16,9 @@ from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services
 from .metrics import Metrics
+from .pipelines import Pipelines, Watcher
 from .queue import Leases, Queue
+from .reconcile import Reconciler
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
@@ -65,6 +67,11 @@ class App:
                 buffers=anyio.CapacityLimiter(s.max_parts_in_flight),
             )
             await storage.check()
+            pipelines = Pipelines.from_settings(s)
+            watcher = None
+            if s.config is not None:
+                watcher = Watcher(s, pipelines, self.metrics, clients.s3)
+                await watcher.load()  # a bad file refuses to start (ConfigurationError)
             leases = Leases(
                 visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
             )
@@ -80,11 +87,16 @@ class App:
                     backend=self._backend(clients, background),
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
+                    pipelines=pipelines,
                 )
-                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
+                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health, pipelines)
                 worker = Worker(work_queue, services, leases, self.health)
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(leases.run, name="heartbeat")
+                if watcher is not None:
+                    background.start_soon(watcher.run, self.stopping, name="config")
+                    reconciler = Reconciler(s, pipelines, git, storage, work_queue, self.metrics)
+                    background.start_soon(reconciler.run, self.stopping, name="reconcile")
                 async with anyio.create_task_group() as consumers:
                     await consumers.start(intake.run, self.stopping)
                     await consumers.start(worker.run, self.stopping)

@@ -37,6 +37,10 @@ class BuildRequest:
     project: str
     bucket: str
     key: str
+    # The rule's extra build environment variables (names checked by service.pipelines).
+    extra_environment: tuple[tuple[str, str], ...] = ()
+    # Set for ``source: codecommit``: CodeBuild clones this URL itself (no archive).
+    codecommit_url: str | None = None
 
     @property
     def commit(self) -> str:
@@ -52,7 +56,7 @@ class BuildRequest:
     @property
     def environment(self) -> dict[str, str]:
         name_variable = "BRANCH_NAME" if self.push.ref_type is RefType.BRANCH else "TAG_NAME"
-        return {
+        return dict(self.extra_environment) | {
             "COMMIT_ID": self.commit,
             name_variable: self.push.name,
             "REPOSITORY_NAME": self.push.repository,
@@ -67,6 +71,11 @@ class StartedBuild:
 
 class BuildBackend(Protocol):
     async def start(self, request: BuildRequest) -> StartedBuild: ...
+
+
+def codecommit_url(push: Push) -> str:
+    """The repository's HTTPS clone URL, as CodeBuild's CODECOMMIT source wants it."""
+    return f"https://git-codecommit.{push.region}.amazonaws.com/v1/repos/{push.repository}"
 
 
 def project_name(template: str, push: Push) -> str:
@@ -113,12 +122,23 @@ class CodeBuild:
             for name, value in request.environment.items()
         ]
         with translated(f"start a build of project {request.project}", transient=BuildError):
-            reply = await self.client.start_build(
-                projectName=request.project,
-                sourceTypeOverride="S3",
-                sourceLocationOverride=f"{request.bucket}/{request.key}",
-                environmentVariablesOverride=variables,
-                artifactsOverride={"type": "NO_ARTIFACTS"},
-                idempotencyToken=request.idempotency_token,
-            )
+            if request.codecommit_url is not None:
+                reply = await self.client.start_build(
+                    projectName=request.project,
+                    sourceTypeOverride="CODECOMMIT",
+                    sourceLocationOverride=request.codecommit_url,
+                    sourceVersion=request.commit,
+                    environmentVariablesOverride=variables,
+                    artifactsOverride={"type": "NO_ARTIFACTS"},
+                    idempotencyToken=request.idempotency_token,
+                )
+            else:
+                reply = await self.client.start_build(
+                    projectName=request.project,
+                    sourceTypeOverride="S3",
+                    sourceLocationOverride=f"{request.bucket}/{request.key}",
+                    environmentVariablesOverride=variables,
+                    artifactsOverride={"type": "NO_ARTIFACTS"},
+                    idempotencyToken=request.idempotency_token,
+                )
         return StartedBuild(build_id=reply["build"]["id"], project=request.project)

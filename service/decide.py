@@ -8,6 +8,7 @@ from fnmatch import fnmatchcase
 
 from .errors import RejectedEvent
 from .events import Action, OtherEvent, Push, RefType
+from .pipelines import OnDelete, Rule
 from .settings import Settings
 
 
@@ -25,6 +26,8 @@ class Outcome(StrEnum):
     RETRIED = "retried"
     FAILED = "failed"
     RELEASED = "released"
+    SKIPPED = "skipped"
+    FILTERED = "filtered"
 
 
 @dataclass(frozen=True)
@@ -35,8 +38,11 @@ class Skip:
     reason: str
 
 
-def decide(event: Push | OtherEvent, settings: Settings) -> Push | Skip:
-    """Return the push to build, or why it is skipped.
+def decide(event: Push | OtherEvent, settings: Settings, rule: Rule | None = None) -> Push | Skip:
+    """Return the push to build (or, for a rule with ``on_delete: delete``, the deletion to
+    clean up after), or why it is skipped, under the repository's ``rule`` (by
+    default the environment's settings). Path filters and skip markers need the commit: they
+    are applied by the job (:mod:`service.changes`).
 
     Raises:
         RejectedEvent: the event comes from an account, region or repository not allowed.
@@ -44,16 +50,23 @@ def decide(event: Push | OtherEvent, settings: Settings) -> Push | Skip:
     if isinstance(event, OtherEvent):
         return Skip(Outcome.IGNORED, f"event {event.event!r} is not a ref change")
     _check_allowed(event, settings)
+    rule = rule or Rule.from_settings(settings)
     if event.action is Action.DELETED:
+        if rule.on_delete is OnDelete.DELETE:
+            return event  # the job deletes its archives, in the branch's lane (service.cleanup)
         return Skip(Outcome.DELETED, f"{event.ref} was deleted")
     if event.ref_type is RefType.TAG:
-        if not settings.build_tags:
-            return Skip(Outcome.IGNORED, "tag builds are disabled (BRANCHBUILD_BUILD_TAGS)")
+        if not rule.build_tags:
+            return Skip(Outcome.IGNORED, f"tag builds are disabled ({rule.name})")
         return event
-    if _matches(event.name, settings.protected_branches):
-        return Skip(Outcome.PROTECTED, f"branch {event.name!r} is protected")
-    if not _matches(event.name, settings.include_branches):
-        return Skip(Outcome.EXCLUDED, f"branch {event.name!r} is not in the include list")
+    if _matches(event.name, rule.protected_branches):
+        return Skip(Outcome.PROTECTED, f"branch {event.name!r} is protected ({rule.name})")
+    if not _matches(event.name, rule.include_branches):
+        return Skip(
+            Outcome.EXCLUDED, f"branch {event.name!r} is not in the include list ({rule.name})"
+        )
+    if _matches(event.name, rule.exclude_branches):
+        return Skip(Outcome.EXCLUDED, f"branch {event.name!r} is excluded ({rule.name})")
     return event
 
 

@@ -57,6 +57,8 @@ class Push:
     commit: str | None
     old_commit: str | None = None
     time: str | None = None
+    # "event": from a CodeCommit event; "reconcile": a missed push found by service.reconcile.
+    origin: str = "event"
 
     @property
     def ref(self) -> str:
@@ -134,6 +136,8 @@ def parse_work(body: str | bytes) -> Push:
     if data.get("version") != 1:
         raise MalformedEvent(f"unknown work message version {_short(data.get('version'))}")
     try:
+        action = Action(str(data.get("action")))
+        deleted = action is Action.DELETED  # a clean-up (service.cleanup): no new commit
         push = Push(
             event_id=_text(data, "event_id", limit=128),
             account=_match(data, "account", _ACCOUNT),
@@ -141,10 +145,11 @@ def parse_work(body: str | bytes) -> Push:
             repository=check_repository(_text(data, "repository", limit=100)),
             ref_type=RefType(str(data.get("ref_type"))),
             name=check_ref_name(_text(data, "name", limit=4096)),
-            action=Action(str(data.get("action"))),
-            commit=_commit(data, "commit", required=True),
-            old_commit=_commit(data, "old_commit", required=False),
+            action=action,
+            commit=_commit(data, "commit", required=not deleted),
+            old_commit=_commit(data, "old_commit", required=deleted),
             time=data.get("time") if isinstance(data.get("time"), str) else None,
+            origin="reconcile" if data.get("origin") == "reconcile" else "event",
         )
     except ValueError as exc:
         raise MalformedEvent(f"bad work message: {exc}") from None

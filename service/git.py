@@ -414,6 +414,39 @@ class Git:
         if returncode != 0:
             raise GitError(f"git archive failed: {_tail(stderr)}")
 
+    # -- for service.changes (skip markers, path filters): read-only queries, one base commit --
+
+    async def query(self, git_dir: Path, *args: str) -> tuple[int, bytes]:
+        """Run a read-only git command on a cache directory: (exit status, stdout).
+
+        Raises:
+            GitError: git could not run or timed out.
+        """
+        command = ["git", f"--git-dir={git_dir}", *_CACHE, *args]
+        try:
+            with anyio.fail_after(self.settings.git_timeout):
+                result = await anyio.run_process(command, env=self._env, check=False)
+        except TimeoutError:
+            raise GitError(f"git {args[0]} timed out") from None
+        return result.returncode, result.stdout
+
+    async def list_heads(self, repository: str, region: str) -> dict[str, str]:
+        """The repository's branches on the server (``git ls-remote --heads``), for
+        :mod:`service.reconcile`: ref name -> commit id.
+
+        Raises:
+            HostKeyMismatch, GitAccessDenied: permanent.
+            GitError: the host cannot be reached.
+        """
+        url = self.url_for(check_repository(repository), region)
+        listing = await self._git(None, "ls-remote", "--heads", "--end-of-options", url)
+        heads: dict[str, str] = {}
+        for line in listing.decode("utf-8", errors="replace").splitlines():
+            commit, _, ref = line.partition("\t")
+            if ref.startswith("refs/heads/") and len(commit) == 40:
+                heads[ref] = commit
+        return heads
+
     # -- running git ------------------------------------------------------------------------
 
     async def _git(self, git_dir: Path | None, *args: str) -> bytes:

@@ -18,6 +18,7 @@ from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
+from .pipelines import Pipelines
 from .queue import Message, Outgoing, Queue, receive_until
 from .settings import Settings
 
@@ -26,16 +27,24 @@ log = logging.getLogger("branchbuild.intake")
 
 def work_message(push: Push) -> Outgoing:
     """Group per repository+ref (order within a branch); dedup per repository+ref+commit."""
-    assert push.commit is not None
+    # A deletion (service.cleanup) has no commit: its own id, from the deleted commit.
+    commit = push.commit or f"deleted:{push.old_commit}"
     group = hashlib.sha256(f"{push.repository}\0{push.ref}".encode()).hexdigest()
-    dedup = hashlib.sha256(f"{push.repository}\0{push.ref}\0{push.commit}".encode()).hexdigest()
+    dedup = hashlib.sha256(f"{push.repository}\0{push.ref}\0{commit}".encode()).hexdigest()
     return Outgoing(body=push.to_json(), group=group, dedup=dedup)
 
 
 class Intake:
     def __init__(
-        self, intake: Queue, work: Queue, settings: Settings, metrics: Metrics, health: Health
+        self,
+        intake: Queue,
+        work: Queue,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        pipelines: Pipelines | None = None,
     ) -> None:
+        self.pipelines = pipelines or Pipelines.from_settings(settings)
         self.intake = intake
         self.work = work
         self.settings = settings
@@ -80,7 +89,10 @@ class Intake:
         for message in messages:
             try:
                 event = parse_event(message.body)
-                decision = decide(event, self.settings)
+                rule = None
+                if isinstance(event, Push):
+                    rule = self.pipelines.rule_for(event.repository)
+                decision = decide(event, self.settings, rule)
             except PermanentError as exc:
                 await self._reject(message, exc)
                 continue

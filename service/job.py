@@ -5,16 +5,20 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .builds import BuildBackend, BuildRequest, project_name
+from .builds import BuildBackend, BuildRequest, codecommit_url, project_name
+from .changes import screen
+from .cleanup import clean_up_branch
 from .decide import Outcome
-from .events import Push, event_time
+from .errors import PermanentError
+from .events import Action, Push, event_time
 from .git import Git
 from .metrics import Metrics
+from .pipelines import Pipelines, Rule, SourceMode
 from .settings import Settings
 from .storage import LedgerEntry, Storage
 
@@ -31,6 +35,14 @@ class Services:
     backend: BuildBackend
     backend_name: str
     metrics: Metrics
+    pipelines: Pipelines | None = None  # None: the environment's settings are the only rule
+    # Hook for the build-outcomes work: stop a deleted branch's running build (service.cleanup).
+    on_branch_deleted: Callable[[Push, Rule], Awaitable[None]] | None = None
+
+    def rule_for(self, push: Push) -> Rule:
+        if self.pipelines is None:
+            return Rule.from_settings(self.settings)
+        return self.pipelines.rule_for(push.repository)
 
 
 @dataclass(frozen=True)
@@ -69,31 +81,54 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         TransientError: a retry may succeed; nothing half-done is left behind.
     """
     s = services
+    rule = s.rule_for(push)
+    if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
+        await clean_up_branch(push, rule, s)
+        return JobResult(Outcome.DELETED, None, "")
     assert push.commit is not None
-    key = object_key(s.settings.key_template, push)
-    project = project_name(s.settings.project_template, push)
+    key = object_key(rule.key_template, push)
+    project = project_name(rule.project_template, push)
+    direct = rule.source is SourceMode.CODECOMMIT
+    if direct and s.backend_name != "codebuild":
+        raise PermanentError(f"{rule.name} has source: codecommit, which needs CodeBuild")
 
-    prefix, pattern = branch_keys(s.settings.key_template, push)
-    if recovering and prefix:  # (an empty prefix would list the whole bucket)
+    prefix, pattern = branch_keys(rule.key_template, push)
+    if recovering and prefix and not direct:  # (an empty prefix would list the whole bucket)
         await s.storage.abort_stale(prefix, pattern)
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
 
-    async with AsyncExitStack() as stack:
-        with _timed(s.metrics, "fetch"):
-            fetched = await stack.enter_async_context(s.git.fetched(push))
-        s.metrics.fetches.labels(result="hit" if fetched.cache_hit else "fetched").inc()
-        with _timed(s.metrics, "archive"):
-            await s.git.check_sizes(fetched)
-        with _timed(s.metrics, "upload"):
-            async with s.git.archive(fetched) as stream:
-                uploaded = await s.storage.upload(key, stream)
-    s.metrics.upload_bytes.inc(uploaded.size)
-    log.info("uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key)
+    # Direct source: nothing is fetched unless the rule needs the commit (markers, paths).
+    if not direct or rule.needs_commit:
+        async with AsyncExitStack() as stack:
+            with _timed(s.metrics, "fetch"):
+                fetched = await stack.enter_async_context(s.git.fetched(push))
+            s.metrics.fetches.labels(result="hit" if fetched.cache_hit else "fetched").inc()
+            skip = await screen(push, rule, s.git, fetched)
+            if skip is not None:
+                log.info("not built: %s", skip.reason)
+                return JobResult(skip.outcome, None, key)
+            if not direct:
+                with _timed(s.metrics, "archive"):
+                    await s.git.check_sizes(fetched)
+                with _timed(s.metrics, "upload"):
+                    async with s.git.archive(fetched) as stream:
+                        uploaded = await s.storage.upload(key, stream)
+                s.metrics.upload_bytes.inc(uploaded.size)
+                log.info(
+                    "uploaded %s bytes in %s part(s) to %s", uploaded.size, uploaded.parts, key
+                )
 
-    request = BuildRequest(push=push, project=project, bucket=s.storage.bucket, key=key)
+    request = BuildRequest(
+        push=push,
+        project=project,
+        bucket=s.storage.bucket,
+        key=key,
+        extra_environment=rule.environment,
+        codecommit_url=codecommit_url(push) if direct else None,
+    )
     with _timed(s.metrics, "start_build"):
         started = await s.backend.start(request)
     s.metrics.builds.labels(backend=s.backend_name).inc()

@@ -95,5 +95,24 @@ class Metrics:
             "Visibility timeout extensions of in-flight messages (heartbeats).",
             registry=r,
         )
+        # -- pipeline configuration (service/pipelines.py) --
+        self.config_reloads = Counter(
+            "branchbuild_config_reloads",
+            "New versions of the pipeline configuration file, by result (loaded, refused).",
+            ["result"],
+            registry=r,
+        )
+        # -- reconciliation of missed events (service/reconcile.py) --
+        self.reconcile_runs = Counter(
+            "branchbuild_reconcile_runs",
+            "Reconciliation rounds, by result (done, not_leader, failed).",
+            ["result"],
+            registry=r,
+        )
+        self.reconciled = Counter(
+            "branchbuild_reconciled_pushes",
+            "Pushes with no event and no build, found by reconciliation and queued.",
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})

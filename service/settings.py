@@ -120,6 +120,11 @@ class Settings(LocalSettings):
     max_archive_bytes: int = Field(default=5 * GiB, ge=1)
     max_file_bytes: int = Field(default=2 * GiB, ge=1)
 
+    # The pipeline configuration file (service/pipelines.py): a path or s3://bucket/key.
+    config: str | None = None
+    config_reload_interval: float = Field(default=30.0, gt=0)
+    reconcile_interval: float = Field(default=600.0, gt=0)
+
     build_backend: BuildBackend = BuildBackend.CODEBUILD
     local_build_timeout: float = Field(default=1800.0, gt=0)
 
@@ -156,21 +161,30 @@ class Settings(LocalSettings):
     @field_validator("key_template")
     @classmethod
     def _key_template_fields(cls, value: str) -> str:
-        _check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
+        check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
         return value
 
     @field_validator("project_template")
     @classmethod
     def _project_template_fields(cls, value: str) -> str:
-        _check_template(value, {"repository", "branch"}, required=set())
+        check_template(value, {"repository", "branch"}, required=set())
         return value
 
     @field_validator("git_url_template")
     @classmethod
     def _git_url_template_fields(cls, value: str) -> str:
-        _check_template(value, {"repository", "region", "ssh_key_id"}, required={"repository"})
+        check_template(value, {"repository", "region", "ssh_key_id"}, required={"repository"})
         if not value.startswith(("ssh://", "file://", "/")):
             raise ValueError("must be an ssh:// URL (or file:// for local tests)")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config_location(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("s3://"):
+            bucket, _, key = value.removeprefix("s3://").partition("/")
+            if not bucket or not key:
+                raise ValueError("must be a file path or s3://bucket/key")
         return value
 
     @model_validator(mode="after")
@@ -194,7 +208,7 @@ class Settings(LocalSettings):
         return self
 
 
-def _check_template(template: str, allowed: set[str], *, required: set[str]) -> None:
+def check_template(template: str, allowed: set[str], *, required: set[str]) -> None:
     import string
 
     try:

@@ -1,0 +1,425 @@
+"""The pipeline configuration file (``BRANCHBUILD_CONFIG``): rules per repository.
+
+A YAML file, local or ``s3://bucket/key``, holds an ordered list of rules; the first rule
+whose ``repository`` globs match a push's repository applies, and every field a rule leaves
+out takes the environment's setting (``BRANCHBUILD_*``). Without a file, or for a repository no
+rule matches, the environment's settings are the rule.
+
+The file is validated whole with pydantic; an error names the file, the line and the field.
+At start-up a bad file refuses to start; while running (:class:`Watcher`), a bad new version
+is refused, logged and counted, and the last good one stays in force.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+import anyio
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .aws import region, translated
+from .errors import BranchbuildError, ConfigurationError, StorageError
+from .settings import Settings, check_template
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+    from .metrics import Metrics
+
+log = logging.getLogger("branchbuild.pipelines")
+
+DEFAULT_SKIP_MARKERS = ("[skip ci]", "[ci skip]", "[skip branchbuild]")
+# Set by branchbuild itself: a rule's environment may not override them.
+RESERVED_VARIABLES = frozenset({"COMMIT_ID", "BRANCH_NAME", "TAG_NAME", "REPOSITORY_NAME"})
+_VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+class SourceMode(StrEnum):
+    """How CodeBuild gets the source: our zip in S3, or CodeCommit directly (same account)."""
+
+    ARCHIVE = "archive"
+    CODECOMMIT = "codecommit"
+
+
+class OnDelete(StrEnum):
+    """What happens to a deleted branch's archives and ledger entries."""
+
+    KEEP = "keep"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The resolved rule for one repository: every field has its value."""
+
+    name: str
+    project_template: str
+    include_branches: tuple[str, ...]
+    exclude_branches: tuple[str, ...]
+    protected_branches: tuple[str, ...]
+    build_tags: bool
+    include_paths: tuple[str, ...]
+    exclude_paths: tuple[str, ...]
+    skip_markers: tuple[str, ...]
+    environment: tuple[tuple[str, str], ...]
+    # None: the environment's default (the build-outcomes work's BRANCHBUILD_KEEP_RUNNING_BRANCHES).
+    keep_running_branches: tuple[str, ...] | None
+    key_template: str
+    source: SourceMode
+    on_delete: OnDelete
+
+    @property
+    def filters_paths(self) -> bool:
+        return bool(self.include_paths or self.exclude_paths)
+
+    @property
+    def needs_commit(self) -> bool:
+        """Whether deciding needs the commit itself (its message or its changed paths)."""
+        return bool(self.skip_markers) or self.filters_paths
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Rule:
+        return cls(
+            name="(environment)",
+            project_template=settings.project_template,
+            include_branches=settings.include_branches,
+            exclude_branches=(),
+            protected_branches=settings.protected_branches,
+            build_tags=settings.build_tags,
+            include_paths=(),
+            exclude_paths=(),
+            skip_markers=DEFAULT_SKIP_MARKERS,
+            environment=(),
+            keep_running_branches=None,
+            key_template=settings.key_template,
+            source=SourceMode.ARCHIVE,
+            on_delete=OnDelete.KEEP,
+        )
+
+
+# -- the file's schema ------------------------------------------------------------------------
+
+Globs = tuple[Annotated[str, Field(min_length=1)], ...]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _Branches(_Model):
+    include: Globs | None = None
+    exclude: Globs = ()
+    protected: Globs | None = None
+
+
+class _Paths(_Model):
+    include: Globs = ()
+    exclude: Globs = ()
+
+
+class _RuleModel(_Model):
+    repository: Annotated[Globs, Field(min_length=1)]
+    project: str | None = None
+    branches: _Branches = _Branches()
+    tags: bool | None = None
+    paths: _Paths = _Paths()
+    skip_markers: tuple[Annotated[str, Field(min_length=1)], ...] | None = None
+    environment: dict[str, str] = {}
+    keep_running: Globs | None = None
+    key: str | None = None
+    source: SourceMode = SourceMode.ARCHIVE
+    on_delete: OnDelete = OnDelete.KEEP
+
+    @field_validator("repository", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        return (value,) if isinstance(value, str) else value
+
+    @field_validator("project")
+    @classmethod
+    def _project(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value, {"repository", "branch"}, required=set())
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _VARIABLE.fullmatch(name):
+                raise ValueError(f"{name!r} is not an environment variable name")
+            if name in RESERVED_VARIABLES:
+                raise ValueError(f"{name} is set by branchbuild and cannot be overridden")
+        return value
+
+    def resolve(self, defaults: Rule, index: int) -> Rule:
+        b = self.branches
+        return Rule(
+            name=f"rules[{index}] ({', '.join(self.repository)})",
+            project_template=self.project or defaults.project_template,
+            include_branches=b.include if b.include is not None else defaults.include_branches,
+            exclude_branches=b.exclude,
+            protected_branches=(
+                b.protected if b.protected is not None else defaults.protected_branches
+            ),
+            build_tags=self.tags if self.tags is not None else defaults.build_tags,
+            include_paths=self.paths.include,
+            exclude_paths=self.paths.exclude,
+            skip_markers=(
+                self.skip_markers if self.skip_markers is not None else defaults.skip_markers
+            ),
+            environment=tuple(sorted(self.environment.items())),
+            keep_running_branches=self.keep_running,
+            key_template=self.key or defaults.key_template,
+            source=self.source,
+            on_delete=self.on_delete,
+        )
+
+
+class _Reconcile(_Model):
+    repositories: tuple[Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,100}$")], ...] = ()
+    # The repositories' account and region (the pushes' own); by default the only entry of
+    # BRANCHBUILD_ALLOWED_ACCOUNTS, and AWS_REGION.
+    account: Annotated[str, Field(pattern=r"^[0-9]{12}$")] | None = None
+    region: Annotated[str, Field(pattern=r"^[a-z]{2}(-[a-z]+)+-[0-9]{1,2}$")] | None = None
+
+
+class _FileModel(_Model):
+    version: Literal[1]
+    rules: tuple[_RuleModel, ...] = ()
+    reconcile: _Reconcile = _Reconcile()
+
+
+# -- the loaded configuration -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """One validated version of the file (or the environment's defaults alone)."""
+
+    source: str
+    defaults: Rule
+    rules: tuple[tuple[tuple[str, ...], Rule], ...] = ()
+    reconcile_repositories: tuple[str, ...] = ()
+    reconcile_account: str | None = None
+    reconcile_region: str | None = None
+
+    def rule_for(self, repository: str) -> Rule:
+        """The first rule whose globs match ``repository``, else the environment's."""
+        for patterns, rule in self.rules:
+            if any(fnmatchcase(repository, p) for p in patterns):
+                return rule
+        return self.defaults
+
+
+def parse_config(text: str | bytes, source: str, settings: Settings) -> PipelineConfig:
+    """Validate one version of the file.
+
+    Raises:
+        ConfigurationError: ``<source>:<line>: <field>: <problem>`` for the first problem.
+    """
+    try:
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigurationError(f"{source}{where}: not valid YAML: {problem}") from None
+    if not isinstance(data, dict):
+        raise ConfigurationError(f"{source}:1: the file must be a mapping with 'version: 1'")
+    try:
+        model = _FileModel.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        location = tuple(error["loc"])
+        lines = _lines(node)
+        line = next(
+            (lines[location[:n]] for n in range(len(location), -1, -1) if location[:n] in lines),
+            1,
+        )
+        dotted = ".".join(str(p) if isinstance(p, str) else f"[{p}]" for p in location)
+        field = dotted.replace(".[", "[") or "(file)"
+        message = error["msg"].removeprefix("Value error, ")
+        raise ConfigurationError(f"{source}:{line}: {field}: {message}") from None
+    reconcile = model.reconcile
+    account = reconcile.account
+    if account is None and len(settings.allowed_accounts) == 1:
+        account = settings.allowed_accounts[0]
+    if reconcile.repositories and account is None:
+        raise ConfigurationError(
+            f"{source}:{_lines(node).get(('reconcile',), 1)}: reconcile.account: required "
+            "(the repositories' AWS account) unless BRANCHBUILD_ALLOWED_ACCOUNTS names one"
+        )
+    defaults = Rule.from_settings(settings)
+    rules = tuple(
+        (rule.repository, rule.resolve(defaults, index)) for index, rule in enumerate(model.rules)
+    )
+    return PipelineConfig(
+        source=source,
+        defaults=defaults,
+        rules=rules,
+        reconcile_repositories=reconcile.repositories,
+        reconcile_account=account,
+        reconcile_region=reconcile.region or region(),
+    )
+
+
+def _lines(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:
+    """The 1-based line of every value in the document, by its path of keys and indexes."""
+    found: dict[tuple[Any, ...], int] = {}
+
+    def walk(current: yaml.Node, path: tuple[Any, ...]) -> None:
+        found.setdefault(path, current.start_mark.line + 1)
+        if isinstance(current, yaml.MappingNode):
+            for key, value in current.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                found[(*path, name)] = key.start_mark.line + 1
+                walk(value, (*path, name))
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                walk(item, (*path, index))
+
+    if node is not None:
+        walk(node, ())
+    return found
+
+
+# -- where the file lives, and reloading ------------------------------------------------------
+
+
+class Pipelines:
+    """The configuration in force; :class:`Watcher` swaps in each good new version."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.current = config
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Pipelines:
+        return cls(PipelineConfig(source="(environment)", defaults=Rule.from_settings(settings)))
+
+    def rule_for(self, repository: str) -> Rule:
+        return self.current.rule_for(repository)
+
+
+class Watcher:
+    """Reads the file at start-up and re-reads it when its mtime or S3 ETag changes."""
+
+    def __init__(
+        self, settings: Settings, pipelines: Pipelines, metrics: Metrics, s3: S3Client | None
+    ) -> None:
+        self.settings = settings
+        self.pipelines = pipelines
+        self.metrics = metrics
+        self.s3 = s3
+        self.location = settings.config or ""
+        self._version: str | None = None
+
+    async def load(self) -> None:
+        """Load the file once, at start-up.
+
+        Raises:
+            ConfigurationError: the file is missing, unreadable or invalid.
+        """
+        version = await self._stat()
+        self.pipelines.current = parse_config(await self._read(), self.location, self.settings)
+        self._version = version
+        log.info(
+            "pipeline configuration %s: %s rule(s)",
+            self.location,
+            len(self.pipelines.current.rules),
+        )
+
+    async def run(self, stopping: anyio.Event) -> None:
+        """Check for a new version every ``config_reload_interval`` seconds until stopping."""
+        while not stopping.is_set():
+            with anyio.move_on_after(self.settings.config_reload_interval):
+                await stopping.wait()
+            if not stopping.is_set():
+                await self.check()
+
+    async def check(self) -> bool:
+        """Reload if the file changed; a bad version is refused and the last good one kept.
+
+        Returns whether a new version is now in force. Never raises for a bad file.
+        """
+        try:
+            version = await self._stat()
+        except ConfigurationError as exc:
+            return self._refuse(exc)
+        if version == self._version:
+            return False
+        try:
+            text = await self._read()
+        except ConfigurationError as exc:  # unreadable for now: tried again next time
+            return self._refuse(exc)
+        self._version = version  # a bad version is refused once, not at every check
+        try:
+            config = parse_config(text, self.location, self.settings)
+        except ConfigurationError as exc:
+            return self._refuse(exc)
+        self.pipelines.current = config
+        self.metrics.config_reloads.labels(result="loaded").inc()
+        log.info("pipeline configuration reloaded: %s rule(s)", len(config.rules))
+        return True
+
+    def _refuse(self, error: ConfigurationError) -> bool:
+        self.metrics.config_reloads.labels(result="refused").inc()
+        log.error("pipeline configuration refused; the last good one stays in force: %s", error)
+        return False
+
+    def _s3_location(self) -> tuple[str, str] | None:
+        if not self.location.startswith("s3://"):
+            return None
+        bucket, _, key = self.location.removeprefix("s3://").partition("/")
+        return bucket, key
+
+    async def _stat(self) -> str:
+        s3 = self._s3_location()
+        if s3 is None:
+            try:
+                stat = await anyio.Path(self.location).stat()
+            except OSError as exc:
+                raise ConfigurationError(f"{self.location}: cannot read: {exc.strerror}") from None
+            return f"{stat.st_mtime_ns}:{stat.st_size}"
+        assert self.s3 is not None
+        try:
+            with translated(f"read {self.location}", transient=StorageError):
+                reply = await self.s3.head_object(Bucket=s3[0], Key=s3[1])
+        except BranchbuildError as exc:
+            raise ConfigurationError(f"{self.location}: cannot read: {exc}") from None
+        return str(reply.get("ETag", ""))
+
+    async def _read(self) -> bytes:
+        s3 = self._s3_location()
+        if s3 is None:
+            try:
+                text = await anyio.Path(self.location).read_bytes()
+            except OSError as exc:
+                raise ConfigurationError(f"{self.location}: cannot read: {exc.strerror}") from None
+        else:
+            assert self.s3 is not None
+            try:
+                with translated(f"read {self.location}", transient=StorageError):
+                    reply = await self.s3.get_object(Bucket=s3[0], Key=s3[1])
+                    text = await reply["Body"].read()
+            except BranchbuildError as exc:
+                raise ConfigurationError(f"{self.location}: cannot read: {exc}") from None
+        return text
