@@ -189,6 +189,8 @@ def _ref_problem(name: str) -> str | None:
         return "contains a control character, space or one of ~ ^ : ? * [ \\"
     if name.startswith("-"):
         return "starts with '-'"
+    if name == "HEAD":
+        return "is 'HEAD', which git refuses as a branch name"
     if name == "@" or "@{" in name:
         return "contains '@{' or is '@'"
     if ".." in name or "//" in name or name.startswith("/") or name.endswith(("/", ".")):

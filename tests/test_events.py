@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from service.errors import MalformedEvent
@@ -182,6 +182,7 @@ def git_accepts(name: str) -> bool:
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(min_size=1, max_size=40))
+@example("HEAD")
 def test_never_accepts_what_git_refuses(name: str) -> None:
     """Whatever the parser accepts, git accepts too (the parser may be stricter)."""
     body = with_detail(referenceName=name, referenceFullName="refs/heads/" + name)
