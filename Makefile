@@ -13,6 +13,9 @@ LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
 	'cryptography<45' service_identity 'joserfc<1.3'
 
+# The IAM policy evaluator of tests/test_iam.py (npm, pinned by tests/iam/package-lock.json).
+IAM_STAMP := tests/iam/node_modules/.installed-stamp
+
 BENCH_VENV := .venv-bench
 BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 # The original design (A) uses the AWS CLI, as it did; charts and profiles need their tools.
@@ -59,13 +62,16 @@ demo: venv system-deps localstack
 	$(BIN)/python -m service.localdev.run --demo
 
 # git and the OpenSSH client are the service's only system dependencies; promtool (Debian's
-# prometheus package) checks the alert rules and serves the scrape test.
+# prometheus package) checks the alert rules and serves the scrape test; node and npm run the
+# IAM policy evaluator of tests/test_iam.py.
 system-deps:
 	@missing=""; \
 	command -v git >/dev/null || missing="$$missing git"; \
 	command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	command -v ssh-keygen >/dev/null || missing="$$missing openssh-client"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v node >/dev/null || missing="$$missing nodejs"; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -105,7 +111,11 @@ format: venv
 typecheck: venv
 	$(BIN)/mypy
 
-pytest: venv system-deps $(LOCALSTACK_STAMP) image
+$(IAM_STAMP): tests/iam/package.json tests/iam/package-lock.json
+	npm ci --prefix tests/iam --no-audit --no-fund --loglevel=error
+	touch $@
+
+pytest: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
 	$(BIN)/pytest
 
 test: lint typecheck lint-deploy pytest
@@ -131,4 +141,4 @@ lint-deploy: system-deps
 	bash deploy/lint.sh
 
 clean:
-	rm -rf $(VENV) $(LOCALSTACK_VENV) $(BENCH_VENV) .venv-deploy .run .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) $(LOCALSTACK_VENV) $(BENCH_VENV) .venv-deploy tests/iam/node_modules .run .mypy_cache .ruff_cache .pytest_cache .hypothesis

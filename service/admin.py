@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aioboto3
 from aiobotocore.config import AioConfig
 
-from .aws import translated
+from .aws import translated, watch_calls
 from .errors import BranchbuildError
 from .events import OtherEvent, Push, check_ref_name, check_repository, parse_event
 from .queue import Queue
@@ -48,6 +48,7 @@ class AwsClients:
     def __init__(self, stack: AsyncExitStack) -> None:
         self._stack = stack
         self._session = aioboto3.Session(region_name=default_region())
+        watch_calls(self._session, role="admin")
         self._sqs: SQSClient | None = None
         self._s3: S3Client | None = None
         self._codebuild: CodeBuildClient | None = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -18,6 +19,11 @@ if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
+
+calls_log = logging.getLogger("branchbuild.aws")
+
+# The request parameters that name what a call acts on: what IAM authorizes it against.
+RESOURCE_PARAMETERS = ("QueueUrl", "QueueName", "Bucket", "Key", "projectName", "names", "ids")
 
 # Codes that no retry can fix: the configuration or the permissions must change first.
 PERMANENT_CODES = frozenset(
@@ -90,6 +96,7 @@ async def open_clients(
     hears, per service, how many retries botocore made inside each call.
     """
     session = aioboto3.Session(region_name=region())
+    watch_calls(session, role="service")
     config = AioConfig(
         retries={"mode": "standard", "max_attempts": 4},
         connect_timeout=5,
@@ -112,3 +119,39 @@ def _retry_counter(service: str, on_retry: Callable[[str, int], None]) -> Callab
             on_retry(service, attempts)
 
     return count
+
+
+def watch_calls(session: aioboto3.Session, *, role: str) -> None:
+    """Log every AWS call of the clients ``session`` makes, at DEBUG, as one ``aws_call``
+    record once it is answered: the ``role`` making it (``service`` or ``admin``), the service,
+    the operation, the parameters naming its resources (never bodies or other values) and the
+    error code, if any.
+
+    Registered on the session, so every client and every operation is seen, including ones
+    added later; tests/test_iam.py checks each recorded call against the IAM policies in
+    deploy/. Costs a level check per call when DEBUG is off.
+    """
+
+    def remember(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
+        if calls_log.isEnabledFor(logging.DEBUG):
+            context["branchbuild_resources"] = {
+                k: params[k] for k in RESOURCE_PARAMETERS if k in params
+            }
+
+    def record(model: Any, context: dict[str, Any], parsed: Any = None, **_: Any) -> None:
+        if "branchbuild_resources" not in context:
+            return
+        error = (parsed or {}).get("Error", {}).get("Code", "") if isinstance(parsed, dict) else ""
+        call = {
+            "role": role,
+            "service": model.service_model.service_name,
+            "operation": model.name,
+            "resources": context["branchbuild_resources"],
+            "error": error,
+        }
+        calls_log.debug(
+            "aws call %s:%s", call["service"], call["operation"], extra={"aws_call": call}
+        )
+
+    session.events.register("before-parameter-build", remember)
+    session.events.register("after-call", record)

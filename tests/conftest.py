@@ -15,6 +15,7 @@ import pytest
 
 from service.localdev.githost import GitHost, RefChange
 from tests.helpers import (
+    SERVICE_LOGS,
     AwsResources,
     GitWorld,
     ServiceProcess,
@@ -30,6 +31,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The IAM check of every recorded AWS call runs last, once every service has run."""
+    last = [i for i in items if i.name.startswith("test_every_aws_call_is_allowed")]
+    items[:] = [i for i in items if i not in last] + last
 
 
 @pytest.fixture(autouse=True)
@@ -155,6 +162,7 @@ async def start_service(
         )
         service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
         started.append(service)
+        SERVICE_LOGS.append(service.log)
         await service.start()
         return service
 

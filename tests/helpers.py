@@ -301,6 +301,11 @@ def event_for(repository: str, ref: str, new: str | None, old: str | None = None
 # -- the service as a real process ------------------------------------------------------------
 
 
+# The log of every service process the start_service fixture started in this session: their
+# aws_call records are what tests/test_iam.py checks against the IAM policies.
+SERVICE_LOGS: list[Path] = []
+
+
 class ServiceProcess:
     """``python -m service run`` as a child process, with real signals."""
 

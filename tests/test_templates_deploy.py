@@ -1,0 +1,198 @@
+"""Every template deployed into moto's CloudFormation (over HTTP), in the order README.md's
+"Deploying" gives, wiring itself through exports: nothing is copied between stacks.
+
+moto creates the VPC, subnets, security groups, queues, bucket, rules, roles, managed policy,
+log groups and the ECS cluster, task definition and service; it accepts but does not create
+VPC endpoints, queue and bucket policies, alarms, CodeBuild projects and scaling (README.md
+lists what no emulator checks). deploy/pipeline.yaml is also deployed into LocalStack by
+tests/test_localstack.py, where a push goes through it to a build.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import boto3
+import pytest
+import requests
+
+from tests.cfn import DEPLOY, Stack
+
+# moto's Fn::GetAZs "" answers us-east-1's zones wherever the stack is.
+REGION = "us-east-1"
+ACCOUNT = "123456789012"
+SECRET = f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:branchbuild/ssh-AbCdEf"
+KEY = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1"
+
+
+@pytest.fixture
+def moto(moto_endpoint: str) -> Iterator[str]:
+    requests.post(f"{moto_endpoint}/moto-api/reset", timeout=10).raise_for_status()
+    yield moto_endpoint
+
+
+def client(endpoint: str, service: str) -> Any:
+    return boto3.client(service, endpoint_url=endpoint, region_name=REGION)
+
+
+def deploy(endpoint: str, stack: str, template: str, **parameters: str) -> dict[str, str]:
+    """create_stack (moto returns no outputs after change sets); the stack's outputs."""
+    cf = client(endpoint, "cloudformation")
+    cf.create_stack(
+        StackName=stack,
+        TemplateBody=(DEPLOY / template).read_text(),
+        Parameters=[{"ParameterKey": k, "ParameterValue": v} for k, v in parameters.items()],
+        Capabilities=["CAPABILITY_NAMED_IAM"],
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        [found] = cf.describe_stacks(StackName=stack)["Stacks"]
+        if not found["StackStatus"].endswith("_IN_PROGRESS") or time.monotonic() > deadline:
+            break
+    assert found["StackStatus"] == "CREATE_COMPLETE", (stack, found.get("StackStatusReason"))
+    return {o["OutputKey"]: o["OutputValue"] for o in found.get("Outputs", [])}
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # moto: "no CloudFormation support for ..."
+def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
+    network = deploy(moto, "branchbuild-network", "network.yaml")
+    pipeline = deploy(
+        moto,
+        "branchbuild-pipeline",
+        "pipeline.yaml",
+        RepositoryArns=f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app",
+        WorkVisibilityTimeout="300",
+    )
+    # moto keeps AWS::NoValue in a managed policy's statement list (AWS drops it), so the
+    # service stack is deployed with a KMS key, which fills that slot.
+    service = deploy(
+        moto,
+        "branchbuild-service",
+        "service.yaml",
+        Image=f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/branchbuild:1",
+        NetworkStackName="branchbuild-network",
+        SshSecretArn=SECRET,
+        KmsKeyArn=KEY,
+    )
+    project = deploy(
+        moto, "branchbuild-project-app", "codebuild-project.yaml", RepositoryName="app"
+    )
+
+    exports = {
+        e["Name"]: e["Value"] for e in client(moto, "cloudformation").list_exports()["Exports"]
+    }
+    for name in ("IntakeQueueArn", "WorkQueueUrl", "BucketName", "WorkVisibilityTimeout"):
+        assert exports[f"branchbuild-pipeline-{name}"] == pipeline[name]
+    assert exports["branchbuild-network-PrivateSubnetIds"] == network["PrivateSubnetIds"]
+
+    # The work queue and the service take their visibility timeout from the same parameter.
+    sqs = client(moto, "sqs")
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=pipeline["WorkQueueUrl"], AttributeNames=["VisibilityTimeout"]
+    )["Attributes"]
+    assert attributes["VisibilityTimeout"] == "300"
+    ecs = client(moto, "ecs")
+    [arn] = ecs.list_task_definitions(familyPrefix="branchbuild")["taskDefinitionArns"]
+    [container] = ecs.describe_task_definition(taskDefinition=arn)["taskDefinition"][
+        "containerDefinitions"
+    ]
+    # (moto also keeps the AWS::NoValue entries of a list, as None.)
+    env = {e["name"]: e["value"] for e in container["environment"] if e}
+    assert env["BRANCHBUILD_VISIBILITY_TIMEOUT"] == "300"
+    assert env["BRANCHBUILD_QUEUE_URL"] == pipeline["IntakeQueueUrl"]
+    assert env["BRANCHBUILD_WORK_QUEUE_URL"] == pipeline["WorkQueueUrl"]
+    assert env["BRANCHBUILD_BUCKET"] == pipeline["BucketName"]
+    secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
+    assert secrets["BRANCHBUILD_KNOWN_HOSTS"] == f"{SECRET}:known_hosts::"
+
+    # The ECS service exists (moto's CloudFormation drops its launch type and network
+    # configuration: which subnets it imports is checked by test_service_imports_the_network
+    # below); the network stack's subnets and task security group are real (moto does not
+    # record the group's rules).
+    [described] = ecs.describe_services(
+        cluster=service["ClusterName"], services=[service["ServiceName"]]
+    )["services"]
+    assert described["status"] == "ACTIVE"
+    assert described["taskDefinition"] == arn
+    ec2 = client(moto, "ec2")
+    subnets = ec2.describe_subnets(SubnetIds=network["PrivateSubnetIds"].split(","))["Subnets"]
+    assert {s["VpcId"] for s in subnets} == {network["VpcId"]}
+    assert not any(s["MapPublicIpOnLaunch"] for s in subnets)
+    [group] = ec2.describe_security_groups(GroupIds=[network["TaskSecurityGroupId"]])[
+        "SecurityGroups"
+    ]
+    assert group["VpcId"] == network["VpcId"]
+
+    # The roles hold the imported names, not placeholders.
+    iam = client(moto, "iam")
+    task_role = service["TaskRoleArn"].rsplit("/", 1)[-1]
+    [name] = iam.list_role_policies(RoleName=task_role)["PolicyNames"]
+    document = json.dumps(iam.get_role_policy(RoleName=task_role, PolicyName=name))
+    assert pipeline["WorkQueueArn"] in document and pipeline["BucketName"] in document
+    assert "s3:ListBucketMultipartUploads" in document
+    operator = iam.get_policy(PolicyArn=service["OperatorPolicyArn"])["Policy"]
+    assert operator["PolicyName"] == "branchbuild-operator"
+    role = project["ServiceRoleArn"].rsplit("/", 1)[-1]
+    [name] = iam.list_role_policies(RoleName=role)["PolicyNames"]
+    document = json.dumps(iam.get_role_policy(RoleName=role, PolicyName=name))
+    assert f"arn:aws:s3:::{pipeline['BucketName']}/app/*" in document
+    assert project["OutputPrefix"] == f"s3://{pipeline['BucketName']}/app/"
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_the_account_templates_deploy(moto: str) -> None:
+    repositories = f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app"
+    reader = deploy(moto, "git-reader", "git-reader.yaml", RepositoryArns=repositories)
+    assert client(moto, "iam").get_user(UserName=reader["UserName"])
+    bus = deploy(
+        moto, "bus", "multi-account/pipeline-account.yaml", SourceAccountIds="222222222222"
+    )
+    forward = deploy(
+        moto,
+        "forward",
+        "multi-account/repository-account.yaml",
+        PipelineEventBusArn=bus["PipelineEventBusArn"],
+        RepositoryArns=repositories,
+    )
+    [rule] = client(moto, "events").list_targets_by_rule(Rule="branchbuild-codecommit-forward")[
+        "Targets"
+    ]
+    assert rule["Arn"] == bus["PipelineEventBusArn"]
+    assert forward["RuleArn"].endswith("rule/branchbuild-codecommit-forward")
+
+
+def test_service_imports_the_network_or_takes_given_subnets() -> None:
+    """What moto drops: the ECS service's subnets and security groups, resolved as
+    CloudFormation resolves them (tests/cfn.py)."""
+    network = Stack("branchbuild-network", "network.yaml", region=REGION)
+    pipeline = Stack(
+        "branchbuild-pipeline",
+        "pipeline.yaml",
+        {"RepositoryArns": f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app"},
+        region=REGION,
+    )
+    base = {"Image": "image", "SshSecretArn": SECRET}
+    for parameters, subnets, groups in (
+        (
+            {"NetworkStackName": "branchbuild-network"},
+            [network.ref("PrivateSubnetA"), network.ref("PrivateSubnetB")],
+            [network.ref("TaskSecurityGroup")],
+        ),
+        (
+            {"SubnetIds": "subnet-1,subnet-2", "SecurityGroupIds": "sg-1"},
+            ["subnet-1", "subnet-2"],
+            ["sg-1"],
+        ),
+    ):
+        service = Stack(
+            "branchbuild-service",
+            "service.yaml",
+            base | parameters,
+            region=REGION,
+            imports=network.exports() | pipeline.exports(),
+        )
+        vpc = service.properties("Service")["NetworkConfiguration"]["AwsvpcConfiguration"]
+        assert (vpc["Subnets"], vpc["SecurityGroups"]) == (subnets, groups)
