@@ -140,9 +140,9 @@ def _anon_kib(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status") as status:
             lines = [line for line in status if line.startswith("RssAnon")]
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # it has just exited
         return 0
-    return int(lines[0].split()[1]) if lines else 0  # none: it has just exited
+    return int(lines[0].split()[1]) if lines else 0  # none: it is exiting
 
 
 async def test_archiving_a_big_file_streams_it_through_git(
