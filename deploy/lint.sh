@@ -6,8 +6,9 @@
 # cfn-lint's and checkov's pins clash with the service's dependencies. It is (re)built
 # whenever the pins below change.
 #
-# Convention: every *.yaml under deploy/ is a CloudFormation template; other YAML
-# (buildspec, Prometheus, exporter config) uses the .yml extension.
+# Convention: every *.yaml under deploy/ is a CloudFormation template, except under
+# deploy/examples/ (branchbuild's own configuration files); other YAML (buildspec,
+# Prometheus, exporter config) uses the .yml extension.
 set -euo pipefail
 
 readonly PINS=(
@@ -31,7 +32,10 @@ fi
 bin="${venv}/bin"
 
 shopt -s globstar nullglob
-templates=(deploy/**/*.yaml)
+templates=()
+for file in deploy/**/*.yaml; do
+  [[ "${file}" == deploy/examples/* ]] || templates+=("${file}")
+done
 if (( ${#templates[@]} == 0 )); then
   echo "no CloudFormation templates found under deploy/" >&2
   exit 1
@@ -43,7 +47,7 @@ echo "==> cfn-lint $("${bin}/cfn-lint" --version | awk '{print $2}'): ${template
 # BC_SKIP_MAPPING and --skip-download keep checkov offline (it otherwise fetches
 # guideline mappings and policies from the vendor's API).
 echo "==> checkov $("${bin}/checkov" --version)"
-BC_SKIP_MAPPING=TRUE "${bin}/checkov" -d deploy --framework cloudformation \
+BC_SKIP_MAPPING=TRUE "${bin}/checkov" -d deploy --skip-path deploy/examples --framework cloudformation \
   --quiet --compact --skip-download
 
 echo "==> $("${bin}/hadolint" --version)"
