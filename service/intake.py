@@ -18,6 +18,7 @@ from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
+from .outcomes import Outcomes
 from .queue import Message, Outgoing, Queue, receive_until
 from .settings import Settings
 
@@ -34,8 +35,15 @@ def work_message(push: Push) -> Outgoing:
 
 class Intake:
     def __init__(
-        self, intake: Queue, work: Queue, settings: Settings, metrics: Metrics, health: Health
+        self,
+        intake: Queue,
+        work: Queue,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        outcomes: Outcomes | None = None,
     ) -> None:
+        self.outcomes = outcomes  # issue 13: build state and pull request events
         self.intake = intake
         self.work = work
         self.settings = settings
@@ -78,6 +86,9 @@ class Intake:
         forward: list[tuple[Message, Push]] = []
         skipped: list[Message] = []
         for message in messages:
+            if self.outcomes is not None and self.outcomes.claims(message.body):
+                await self.outcomes.handle(self.intake, message)  # settles it itself
+                continue
             try:
                 event = parse_event(message.body)
                 decision = decide(event, self.settings)

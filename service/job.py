@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .builds import BuildBackend, BuildRequest, project_name
+from .builds import BuildBackend, BuildRequest, StartedBuild, project_name
 from .decide import Outcome
 from .events import Push, event_time
 from .git import Git
@@ -19,6 +19,10 @@ from .settings import Settings
 from .storage import LedgerEntry, Storage
 
 log = logging.getLogger("branchbuild.job")
+
+# Runs once a push's build is started and recorded (and again on a redelivery): supersede the
+# branch's older running build, post on pull requests (issue 13). Raises to retry the job.
+StartedHook = Callable[[Push, StartedBuild, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,7 @@ class Services:
     backend: BuildBackend
     backend_name: str
     metrics: Metrics
+    started_hooks: tuple[StartedHook, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -79,6 +84,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
+        for hook in s.started_hooks:  # issue 13: finish what an interrupted attempt began
+            await hook(push, StartedBuild(previous.build_id, previous.project), key)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
 
     async with AsyncExitStack() as stack:
@@ -106,6 +113,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         key,
         LedgerEntry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project),
     )
+    for hook in s.started_hooks:  # issue 13: supersede, pull request feedback
+        await hook(push, started, key)
     return JobResult(Outcome.BUILT, started.build_id, key)
 
 
