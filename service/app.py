@@ -79,7 +79,8 @@ class App:
             self.http_port = bound_port(runner)
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket)
-            supersede = Supersede(records, clients.codebuild, s, self.metrics)
+            stopper = clients.codebuild if s.build_backend is BackendName.CODEBUILD else None
+            supersede = Supersede(records, stopper, s, self.metrics)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
             pull_requests = PullRequests(accounts, records, s, self.metrics)
             outcomes = Outcomes(

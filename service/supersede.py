@@ -48,8 +48,14 @@ def current_key(push: Push) -> str:
 
 class Supersede:
     def __init__(
-        self, records: Records, codebuild: CodeBuildClient, settings: Settings, metrics: Metrics
+        self,
+        records: Records,
+        codebuild: CodeBuildClient | None,
+        settings: Settings,
+        metrics: Metrics,
     ) -> None:
+        """``codebuild`` None: the build backend cannot stop builds (the local backend); the
+        branch's current build is still kept, and superseded builds are only marked."""
         self.records = records
         self.codebuild = codebuild
         self.settings = settings
@@ -115,6 +121,9 @@ class Supersede:
         await self.records.update(archive + LEDGER_SUFFIX, mark)
         if ended:
             log.info("the superseded build %s had already ended", build_id)
+            return
+        if self.codebuild is None:
+            log.info("build %s is superseded; this build backend cannot stop it", build_id)
             return
         try:
             with translated(f"stop build {build_id}", transient=BuildError):

@@ -170,6 +170,35 @@ async def test_a_newer_push_supersedes_on_the_pull_request_and_failure_revokes(
     assert await service.metric("branchbuild_pull_request_updates_total", action="revoked") == 1
 
 
+async def test_an_approval_refused_as_not_current_is_retried_on_the_new_revision(
+    world: World, start_service: StartService
+) -> None:
+    service = await start_service(BRANCHBUILD_PULL_REQUEST_FEEDBACK="comment+approval")
+    await world.repo.checkout("feature/pay")
+    commit = await world.push("feature/pay", 1)
+    pr = await world.open_pull_request("feature/pay")
+    await world.comment_saying(pr, "Build started")
+
+    async def main_moves(_: dict[str, Any]) -> None:  # between GetPullRequest and the approval
+        await world.repo.checkout("main", new=False)
+        await world.repo.commit({"main.txt": "moved\n"})
+        await world.repo.push("main")
+        await world.standin.pushed(world.git.changes[-1])
+        await world.repo.checkout("feature/pay", new=False)
+
+    world.standin.before["UpdatePullRequestApprovalState"] = main_moves
+    await world.build_event(commit, "SUCCEEDED")
+
+    async def approved() -> bool:
+        return world.standin.approvals(pr) == {SERVICE: "APPROVE"}
+
+    await wait_for(approved, what="the approval of the new revision")
+    first, second = world.standin.calls("UpdatePullRequestApprovalState")
+    assert first["revisionId"] != second["revisionId"]
+    assert second["revisionId"] == world.standin.pull_requests[pr].revision
+    assert await service.metric("branchbuild_pull_request_updates_total", action="approved") == 1
+
+
 async def test_a_running_build_superseded_says_so_on_its_comment(
     world: World, start_service: StartService
 ) -> None:

@@ -201,6 +201,9 @@ class CodeCommitStandIn:
         self.pull_requests: dict[str, _PullRequest] = {}
         self.comments: dict[str, _Comment] = {}
         self.requests: list[tuple[str, dict[str, Any]]] = []  # every valid request, in order
+        # Awaited before a valid request of that operation is served (tests use it to move a
+        # pull request between two calls of the service).
+        self.before: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
         self._ids = itertools.count(1)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -249,19 +252,22 @@ class CodeCommitStandIn:
         return [c for c in self.comments.values() if c.pull_request == pull_request_id]
 
     async def pushed(self, change: RefChange) -> None:
-        """A push moved a branch: open pull requests from it get the new commit."""
+        """A push moved a branch: open pull requests from it get the new commit (a new
+        revision, approvals cleared); those into it get a new destination commit (a new
+        revision too, so an approval of the old one is refused as not current)."""
+        if change.new is None:
+            return
         for pr in self.pull_requests.values():
-            if (
-                pr.status == "OPEN"
-                and pr.repository == change.repository
-                and pr.source_ref == change.ref
-                and change.new is not None
-                and change.new != pr.source_commit
-            ):
+            if pr.status != "OPEN" or pr.repository != change.repository:
+                continue
+            if pr.source_ref == change.ref and change.new != pr.source_commit:
                 pr.source_commit = change.new
                 pr.revision = uuid.uuid4().hex + uuid.uuid4().hex
                 pr.approvals.clear()
                 await self._emit(pr, "pullRequestSourceBranchUpdated")
+            elif pr.destination_ref == change.ref and change.new != pr.destination_commit:
+                pr.destination_commit = change.new
+                pr.revision = uuid.uuid4().hex + uuid.uuid4().hex
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -281,6 +287,8 @@ class CodeCommitStandIn:
             if handler is None:
                 raise StandInError("UnknownOperationException", f"{operation} is not served here")
             self.requests.append((operation, params))
+            if operation in self.before:
+                await self.before.pop(operation)(params)
             reply = await handler(params, caller)
         except StandInError as exc:
             return web.json_response(
