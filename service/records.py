@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from .aws import error_code, translated
 from .errors import StorageError
@@ -24,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("branchbuild.records")
 
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
-MAX_ATTEMPTS = 8
+MAX_ATTEMPTS = 10
 
 Document = dict[str, Any]
 
@@ -110,7 +113,9 @@ class Records:
             Conflict: lost the race ``MAX_ATTEMPTS`` times in a row (transient).
             StorageError: S3 failed (transient).
         """
-        for _ in range(MAX_ATTEMPTS):
+        for attempt in range(MAX_ATTEMPTS):
+            if attempt:  # lost a race: let the winners finish (jittered, so racers spread out)
+                await anyio.sleep(random.uniform(0, min(1.0, 0.02 * 2**attempt)))  # noqa: S311
             current = await self.read(key)
             new = change(dict(current.data) if current else None)
             if new is None:
