@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from .admin import table
 from .aws import translated
+from .records import Records
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
     from types_aiobotocore_codebuild.type_defs import BuildTypeDef
+    from types_aiobotocore_s3 import S3Client
 
 BATCH_GET = 100  # BatchGetBuilds' limit
 
@@ -32,6 +34,8 @@ class CodeBuildRun:
     ended_at: str | None
     duration: float | None
     logs: str | None
+    archive: str | None = None  # BRANCHBUILD_ARCHIVE: names the build's ledger entry
+    superseded_by: str | None = None  # from the ledger (issue 13), see with_outcomes
 
 
 async def recent_builds(
@@ -94,7 +98,28 @@ def to_run(build: BuildTypeDef) -> CodeBuildRun:
         ended_at=_iso(end),
         duration=(end - start).total_seconds() if start and end else None,
         logs=build.get("logs", {}).get("deepLink"),
+        archive=variables.get("BRANCHBUILD_ARCHIVE"),
     )
+
+
+async def with_outcomes(
+    runs: Sequence[CodeBuildRun], s3: S3Client, bucket: str
+) -> list[CodeBuildRun]:
+    """The runs, with what branchbuild's ledger adds: which newer commit superseded a build.
+
+    Raises:
+        AccessDenied: the bucket may not be read.
+        TransientError: S3 could not be reached.
+    """
+    records = Records(s3, bucket)
+    found: list[CodeBuildRun] = []
+    for run in runs:
+        entry = await records.read(run.archive + ".build.json") if run.archive else None
+        superseded = entry.data.get("superseded_by") if entry is not None else None
+        if entry is not None and entry.data.get("build_id") == run.id and superseded:
+            run = replace(run, superseded_by=str(superseded))
+        found.append(run)
+    return found
 
 
 def _iso(value: datetime | None) -> str | None:
@@ -112,7 +137,9 @@ def render(runs: Sequence[CodeBuildRun]) -> str:
                 (r.started_at or "-")[:19],
                 r.project,
                 r.id.removeprefix(f"{r.project}:"),
-                r.status,
+                f"{r.status} (superseded by {r.superseded_by[:12]})"
+                if r.superseded_by
+                else r.status,
                 r.branch or (f"tag {r.tag}" if r.tag else "-"),
                 (r.commit or "-")[:12],
                 f"{r.duration:.0f}s" if r.duration is not None else "-",
@@ -120,6 +147,12 @@ def render(runs: Sequence[CodeBuildRun]) -> str:
             )
         )
     return table(rows)
+
+
+def _status(run: CodeBuildRun) -> str:
+    if run.superseded_by:
+        return f"{run.status} (superseded by {run.superseded_by[:12]})"
+    return run.status
 
 
 def to_json_lines(runs: Sequence[CodeBuildRun]) -> str:

@@ -9,19 +9,23 @@ from contextlib import AsyncExitStack
 import anyio
 import anyio.abc
 
-from .aws import Clients, open_clients
+from .aws import AccountClients, Clients, open_clients
 from .builds import BuildBackend, CodeBuild
 from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services
 from .metrics import Metrics
+from .outcomes import Outcomes
 from .pipelines import Pipelines, Watcher
+from .pullrequests import PullRequests
 from .queue import Leases, Queue
 from .reconcile import Reconciler
+from .records import Records
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
+from .supersede import Supersede
 from .worker import Worker
 
 log = logging.getLogger("branchbuild")
@@ -79,6 +83,19 @@ class App:
                 serve_http(self.health, self.metrics, host=s.http_host, port=s.http_port)
             )
             self.http_port = bound_port(runner)
+            # issue 13: build outcomes, superseding, pull request feedback
+            records = Records(clients.s3, s.bucket)
+            stopper = clients.codebuild if s.build_backend is BackendName.CODEBUILD else None
+            supersede = Supersede(records, stopper, s, self.metrics)
+            accounts = AccountClients(clients, stack, s.pull_request_role_template)
+            pull_requests = PullRequests(accounts, records, s, self.metrics)
+            outcomes = Outcomes(
+                records,
+                s,
+                self.metrics,
+                listeners=(pull_requests.changed,),
+                pull_requests=pull_requests.event,
+            )
             async with anyio.create_task_group() as background:
                 services = Services(
                     settings=s,
@@ -88,8 +105,11 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
+                    started_hooks=(supersede.started, pull_requests.started),
                 )
-                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health, pipelines)
+                intake = Intake(
+                    intake_queue, work_queue, s, self.metrics, self.health, pipelines, outcomes
+                )
                 worker = Worker(work_queue, services, leases, self.health)
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(leases.run, name="heartbeat")

@@ -7,9 +7,11 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
+import anyio
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -17,6 +19,7 @@ from .errors import AccessDenied, PermanentError, TransientError
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
+    from types_aiobotocore_codecommit import CodeCommitClient
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_sqs import SQSClient
 
@@ -82,6 +85,9 @@ class Clients:
     sqs: SQSClient
     s3: S3Client
     codebuild: CodeBuildClient
+    codecommit: CodeCommitClient  # pull request feedback (service.pullrequests)
+    session: aioboto3.Session
+    config: AioConfig
 
 
 async def open_clients(
@@ -106,10 +112,57 @@ async def open_clients(
     sqs = await stack.enter_async_context(session.client("sqs", config=config))
     s3 = await stack.enter_async_context(session.client("s3", config=config))
     codebuild = await stack.enter_async_context(session.client("codebuild", config=config))
+    codecommit = await stack.enter_async_context(session.client("codecommit", config=config))
     if on_retry is not None:
-        for name, client in (("sqs", sqs), ("s3", s3), ("codebuild", codebuild)):
+        for name, client in (
+            ("sqs", sqs),
+            ("s3", s3),
+            ("codebuild", codebuild),
+            ("codecommit", codecommit),
+        ):
             client.meta.events.register("after-call.*.*", _retry_counter(name, on_retry))
-    return Clients(sqs=sqs, s3=s3, codebuild=codebuild)
+    return Clients(
+        sqs=sqs, s3=s3, codebuild=codebuild, codecommit=codecommit, session=session, config=config
+    )
+
+
+class AccountClients:
+    """CodeCommit clients per repository account: the service's own, or (multi-account) one
+    with the credentials of a role assumed in that account (``sts:AssumeRole``), refreshed
+    before they expire."""
+
+    def __init__(self, clients: Clients, stack: AsyncExitStack, role_template: str) -> None:
+        self.clients = clients
+        self.stack = stack
+        self.role_template = role_template
+        self._assumed: dict[str, tuple[CodeCommitClient, datetime]] = {}
+        self._lock = anyio.Lock()
+
+    async def codecommit(self, account: str) -> CodeCommitClient:
+        """Raises: AccessDenied (the role may not be assumed), TransientError."""
+        if not self.role_template:
+            return self.clients.codecommit
+        async with self._lock:
+            cached = self._assumed.get(account)
+            if cached and cached[1] - datetime.now(UTC) > timedelta(minutes=5):
+                return cached[0]
+            role = self.role_template.format(account=account)
+            async with self.clients.session.client("sts", config=self.clients.config) as sts:
+                with translated(f"assume {role}"):
+                    reply = await sts.assume_role(RoleArn=role, RoleSessionName="branchbuild")
+            credentials = reply["Credentials"]
+            client = await self.stack.enter_async_context(
+                self.clients.session.client(
+                    "codecommit",
+                    config=self.clients.config,
+                    aws_access_key_id=credentials["AccessKeyId"],
+                    aws_secret_access_key=credentials["SecretAccessKey"],
+                    aws_session_token=credentials["SessionToken"],
+                )
+            )
+            # (a replaced client stays open until shutdown: one per hour per account)
+            self._assumed[account] = (client, credentials["Expiration"])
+            return client
 
 
 def _retry_counter(service: str, on_retry: Callable[[str, int], None]) -> Callable[..., None]:

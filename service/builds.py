@@ -60,6 +60,8 @@ class BuildRequest:
             "COMMIT_ID": self.commit,
             name_variable: self.push.name,
             "REPOSITORY_NAME": self.push.repository,
+            # Correlates CodeBuild's state events with the ledger (service.outcomes).
+            "BRANCHBUILD_ARCHIVE": self.key,
         }
 
 

@@ -128,6 +128,11 @@ def _parser() -> _Parser:
         "--project", action="append", default=[], metavar="P", help="CodeBuild project (repeatable)"
     )
     builds.add_argument(
+        "--bucket",
+        metavar="B",
+        help="the artifact bucket: stopped builds then show the newer commit that superseded them",
+    )
+    builds.add_argument(
         "--follow",
         metavar="ID",
         help="stream a local build's log until it ends (exit 0 if it passed)",
@@ -424,6 +429,8 @@ async def _codebuild_builds(args: argparse.Namespace, clients: AwsClients) -> in
     runs = await admin_builds.recent_builds(
         await clients.codebuild(), args.project, limit=args.limit
     )
+    if args.bucket:
+        runs = await admin_builds.with_outcomes(runs, await clients.s3(), args.bucket)
     render = admin_builds.to_json_lines if args.json else admin_builds.render
     sys.stdout.write(render(runs))
     return 0

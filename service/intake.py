@@ -18,6 +18,7 @@ from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
+from .outcomes import Outcomes
 from .pipelines import Pipelines
 from .queue import Message, Outgoing, Queue, receive_until
 from .settings import Settings
@@ -43,8 +44,10 @@ class Intake:
         metrics: Metrics,
         health: Health,
         pipelines: Pipelines | None = None,
+        outcomes: Outcomes | None = None,
     ) -> None:
         self.pipelines = pipelines or Pipelines.from_settings(settings)
+        self.outcomes = outcomes  # issue 13: build state and pull request events
         self.intake = intake
         self.work = work
         self.settings = settings
@@ -87,6 +90,9 @@ class Intake:
         forward: list[tuple[Message, Push]] = []
         skipped: list[Message] = []
         for message in messages:
+            if self.outcomes is not None and self.outcomes.claims(message.body):
+                await self.outcomes.handle(self.intake, message)  # settles it itself
+                continue
             try:
                 event = parse_event(message.body)
                 rule = None

@@ -10,7 +10,7 @@ from contextlib import AsyncExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from .builds import BuildBackend, BuildRequest, codecommit_url, project_name
+from .builds import BuildBackend, BuildRequest, StartedBuild, codecommit_url, project_name
 from .changes import screen
 from .cleanup import clean_up_branch
 from .decide import Outcome
@@ -23,6 +23,10 @@ from .settings import Settings
 from .storage import LedgerEntry, Storage
 
 log = logging.getLogger("branchbuild.job")
+
+# Runs once a push's build is started and recorded (and again on a redelivery): supersede the
+# branch's older running build, post on pull requests (issue 13). Raises to retry the job.
+StartedHook = Callable[[Push, StartedBuild, str], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class Services:
     pipelines: Pipelines | None = None  # None: the environment's settings are the only rule
     # Hook for the build-outcomes work: stop a deleted branch's running build (service.cleanup).
     on_branch_deleted: Callable[[Push, Rule], Awaitable[None]] | None = None
+    started_hooks: tuple[StartedHook, ...] = ()
 
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:
@@ -98,6 +103,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     previous = await s.storage.read_ledger(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
+        for hook in s.started_hooks:  # issue 13: finish what an interrupted attempt began
+            await hook(push, StartedBuild(previous.build_id, previous.project), key)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
 
     # Direct source: nothing is fetched unless the rule needs the commit (markers, paths).
@@ -141,6 +148,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         key,
         LedgerEntry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project),
     )
+    for hook in s.started_hooks:  # issue 13: supersede, pull request feedback
+        await hook(push, started, key)
     return JobResult(Outcome.BUILT, started.build_id, key)
 
 

@@ -19,6 +19,7 @@ from . import __version__
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+BUILD_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 14400, 28800)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -112,6 +113,31 @@ class Metrics:
         self.reconciled = Counter(
             "branchbuild_reconciled_pushes",
             "Pushes with no event and no build, found by reconciliation and queued.",
+            registry=r,
+        )
+        # Build outcomes (service.outcomes, service.supersede, service.pullrequests).
+        self.build_results = Counter(
+            "branchbuild_build_results",
+            "Builds branchbuild started that finished, by final status (superseded: stopped "
+            "because a newer commit of the branch was built).",
+            ["status"],
+            registry=r,
+        )
+        self.build_seconds = Histogram(
+            "branchbuild_build_duration_seconds",
+            "From a build's start to its final state, per CodeBuild's state events.",
+            buckets=BUILD_BUCKETS,
+            registry=r,
+        )
+        self.builds_stopped = Counter(
+            "branchbuild_builds_stopped",
+            "Running builds stopped (StopBuild) because a newer commit of the branch started.",
+            registry=r,
+        )
+        self.pull_request_updates = Counter(
+            "branchbuild_pull_request_updates",
+            "Changes made on CodeCommit pull requests, by action.",
+            ["action"],
             registry=r,
         )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)

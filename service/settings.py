@@ -30,6 +30,12 @@ class BuildBackend(StrEnum):
     LOCAL = "local"
 
 
+class PullRequestFeedback(StrEnum):
+    OFF = "off"
+    COMMENT = "comment"
+    COMMENT_AND_APPROVAL = "comment+approval"
+
+
 class LogFormat(StrEnum):
     AUTO = "auto"
     JSON = "json"
@@ -128,6 +134,12 @@ class Settings(LocalSettings):
     build_backend: BuildBackend = BuildBackend.CODEBUILD
     local_build_timeout: float = Field(default=1800.0, gt=0)
 
+    # Build outcomes (issue 13): superseded running builds are stopped except on these
+    # branches; results go to CodeCommit pull requests when asked for.
+    keep_running_branches: CommaList = ()
+    pull_request_feedback: PullRequestFeedback = PullRequestFeedback.OFF
+    pull_request_role_template: str = ""
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     liveness_timeout: float = Field(default=90.0, gt=0)
@@ -139,6 +151,7 @@ class Settings(LocalSettings):
         "allowed_regions",
         "allowed_repositories",
         "ssh_legacy_rsa_hosts",
+        "keep_running_branches",
         mode="before",
     )
     @classmethod
@@ -156,6 +169,15 @@ class Settings(LocalSettings):
                 raise ValueError(
                     f"{pattern!r} is not an SSH host pattern (letters, digits, . - _ * ?)"
                 )
+        return value
+
+    @field_validator("pull_request_role_template")
+    @classmethod
+    def _role_template_fields(cls, value: str) -> str:
+        if value:
+            check_template(value, {"account"}, required=set())
+            if not value.startswith("arn:"):
+                raise ValueError("must be an IAM role ARN, e.g. arn:aws:iam::{account}:role/NAME")
         return value
 
     @field_validator("key_template")

@@ -112,6 +112,10 @@ class AwsResources:
 
     async def start_builds(self) -> list[dict[str, Any]]:
         """Every StartBuild request moto received, as sent on the wire."""
+        return await self.recorded("StartBuild")
+
+    async def recorded(self, action: str) -> list[dict[str, Any]]:
+        """Every request of a JSON-protocol ``action`` (e.g. StopBuild) moto received."""
         async with aiohttp.ClientSession() as session:
             url = self.endpoint + "/moto-api/recorder/download-recording"
             async with session.get(url) as reply:
@@ -132,7 +136,7 @@ class AwsResources:
                 entries.append(entry)
         requests = []
         for entry in entries:
-            if entry.get("headers", {}).get("X-Amz-Target", "").endswith(".StartBuild"):
+            if entry.get("headers", {}).get("X-Amz-Target", "").endswith("." + action):
                 body = entry["body"]
                 if entry.get("body_encoded"):
                     body = base64.b64decode(body).decode()

@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.admin_builds import to_run
+from service.admin_builds import render, to_run, with_outcomes
 from service.cli import main as cli_main
 from service.events import Action, Push, RefType, parse_event
 from service.localdev.githost import RefChange, codecommit_event
@@ -707,6 +707,36 @@ async def test_builds_lists_recent_codebuild_builds(aws: AwsResources, tmp_path:
     assert unknown.code == 1
     assert unknown.err.startswith("branchbuild builds: cannot list the builds of project nope: ")
     assert "ResourceNotFoundException" in unknown.err and unknown.err.count("\n") == 1
+
+
+async def test_a_stopped_build_shows_the_commit_that_superseded_it(aws: AwsResources) -> None:
+    newer = "b" * 40
+    archive = f"shop/feature/x/{COMMIT}.zip"
+    runs = [
+        to_run(
+            {
+                "id": build_id,
+                "projectName": "shop",
+                "buildStatus": "STOPPED",
+                "environment": {
+                    "type": "LINUX_CONTAINER",
+                    "image": "aws/codebuild/standard:7.0",
+                    "computeType": "BUILD_GENERAL1_SMALL",
+                    "environmentVariables": [
+                        {"name": "BRANCHBUILD_ARCHIVE", "value": archive, "type": "PLAINTEXT"}
+                    ],
+                },
+            }
+        )
+        for build_id in ("shop:1", "shop:2")
+    ]
+    ledger = {"build_id": "shop:1", "commit": COMMIT, "status": "STOPPED", "superseded_by": newer}
+    await aws.s3.put_object(
+        Bucket=aws.bucket, Key=archive + ".build.json", Body=json.dumps(ledger).encode()
+    )
+    shown = await with_outcomes(runs, aws.s3, aws.bucket)
+    assert [r.superseded_by for r in shown] == [newer, None]  # shop:2 is not the ledger's
+    assert f"STOPPED (superseded by {newer[:12]})" in render(shown)
 
 
 def test_a_codebuild_build_shows_its_commit_and_branch() -> None:

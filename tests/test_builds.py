@@ -77,7 +77,12 @@ def test_tags_get_tag_name_and_tokens_differ_per_ref() -> None:
         bucket="b",
         key="k",
     )
-    assert tag.environment == {"COMMIT_ID": "a" * 40, "TAG_NAME": "v1", "REPOSITORY_NAME": "shop"}
+    assert tag.environment == {
+        "COMMIT_ID": "a" * 40,
+        "TAG_NAME": "v1",
+        "REPOSITORY_NAME": "shop",
+        "BRANCHBUILD_ARCHIVE": "k",
+    }
     assert tag.idempotency_token != request().idempotency_token
 
 

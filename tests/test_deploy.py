@@ -63,7 +63,7 @@ def test_pipeline_queues_and_rule() -> None:
         params["WorkVisibilityTimeout"]["Default"]
         > Settings.model_fields["heartbeat_interval"].default
     )
-    [rule] = resources("pipeline.yaml", "AWS::Events::Rule").values()
+    rule = resources("pipeline.yaml", "AWS::Events::Rule")["PushRule"]
     pattern = rule["Properties"]["EventPattern"]
     assert pattern["source"] == ["aws.codecommit"]
     assert pattern["detail-type"] == ["CodeCommit Repository State Change"]
@@ -83,6 +83,73 @@ def test_pipeline_queues_and_rule() -> None:
         "BucketName",
     ):
         assert name in outputs
+
+
+def test_build_state_rule_sends_only_branchbuilds_builds_to_their_own_lane() -> None:
+    rules = resources("pipeline.yaml", "AWS::Events::Rule")
+    props = rules["BuildStateRule"]["Properties"]
+    pattern = props["EventPattern"]
+    assert pattern["source"] == ["aws.codebuild"]
+    assert pattern["detail-type"] == ["CodeBuild Build State Change"]
+    variables = pattern["detail"]["additional-information"]["environment"]
+    assert variables["environment-variables"]["name"] == ["BRANCHBUILD_ARCHIVE"]
+    [target] = props["Targets"]
+    assert target["Arn"] == {"GetAtt": "IntakeQueue.Arn"}
+    push_group = rules["PushRule"]["Properties"]["Targets"][0]["SqsParameters"]["MessageGroupId"]
+    assert target["SqsParameters"]["MessageGroupId"] not in {push_group, ""}
+    policy = resources("pipeline.yaml", "AWS::SQS::QueuePolicy")["IntakeQueuePolicy"]
+    sources = [
+        s["Condition"]["ArnEquals"]["aws:SourceArn"]
+        for s in policy["Properties"]["PolicyDocument"]["Statement"]
+        if s["Effect"] == "Allow"
+    ]
+    assert {"GetAtt": "BuildStateRule.Arn"} in sources
+
+
+def test_pull_request_events_reach_the_intake_and_are_forwarded_from_repository_accounts() -> None:
+    rules = resources("pipeline.yaml", "AWS::Events::Rule")
+    props = rules["PullRequestRule"]["Properties"]
+    assert props["EventPattern"]["detail-type"] == ["CodeCommit Pull Request State Change"]
+    assert sorted(props["EventPattern"]["detail"]["event"]) == [
+        "pullRequestCreated",
+        "pullRequestSourceBranchUpdated",
+    ]
+    assert props["Targets"][0]["Arn"] == {"GetAtt": "IntakeQueue.Arn"}
+    [forward] = resources("multi-account/repository-account.yaml", "AWS::Events::Rule").values()
+    pattern = forward["Properties"]["EventPattern"]
+    assert "CodeCommit Pull Request State Change" in pattern["detail-type"]
+    assert set(props["EventPattern"]["detail"]["event"]) <= set(pattern["detail"]["event"])
+    role = resources("multi-account/repository-account.yaml", "AWS::IAM::Role")
+    feedback = role["PullRequestFeedbackRole"]["Properties"]
+    [statement] = feedback["Policies"][0]["PolicyDocument"]["Statement"]
+    assert statement["Resource"] == {"Ref": "RepositoryArns"}
+    assert all(action.startswith("codecommit:") for action in statement["Action"])
+
+
+def test_task_role_grants_pull_request_calls_on_repositories_and_one_role_only() -> None:
+    role = resources("service.yaml", "AWS::IAM::Role")["TaskRole"]["Properties"]
+    statements = {
+        e["If"][1]["Sid"]: e["If"][1] if "If" in e else e
+        for e in role["Policies"][0]["PolicyDocument"]["Statement"]
+        if "If" in e and isinstance(e["If"][1], dict)
+    }
+    feedback = statements["PullRequestFeedback"]
+    assert feedback["Resource"] == {"Ref": "PullRequestRepositoryArns"}
+    assume = statements["AssumePullRequestRole"]
+    assert assume["Action"] == "sts:AssumeRole"
+    assert assume["Resource"]["Sub"].endswith(":role/${PullRequestRoleName}")
+    [task] = resources("service.yaml", "AWS::ECS::TaskDefinition").values()
+    [container] = task["Properties"]["ContainerDefinitions"]
+    entries = [e["If"][1] if "If" in e else e for e in container["Environment"]]
+    [template_entry] = [e for e in entries if e["Name"] == "BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE"]
+    rendered = template_entry["Value"]["Sub"].replace("${AWS::Partition}", "aws")
+    rendered = rendered.replace("${PullRequestRoleName}", "branchbuild-pull-requests")
+    settings = Settings(
+        queue_url="q", work_queue_url="w", bucket="bucket", pull_request_role_template=rendered
+    )
+    assert settings.pull_request_role_template.format(account="210987654321") == (
+        "arn:aws:iam::210987654321:role/branchbuild-pull-requests"
+    )
 
 
 def test_pipeline_bucket_is_private_and_cleans_up_uploads() -> None:

@@ -82,6 +82,7 @@ async def test_feature_branch_push_becomes_an_archive_and_a_build(
             {"name": "COMMIT_ID", "value": commit, "type": "PLAINTEXT"},
             {"name": "BRANCH_NAME", "value": "feature/PAY-1-refunds", "type": "PLAINTEXT"},
             {"name": "REPOSITORY_NAME", "value": "shop", "type": "PLAINTEXT"},
+            {"name": "BRANCHBUILD_ARCHIVE", "value": key, "type": "PLAINTEXT"},
         ],
         "artifactsOverride": {"type": "NO_ARTIFACTS"},
         "idempotencyToken": token("shop", "refs/heads/feature/PAY-1-refunds", commit),

@@ -15,8 +15,10 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import aioboto3
 import anyio
@@ -241,6 +243,71 @@ async def test_deployed_template_routes_a_push_to_a_build_request(
             assert head["ContentLength"] > 0
     finally:
         await service.stop()
+
+
+async def test_deployed_rules_route_build_states_and_pull_requests_to_their_own_groups(
+    localstack_endpoint: str, deployed: dict[str, str]
+) -> None:
+    """The BuildStateRule (a pattern inside an array of objects) and the PullRequestRule."""
+    from service.localdev.run import ACCOUNT
+    from tests.test_outcomes import build_state_event
+
+    now = datetime.now(UTC)
+    foreign = build_state_event("shop:" + "f" * 36, "FAILED", archive=None, at=now)
+    ours = build_state_event("shop:" + "a" * 36, "SUCCEEDED", archive="shop/x/c.zip", at=now)
+    pull_request = {
+        "event": "pullRequestCreated",
+        "pullRequestId": "1",
+        "pullRequestStatus": "OPEN",
+        "repositoryNames": ["shop"],
+        "sourceReference": "refs/heads/feature/x",
+        "sourceCommit": "c" * 40,
+    }
+    closed = pull_request | {"event": "pullRequestStatusChanged", "pullRequestId": "2"}
+    repository = f"arn:aws:codecommit:{REGION}:{ACCOUNT}:shop"
+    session = aioboto3.Session()
+    async with (
+        session.client("events", endpoint_url=localstack_endpoint, region_name=REGION) as events,
+        session.client("sqs", endpoint_url=localstack_endpoint, region_name=REGION) as sqs,
+    ):
+        entries: list[Any] = [
+            {
+                "Source": "aws.codebuild",
+                "DetailType": "CodeBuild Build State Change",
+                "Resources": event["resources"],
+                "Detail": json.dumps(event["detail"]),
+            }
+            for event in (foreign, ours)
+        ] + [
+            {
+                "Source": "aws.codecommit",
+                "DetailType": "CodeCommit Pull Request State Change",
+                "Resources": [repository],
+                "Detail": json.dumps(detail),
+            }
+            for detail in (closed, pull_request)
+        ]
+        reply = await events.put_events(Entries=entries)
+        assert reply["FailedEntryCount"] == 0
+        received: dict[str, list[dict[str, Any]]] = {}
+
+        async def arrived() -> bool:
+            found = await sqs.receive_message(
+                QueueUrl=deployed["IntakeQueueUrl"],
+                MaxNumberOfMessages=10,
+                WaitTimeSeconds=1,
+                MessageSystemAttributeNames=["MessageGroupId"],
+            )
+            for message in found.get("Messages", []):
+                group = message["Attributes"]["MessageGroupId"]
+                received.setdefault(group, []).append(json.loads(message["Body"]))
+            return len(received) >= 2
+
+        await wait_for(arrived, within=60, what="the two routed events")
+    assert set(received) == {"codebuild", "pullrequest"}
+    builds = [event["detail"]["build-id"] for event in received["codebuild"]]
+    assert builds == [ours["detail"]["build-id"]]  # not the build without BRANCHBUILD_ARCHIVE
+    assert [event["detail"]["pullRequestId"] for event in received["pullrequest"]] == ["1"]
 
 
 async def test_redeploy_reuses_an_unchanged_stack_and_replaces_a_changed_one(

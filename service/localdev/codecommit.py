@@ -1,0 +1,509 @@
+"""A local stand-in for CodeCommit's pull request API, next to the local git host.
+
+No emulator implements CodeCommit pull requests (moto has no comments or approvals), so this
+HTTP server speaks CodeCommit's JSON protocol (``X-Amz-Target: CodeCommit_20150413.<Op>``)
+for the few calls branchbuild and its tests use. Every request is validated against
+botocore's own service model before it is served: unknown operations and parameters, missing
+required members, wrong types, out-of-range lengths and values outside an enum are refused
+with ``InvalidParameterException``-style errors, as AWS would, so a call the real service
+would reject fails here too.
+
+The caller is the access key id of the request's signature (``arn:aws:iam::<account>:user/<key
+id>``): a pull request's author cannot approve it, and only a comment's author may edit it.
+A push to a pull request's source branch (:meth:`CodeCommitStandIn.pushed`, fed by the git
+host) moves its source commit, gives it a new revision and clears its approvals. Pull request
+events (``CodeCommit Pull Request State Change``) are handed to ``on_event``.
+
+``branchbuild``'s service reaches it through ``AWS_ENDPOINT_URL_CODECOMMIT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import botocore.session
+from aiohttp import web
+from botocore.model import OperationNotFoundError, Shape, StringShape
+from botocore.validate import ParamValidator
+
+from .githost import GitHost, RefChange
+
+__all__ = ["CodeCommitStandIn", "StandInError"]
+
+TARGET_PREFIX = "CodeCommit_20150413."
+_CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
+
+Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
+Resolve = Callable[[str, str], Awaitable[str | None]]
+OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class StandInError(Exception):
+    """An error answered the way CodeCommit answers it (``__type`` and ``message``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class _PullRequest:
+    id: str
+    title: str
+    repository: str
+    source_ref: str
+    destination_ref: str
+    source_commit: str
+    destination_commit: str
+    author: str
+    revision: str
+    status: str = "OPEN"
+    created: float = field(default_factory=time.time)
+    approvals: dict[str, str] = field(default_factory=dict)  # caller ARN → APPROVE
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "pullRequestId": self.id,
+            "title": self.title,
+            "pullRequestStatus": self.status,
+            "revisionId": self.revision,
+            "authorArn": self.author,
+            "creationDate": self.created,
+            "lastActivityDate": self.created,
+            "pullRequestTargets": [
+                {
+                    "repositoryName": self.repository,
+                    "sourceReference": self.source_ref,
+                    "destinationReference": self.destination_ref,
+                    "sourceCommit": self.source_commit,
+                    "destinationCommit": self.destination_commit,
+                    "mergeMetadata": {"isMerged": False},
+                }
+            ],
+            "approvalRules": [],
+        }
+
+
+@dataclass
+class _Comment:
+    id: str
+    pull_request: str
+    repository: str
+    before: str
+    after: str
+    content: str
+    author: str
+    token: str | None
+    fingerprint: str  # of the creating request: a retry must repeat it exactly
+    created: float = field(default_factory=time.time)
+    modified: float = field(default_factory=time.time)
+
+    def to_api(self) -> dict[str, Any]:
+        return {
+            "commentId": self.id,
+            "content": self.content,
+            "authorArn": self.author,
+            "creationDate": self.created,
+            "lastModifiedDate": self.modified,
+            "deleted": False,
+            **({"clientRequestToken": self.token} if self.token else {}),
+        }
+
+
+def validate(operation: str, params: Any) -> None:
+    """Check a request against botocore's model of CodeCommit, as the real service would.
+
+    Raises:
+        StandInError: unknown operation, or parameters the model does not allow.
+    """
+    model = botocore.session.get_session().get_service_model("codecommit")
+    try:
+        shape = model.operation_model(operation).input_shape
+    except OperationNotFoundError:
+        raise StandInError("UnknownOperationException", f"unknown operation {operation}") from None
+    if not isinstance(params, dict):
+        raise StandInError("SerializationException", "the request body is not a JSON object")
+    if shape is None:
+        if params:
+            raise StandInError("ValidationException", f"{operation} takes no parameters")
+        return
+    report = ParamValidator().validate(params, shape)
+    problems = [report.generate_report()] if report.has_errors() else []
+    problems += _beyond_botocore(params, shape, operation)
+    if problems:
+        raise StandInError("ValidationException", "; ".join(problems))
+
+
+def _beyond_botocore(value: Any, shape: Shape | None, path: str) -> list[str]:
+    """What ParamValidator leaves out: maximum lengths and enums (AWS checks both)."""
+    if shape is None:
+        return []
+    problems: list[str] = []
+    if shape.type_name == "structure" and isinstance(value, dict):
+        for name, member in shape.members.items():  # type: ignore[attr-defined]
+            if name in value:
+                problems += _beyond_botocore(value[name], member, f"{path}.{name}")
+    elif shape.type_name == "list" and isinstance(value, list):
+        for i, item in enumerate(value):
+            problems += _beyond_botocore(item, shape.member, f"{path}[{i}]")  # type: ignore[attr-defined]
+    elif isinstance(shape, StringShape) and isinstance(value, str):
+        problems += _string_problems(value, shape, path)
+    elif shape.type_name == "integer" and isinstance(value, int):
+        limit = shape.metadata.get("max")
+        if limit is not None and value > limit:
+            problems.append(f"{path}: more than {limit}")
+    return problems
+
+
+def _string_problems(value: str, shape: StringShape, path: str) -> list[str]:
+    problems: list[str] = []
+    limit = shape.metadata.get("max")
+    if limit is not None and len(value) > limit:
+        problems.append(f"{path}: longer than {limit}")
+    pattern = shape.metadata.get("pattern")
+    if pattern and not re.fullmatch(pattern, value):
+        problems.append(f"{path}: does not match {pattern}")
+    if shape.enum and value not in shape.enum:
+        problems.append(f"{path}: {value!r} is not one of {', '.join(shape.enum)}")
+    return problems
+
+
+class CodeCommitStandIn:
+    """The server; ``async with`` it, then point ``AWS_ENDPOINT_URL_CODECOMMIT`` at
+    :attr:`endpoint`."""
+
+    def __init__(
+        self,
+        *,
+        resolve: Resolve,
+        on_event: OnEvent | None = None,
+        account: str = "123456789012",
+        region: str = "eu-west-1",
+        host: str = "127.0.0.1",
+        port: int = 0,
+    ) -> None:
+        self.resolve = resolve
+        self.on_event = on_event
+        self.account = account
+        self.region = region
+        self.host = host
+        self._port = port
+        self.pull_requests: dict[str, _PullRequest] = {}
+        self.comments: dict[str, _Comment] = {}
+        self.requests: list[tuple[str, dict[str, Any]]] = []  # every valid request, in order
+        # Awaited before a valid request of that operation is served (tests use it to move a
+        # pull request between two calls of the service).
+        self.before: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
+        self._ids = itertools.count(1)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self._handlers: dict[str, Handler] = {
+            "CreatePullRequest": self._create_pull_request,
+            "ListPullRequests": self._list_pull_requests,
+            "GetPullRequest": self._get_pull_request,
+            "PostCommentForPullRequest": self._post_comment,
+            "UpdateComment": self._update_comment,
+            "GetCommentsForPullRequest": self._get_comments,
+            "UpdatePullRequestApprovalState": self._update_approval,
+            "GetPullRequestApprovalStates": self._get_approvals,
+        }
+
+    @property
+    def port(self) -> int:
+        assert self._site is not None, "not started"
+        server = self._site._server
+        assert isinstance(server, asyncio.base_events.Server)
+        return int(server.sockets[0].getsockname()[1])
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def __aenter__(self) -> CodeCommitStandIn:
+        app = web.Application()
+        app.router.add_post("/", self._serve)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self._port)
+        await self._site.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    def calls(self, operation: str) -> list[dict[str, Any]]:
+        return [params for name, params in self.requests if name == operation]
+
+    def approvals(self, pull_request_id: str) -> dict[str, str]:
+        return dict(self.pull_requests[pull_request_id].approvals)
+
+    def comments_on(self, pull_request_id: str) -> list[_Comment]:
+        return [c for c in self.comments.values() if c.pull_request == pull_request_id]
+
+    async def pushed(self, change: RefChange) -> None:
+        """A push moved a branch: open pull requests from it get the new commit (a new
+        revision, approvals cleared); those into it get a new destination commit (a new
+        revision too, so an approval of the old one is refused as not current)."""
+        if change.new is None:
+            return
+        for pr in self.pull_requests.values():
+            if pr.status != "OPEN" or pr.repository != change.repository:
+                continue
+            if pr.source_ref == change.ref and change.new != pr.source_commit:
+                pr.source_commit = change.new
+                pr.revision = uuid.uuid4().hex + uuid.uuid4().hex
+                pr.approvals.clear()
+                await self._emit(pr, "pullRequestSourceBranchUpdated")
+            elif pr.destination_ref == change.ref and change.new != pr.destination_commit:
+                pr.destination_commit = change.new
+                pr.revision = uuid.uuid4().hex + uuid.uuid4().hex
+
+    # -- the protocol ---------------------------------------------------------------------
+
+    async def _serve(self, request: web.Request) -> web.Response:
+        target = request.headers.get("X-Amz-Target", "")
+        caller = self._caller(request.headers.get("Authorization", ""))
+        try:
+            if not target.startswith(TARGET_PREFIX):
+                raise StandInError("UnknownOperationException", f"bad X-Amz-Target {target!r}")
+            operation = target.removeprefix(TARGET_PREFIX)
+            try:
+                params = json.loads(await request.read() or b"{}")
+            except ValueError:
+                raise StandInError("SerializationException", "the body is not JSON") from None
+            validate(operation, params)
+            handler = self._handlers.get(operation)
+            if handler is None:
+                raise StandInError("UnknownOperationException", f"{operation} is not served here")
+            self.requests.append((operation, params))
+            if operation in self.before:
+                await self.before.pop(operation)(params)
+            reply = await handler(params, caller)
+        except StandInError as exc:
+            return web.json_response(
+                {"__type": exc.code, "message": str(exc)},
+                status=400,
+                content_type="application/x-amz-json-1.1",
+            )
+        return web.json_response(reply, content_type="application/x-amz-json-1.1")
+
+    def _caller(self, authorization: str) -> str:
+        match = _CREDENTIAL.search(authorization)
+        return f"arn:aws:iam::{self.account}:user/{match[1] if match else 'anonymous'}"
+
+    def _pull_request(self, pull_request_id: str) -> _PullRequest:
+        pr = self.pull_requests.get(pull_request_id)
+        if pr is None:
+            raise StandInError(
+                "PullRequestDoesNotExistException", f"pull request {pull_request_id} not found"
+            )
+        return pr
+
+    async def _emit(self, pr: _PullRequest, event: str) -> None:
+        if self.on_event is None:
+            return
+        arn = f"arn:aws:codecommit:{self.region}:{self.account}:{pr.repository}"
+        await self.on_event(
+            {
+                "version": "0",
+                "id": str(uuid.uuid4()),
+                "detail-type": "CodeCommit Pull Request State Change",
+                "source": "aws.codecommit",
+                "account": self.account,
+                "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "region": self.region,
+                "resources": [arn],
+                "detail": {
+                    "author": pr.author,
+                    "callerUserArn": pr.author,
+                    "event": event,
+                    "isMerged": "False",
+                    "pullRequestId": pr.id,
+                    "pullRequestStatus": pr.status,
+                    "repositoryNames": [pr.repository],
+                    "revisionId": pr.revision,
+                    "sourceReference": pr.source_ref,
+                    "sourceCommit": pr.source_commit,
+                    "destinationReference": pr.destination_ref,
+                    "destinationCommit": pr.destination_commit,
+                    "title": pr.title,
+                },
+            }
+        )
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def _create_pull_request(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        [target] = params["targets"]  # CodeCommit allows exactly one target
+        repository = target["repositoryName"]
+        source = _full_ref(target["sourceReference"])
+        destination = _full_ref(target.get("destinationReference", "main"))
+        source_commit = await self.resolve(repository, source)
+        destination_commit = await self.resolve(repository, destination)
+        if source_commit is None or destination_commit is None:
+            raise StandInError("ReferenceDoesNotExistException", "a reference does not exist")
+        if source_commit == destination_commit:
+            raise StandInError("SourceAndDestinationAreSameException", "nothing to merge")
+        pr = _PullRequest(
+            id=str(next(self._ids)),
+            title=params["title"],
+            repository=repository,
+            source_ref=source,
+            destination_ref=destination,
+            source_commit=source_commit,
+            destination_commit=destination_commit,
+            author=caller,
+            revision=uuid.uuid4().hex + uuid.uuid4().hex,
+        )
+        self.pull_requests[pr.id] = pr
+        await self._emit(pr, "pullRequestCreated")
+        return {"pullRequest": pr.to_api()}
+
+    async def _list_pull_requests(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        status = params.get("pullRequestStatus")
+        ids = [
+            pr.id
+            for pr in self.pull_requests.values()
+            if pr.repository == params["repositoryName"] and status in (None, pr.status)
+        ]
+        # Pages of at most maxResults (100 by default), as CodeCommit pages them.
+        start = int(params.get("nextToken", "0") or 0)
+        size = int(params.get("maxResults", 100))
+        reply: dict[str, Any] = {"pullRequestIds": ids[start : start + size]}
+        if start + size < len(ids):
+            reply["nextToken"] = str(start + size)
+        return reply
+
+    async def _get_pull_request(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        return {"pullRequest": self._pull_request(params["pullRequestId"]).to_api()}
+
+    async def _post_comment(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        pr = self._pull_request(params["pullRequestId"])
+        if params["repositoryName"] != pr.repository:
+            raise StandInError("RepositoryNotAssociatedWithPullRequestException", pr.repository)
+        token = params.get("clientRequestToken")
+        fingerprint = hashlib.sha256(
+            json.dumps(
+                {k: v for k, v in params.items() if k != "clientRequestToken"}, sort_keys=True
+            ).encode()
+        ).hexdigest()
+        if token:
+            for comment in self.comments.values():
+                if comment.token == token and comment.author == caller:
+                    if comment.fingerprint != fingerprint:
+                        raise StandInError(
+                            "IdempotencyParameterMismatchException",
+                            "the token was used with different parameters",
+                        )
+                    return self._comment_reply(comment)
+        comment = _Comment(
+            id=uuid.uuid4().hex,
+            pull_request=pr.id,
+            repository=pr.repository,
+            before=params["beforeCommitId"],
+            after=params["afterCommitId"],
+            content=params["content"],
+            author=caller,
+            token=token,
+            fingerprint=fingerprint,
+        )
+        self.comments[comment.id] = comment
+        return self._comment_reply(comment)
+
+    def _comment_reply(self, comment: _Comment) -> dict[str, Any]:
+        return {
+            "repositoryName": comment.repository,
+            "pullRequestId": comment.pull_request,
+            "beforeCommitId": comment.before,
+            "afterCommitId": comment.after,
+            "comment": comment.to_api(),
+        }
+
+    async def _update_comment(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        comment = self.comments.get(params["commentId"])
+        if comment is None:
+            raise StandInError("CommentDoesNotExistException", "no such comment")
+        if comment.author != caller:
+            raise StandInError("CommentNotCreatedByCallerException", "not your comment")
+        comment.content = params["content"]
+        comment.modified = time.time()
+        return {"comment": comment.to_api()}
+
+    async def _get_comments(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        pr = self._pull_request(params["pullRequestId"])
+        groups: dict[tuple[str, str], list[_Comment]] = {}
+        for comment in self.comments_on(pr.id):
+            if params.get("afterCommitId") not in (None, comment.after):
+                continue
+            if params.get("beforeCommitId") not in (None, comment.before):
+                continue
+            groups.setdefault((comment.before, comment.after), []).append(comment)
+        return {
+            "commentsForPullRequestData": [
+                {
+                    "pullRequestId": pr.id,
+                    "repositoryName": pr.repository,
+                    "beforeCommitId": before,
+                    "afterCommitId": after,
+                    "comments": [c.to_api() for c in comments],
+                }
+                for (before, after), comments in groups.items()
+            ]
+        }
+
+    async def _update_approval(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        pr = self._pull_request(params["pullRequestId"])
+        if params["revisionId"] != pr.revision:
+            raise StandInError("RevisionNotCurrentException", "the revision is not current")
+        if pr.status != "OPEN":
+            raise StandInError("PullRequestAlreadyClosedException", "closed")
+        if caller == pr.author:
+            raise StandInError(
+                "PullRequestCannotBeApprovedByAuthorException", "authors cannot approve"
+            )
+        if params["approvalState"] == "APPROVE":
+            pr.approvals[caller] = "APPROVE"
+        else:
+            pr.approvals.pop(caller, None)
+        return {}
+
+    async def _get_approvals(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        pr = self._pull_request(params["pullRequestId"])
+        if params["revisionId"] != pr.revision:
+            return {"approvals": []}
+        return {
+            "approvals": [
+                {"userArn": user, "approvalState": state} for user, state in pr.approvals.items()
+            ]
+        }
+
+
+def _full_ref(reference: str) -> str:
+    return reference if reference.startswith("refs/") else "refs/heads/" + reference
+
+
+def git_resolver(host: GitHost) -> Resolve:
+    """Resolve references in the local git host's bare repositories (for CreatePullRequest)."""
+
+    async def resolve(repository: str, ref: str) -> str | None:
+        path = host.repository_path(repository)
+        if not path.is_dir():
+            return None
+        result = await anyio.run_process(
+            ["git", "--git-dir", str(path), "rev-parse", "--verify", "--quiet", ref + "^{commit}"],
+            check=False,
+        )
+        return result.stdout.decode().strip() or None if result.returncode == 0 else None
+
+    return resolve

@@ -1,0 +1,338 @@
+"""How the builds branchbuild started end: ``CodeBuild Build State Change`` events → the ledger.
+
+The pipeline's ``BuildStateRule`` puts CodeBuild's state events on the intake queue (message
+group ``codebuild``, its own lane beside the pushes). Correlation is twofold:
+
+* the build carries ``BRANCHBUILD_ARCHIVE`` (the archive's S3 key, set at StartBuild, never a
+  secret), which names its ledger entry ``<archive>.build.json``;
+* that ledger entry must name this very build id. A build without the variable, or one the
+  ledger does not name (started by hand, a console "retry" that copied the variables), is
+  ignored.
+
+Events arrive late, twice and out of order, so the ledger only moves forward: nothing →
+``IN_PROGRESS`` → a final state, and a final state is never replaced. Every change is a
+compare-and-swap (:mod:`service.records`), so instances and redeliveries cannot clobber each
+other, and a final state is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import BranchbuildError, MalformedEvent, PermanentError, TransientError
+from .metrics import Metrics
+from .queue import Message, Queue
+from .records import Document, Records
+from .settings import Settings
+
+log = logging.getLogger("branchbuild.outcomes")
+
+BUILD_DETAIL_TYPE = "CodeBuild Build State Change"
+BUILD_SOURCE = "aws.codebuild"
+PULL_REQUEST_DETAIL_TYPE = "CodeCommit Pull Request State Change"
+ARCHIVE_VARIABLE = "BRANCHBUILD_ARCHIVE"
+LEDGER_SUFFIX = ".build.json"  # as service.storage.Storage.ledger_key
+
+IN_PROGRESS = "IN_PROGRESS"
+FINAL = frozenset({"SUCCEEDED", "FAILED", "FAULT", "STOPPED", "TIMED_OUT"})
+# "superseded" is a stopped build that a newer commit of its branch replaced.
+RESULT_LABELS = ("succeeded", "failed", "fault", "stopped", "timed_out", "superseded")
+
+_BUILD_ARN = re.compile(
+    r"arn:aws[a-z-]*:codebuild:[a-z0-9-]+:[0-9]{12}:build/"
+    r"(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{1,254}:[A-Za-z0-9-]{1,64})"
+)
+_MAX_BODY = 256 * 1024
+
+
+@dataclass(frozen=True)
+class BuildState:
+    """One ``CodeBuild Build State Change`` event, as far as branchbuild needs it."""
+
+    event_id: str
+    time: datetime
+    build_id: str  # "project:uuid", as StartBuild returns it
+    project: str
+    status: str
+    archive: str | None
+    started_at: datetime | None
+    logs: str | None
+
+
+@dataclass(frozen=True)
+class Change:
+    """What recording an event did to the ledger entry of ``archive``; ``after`` is
+    ``before`` when the event changed nothing (listeners re-check: a retried event whose
+    first delivery changed the ledger but failed a listener reaches them again)."""
+
+    archive: str
+    before: Document | None
+    after: Document | None
+
+    @property
+    def finished_now(self) -> bool:
+        return (
+            self.after is not None
+            and self.after.get("status") in FINAL
+            and (self.before is None or self.before.get("status") not in FINAL)
+            and self.after is not self.before
+        )
+
+
+def detail_type(body: str) -> str | None:
+    """The ``detail-type`` of an EventBridge envelope, or None if the body is not one."""
+    if len(body) > _MAX_BODY:
+        return None
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    value = data.get("detail-type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def parse_build_state(body: str) -> BuildState:
+    """Parse a ``CodeBuild Build State Change`` envelope.
+
+    Raises:
+        MalformedEvent: not such an event, or a field is missing or not what CodeBuild sends.
+    """
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise MalformedEvent(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("source") != BUILD_SOURCE:
+        raise MalformedEvent("not a CodeBuild event (source is not aws.codebuild)")
+    detail = data.get("detail")
+    if not isinstance(detail, dict):
+        raise MalformedEvent("detail is missing or not an object")
+    event_id = _text(data, "id")
+    time = _time(_text(data, "time"), "time")
+    status = _text(detail, "build-status")
+    if status != IN_PROGRESS and status not in FINAL:
+        raise MalformedEvent(f"unknown build-status {status[:40]!r}")
+    arn = _text(detail, "build-id")
+    match = _BUILD_ARN.fullmatch(arn)
+    if not match:
+        raise MalformedEvent(f"build-id is not a CodeBuild build ARN: {arn[:120]!r}")
+    project = _text(detail, "project-name")
+    if not match["id"].startswith(project + ":"):
+        raise MalformedEvent("build-id does not belong to project-name")
+    info = detail.get("additional-information", {})
+    if not isinstance(info, dict):
+        raise MalformedEvent("additional-information is not an object")
+    variables = _variables(info)
+    logs = info.get("logs", {})
+    link = logs.get("deep-link") if isinstance(logs, dict) else None
+    start = info.get("build-start-time")
+    return BuildState(
+        event_id=event_id,
+        time=time,
+        build_id=match["id"],
+        project=project,
+        status=status,
+        archive=variables.get(ARCHIVE_VARIABLE),
+        started_at=_start_time(start) if isinstance(start, str) else None,
+        logs=link if isinstance(link, str) and link.startswith("https://") else None,
+    )
+
+
+def _text(data: dict[str, Any], key: str, limit: int = 2048) -> str:
+    value = data.get(key)
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise MalformedEvent(f"{key} is missing or not a string of at most {limit} characters")
+    return value
+
+
+def _time(value: str, what: str) -> datetime:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise MalformedEvent(f"{what} is not an ISO 8601 time: {value[:40]!r}") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _start_time(value: str) -> datetime | None:
+    """CodeBuild writes ``build-start-time`` as e.g. ``Sep 1, 2017 4:12:29 PM`` (UTC)."""
+    try:
+        return datetime.strptime(value, "%b %d, %Y %I:%M:%S %p").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _variables(info: dict[str, Any]) -> dict[str, str]:
+    environment = info.get("environment", {})
+    listed = environment.get("environment-variables", []) if isinstance(environment, dict) else []
+    if not isinstance(listed, list):
+        raise MalformedEvent("environment-variables is not a list")
+    found: dict[str, str] = {}
+    for item in listed:
+        if isinstance(item, dict) and isinstance(item.get("name"), str):
+            value = item.get("value")
+            if isinstance(value, str) and item.get("type", "PLAINTEXT") == "PLAINTEXT":
+                found[item["name"]] = value
+    return found
+
+
+def iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def advance(entry: Document, state: BuildState) -> Document | None:
+    """The ledger entry after ``state``, or None when the event changes nothing (a duplicate,
+    a late IN_PROGRESS after a final state, another build's event)."""
+    if entry.get("build_id") != state.build_id:
+        return None
+    current = entry.get("status")
+    if current in FINAL or (current == state.status):
+        return None
+    new = dict(entry)
+    new["status"] = state.status
+    if state.started_at is not None:
+        new["started_at"] = iso(state.started_at)
+    elif "started_at" not in new and state.status == IN_PROGRESS:
+        new["started_at"] = iso(state.time)
+    if state.logs:
+        new["logs"] = state.logs
+    if state.status in FINAL:
+        new["ended_at"] = iso(state.time)
+    return new
+
+
+def result_label(entry: Document) -> str:
+    """The ``status`` label of ``branchbuild_build_results_total`` for a finished entry."""
+    status = str(entry.get("status", "")).lower()
+    if status == "stopped" and entry.get("superseded_by"):
+        return "superseded"
+    return status if status in RESULT_LABELS else "other"
+
+
+def duration(entry: Document) -> float | None:
+    try:
+        start = datetime.fromisoformat(str(entry["started_at"]).replace("Z", "+00:00"))
+        end = datetime.fromisoformat(str(entry["ended_at"]).replace("Z", "+00:00"))
+    except (KeyError, ValueError):
+        return None
+    return max(0.0, (end - start).total_seconds())
+
+
+# Called after each ledger change: the pull request feedback (service.pullrequests) listens.
+Listener = Callable[[Change], Awaitable[None]]
+
+
+class Outcomes:
+    """Consumes the build state events of the intake queue and keeps the ledger current."""
+
+    def __init__(
+        self,
+        records: Records,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        listeners: tuple[Listener, ...] = (),
+        pull_requests: Callable[[str], Awaitable[str]] | None = None,
+    ) -> None:
+        self.records = records
+        self.settings = settings
+        self.metrics = metrics
+        self.listeners = listeners
+        self.pull_requests = pull_requests
+
+    @staticmethod
+    def claims(body: str) -> bool:
+        """Whether this handler (not the push intake) owns the message."""
+        return detail_type(body) in {BUILD_DETAIL_TYPE, PULL_REQUEST_DETAIL_TYPE}
+
+    async def handle(self, queue: Queue, message: Message) -> None:
+        """Record one event and settle its message; never raises for a bad event."""
+        kind = "build_state"
+        try:
+            if detail_type(message.body) == PULL_REQUEST_DETAIL_TYPE:
+                kind = "pull_request"
+                if self.pull_requests is None:
+                    outcome = "ignored"
+                else:
+                    outcome = await self.pull_requests(message.body)
+            else:
+                outcome = await self.record(parse_build_state(message.body))
+        except BranchbuildError as exc:
+            last = queue.is_last_attempt(message)
+            failed = "failed" if isinstance(exc, PermanentError) else "retried"
+            self.metrics.events.labels(
+                event=kind, outcome="dead_lettered" if last else failed
+            ).inc()
+            self.metrics.errors.labels(kind=exc.kind).inc()
+            s = self.settings
+            settled = await queue.fail(message, exc, base=s.retry_base_delay, cap=s.retry_max_delay)
+            log.error(
+                "%s event %s (receive %s): %s; %s",
+                kind,
+                message.id,
+                message.receive_count,
+                exc,
+                settled,
+                extra={"message_id": message.id},
+            )
+            return
+        self.metrics.events.labels(event=kind, outcome=outcome).inc()
+        if await queue.delete([message]):
+            log.warning("could not delete event message %s; it will be recorded again", message.id)
+
+    async def record(self, state: BuildState) -> str:
+        """Apply one build state event to the ledger; returns the ``outcome`` label.
+
+        Raises:
+            TransientError: the ledger has no entry for the build yet (StartBuild returned
+                but the job has not written it): retried, dead-lettered if it never appears.
+            StorageError: S3 failed.
+        """
+        context = {"build_id": state.build_id, "event_id": state.event_id}
+        if state.archive is None:
+            log.info(
+                "ignored: build %s was not started by branchbuild", state.build_id, extra=context
+            )
+            return "ignored"
+        key = state.archive + LEDGER_SUFFIX
+        before: Document | None = None
+
+        def change(entry: Document | None) -> Document | None:
+            nonlocal before
+            before = entry
+            return None if entry is None else advance(entry, state)
+
+        after = await self.records.update(key, change)
+        if before is None:
+            raise TransientError(
+                f"no ledger entry at {key} for build {state.build_id} (yet): "
+                "not started by branchbuild, or StartBuild has not been recorded"
+            )
+        if before.get("build_id") != state.build_id:
+            log.info(
+                "ignored: the ledger at %s names build %s, not %s",
+                key,
+                before.get("build_id"),
+                state.build_id,
+                extra=context,
+            )
+            return "ignored"
+        if after is None:
+            log.info("stale %s event of %s", state.status, state.build_id, extra=context)
+            for listener in self.listeners:
+                await listener(Change(archive=state.archive, before=before, after=before))
+            return "stale"
+        change_ = Change(archive=state.archive, before=before, after=after)
+        if change_.finished_now:
+            self.metrics.build_results.labels(status=result_label(after)).inc()
+            took = duration(after)
+            if took is not None:
+                self.metrics.build_seconds.observe(took)
+        log.info("build %s is %s", state.build_id, state.status, extra=context)
+        for listener in self.listeners:
+            await listener(change_)
+        return "recorded"

@@ -1,0 +1,386 @@
+"""Build results on CodeCommit pull requests (``BRANCHBUILD_PULL_REQUEST_FEEDBACK``).
+
+For each open pull request whose source branch is the built branch and whose source commit is
+the built commit, branchbuild keeps **one comment per pull request and commit**: posted when
+the build starts (``PostCommentForPullRequest`` with a ``clientRequestToken`` derived from the
+pull request, commit and build, so a redelivery posts nothing new) and edited in place
+(``UpdateComment``) as the build progresses. With ``comment+approval`` it also approves the
+pull request's revision on success and revokes its approval on failure
+(``UpdatePullRequestApprovalState``), so an approval rule can require a green build.
+
+What was posted where lives in ``<archive>.feedback.json`` beside the ledger entry (written by
+compare-and-swap, see :mod:`service.records`). Three moments sync a build's pull requests:
+the build started (a job hook), its ledger entry changed (a build state event), and a pull
+request was opened or its source branch moved (``CodeCommit Pull Request State Change``): a
+pull request opened after its commit was built gets the result at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from botocore.exceptions import ClientError
+
+from .aws import AccountClients, error_code, translated
+from .builds import StartedBuild
+from .errors import MalformedEvent, PermanentError
+from .events import Action, Push, RefType, check_ref_name, check_repository
+from .job import object_key
+from .metrics import Metrics
+from .outcomes import LEDGER_SUFFIX, Change, duration
+from .records import Document, Records
+from .settings import PullRequestFeedback, Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codecommit import CodeCommitClient
+
+log = logging.getLogger("branchbuild.pullrequests")
+
+FEEDBACK_SUFFIX = ".feedback.json"
+SOURCE = "aws.codecommit"
+HANDLED_EVENTS = frozenset({"pullRequestCreated", "pullRequestSourceBranchUpdated"})
+_FAILED = frozenset({"FAILED", "FAULT", "TIMED_OUT"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """An open pull request whose source is the built branch at the built commit."""
+
+    pull_request_id: str
+    revision: str
+    source_commit: str
+    destination_commit: str
+
+
+def render(ledger: Document, feedback: Document) -> str:
+    """The comment: status, duration, commit, build and CloudWatch Logs link."""
+    status = str(ledger.get("status") or "STARTED")
+    headline = {
+        "STARTED": "⏳ Build started",
+        "IN_PROGRESS": "🔄 Build in progress",
+        "SUCCEEDED": "✅ Build succeeded",
+        "FAILED": "❌ Build failed",
+        "FAULT": "❌ Build failed (CodeBuild fault)",
+        "TIMED_OUT": "⏱️ Build timed out",
+        "STOPPED": "⏹️ Build stopped",
+    }.get(status, status)
+    superseded = ledger.get("superseded_by")
+    if status == "STOPPED" and superseded:
+        headline = f"⏭️ Build superseded by `{str(superseded)[:12]}`"
+    took = duration(ledger)
+    rows = [
+        ("Status", status if not (status == "STOPPED" and superseded) else "SUPERSEDED"),
+        ("Commit", f"`{feedback['commit']}`"),
+        ("Branch", f"`{str(feedback['ref']).removeprefix('refs/heads/')}`"),
+        ("Build", f"`{feedback['build_id']}`"),
+        ("Duration", _duration(took) if took is not None else "running"),
+    ]
+    if ledger.get("logs"):
+        rows.append(("Logs", f"[CloudWatch Logs]({ledger['logs']})"))
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    return f"**branchbuild**: {headline}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def comment_token(pull_request_id: str, commit: str, build_id: str) -> str:
+    return hashlib.sha256(f"{pull_request_id}\0{commit}\0{build_id}".encode()).hexdigest()
+
+
+class PullRequests:
+    def __init__(
+        self, accounts: AccountClients, records: Records, settings: Settings, metrics: Metrics
+    ) -> None:
+        self.accounts = accounts
+        self.records = records
+        self.settings = settings
+        self.metrics = metrics
+
+    @property
+    def enabled(self) -> bool:
+        return self.settings.pull_request_feedback is not PullRequestFeedback.OFF
+
+    # -- the three moments ----------------------------------------------------------------
+
+    async def started(self, push: Push, build: StartedBuild, archive: str) -> None:
+        """Job hook: remember the build for feedback, then post on its pull requests.
+
+        Raises:
+            TransientError: CodeCommit or S3 failed (the job is retried, this runs again).
+        """
+        if not self.enabled or push.ref_type is not RefType.BRANCH:
+            return
+        fresh: Document = {
+            "repository": push.repository,
+            "account": push.account,
+            "ref": push.ref,
+            "commit": push.commit,
+            "build_id": build.build_id,
+            "comments": {},
+            "approvals": {},
+        }
+
+        def remember(current: Document | None) -> Document | None:
+            if current is not None and current.get("build_id") == build.build_id:
+                return None
+            return fresh
+
+        await self.records.update(archive + FEEDBACK_SUFFIX, remember)
+        await self.sync(archive)
+
+    async def changed(self, change: Change) -> None:
+        """Outcomes listener: the build's ledger entry changed (or a redelivery re-checks)."""
+        if self.enabled:
+            await self.sync(change.archive)
+
+    async def event(self, body: str) -> str:
+        """Handle a ``CodeCommit Pull Request State Change`` event; returns the outcome label.
+
+        Raises:
+            MalformedEvent: not such an event, or unusable fields.
+            TransientError: CodeCommit or S3 failed.
+        """
+        detail = _pull_request_detail(body)
+        if not self.enabled or detail["event"] not in HANDLED_EVENTS:
+            return "ignored"
+        if detail.get("pullRequestStatus") != "OPEN":
+            return "ignored"
+        reference = str(detail["sourceReference"])
+        if not reference.startswith("refs/heads/"):
+            return "ignored"
+        repositories = detail.get("repositoryNames")
+        if not isinstance(repositories, list) or len(repositories) != 1:
+            raise MalformedEvent("repositoryNames is not a list of one repository")
+        push = Push(
+            event_id="-",
+            account=str(detail["account"]),
+            region="-",
+            repository=check_repository(str(repositories[0])),
+            ref_type=RefType.BRANCH,
+            name=check_ref_name(reference.removeprefix("refs/heads/")),
+            action=Action.UPDATED,
+            commit=str(detail["sourceCommit"]),
+        )
+        archive = object_key(self.settings.key_template, push)
+        if await self.records.read(archive + FEEDBACK_SUFFIX) is None:
+            return "ignored"  # not built (yet): the build's start will find this pull request
+        await self.sync(archive)
+        return "recorded"
+
+    # -- syncing ----------------------------------------------------------------------------
+
+    async def sync(self, archive: str) -> None:
+        """Make every matching pull request show the build's current state.
+
+        Raises:
+            TransientError: CodeCommit or S3 failed; nothing is lost by retrying.
+        """
+        feedback = await self.records.read(archive + FEEDBACK_SUFFIX)
+        ledger = await self.records.read(archive + LEDGER_SUFFIX)
+        if feedback is None or ledger is None:
+            return
+        doc, entry = feedback.data, ledger.data
+        if entry.get("build_id") != doc.get("build_id"):
+            return
+        try:
+            client = await self.accounts.codecommit(str(doc["account"]))
+            targets = await self._targets(client, doc)
+            content = render(entry, doc)
+            for target in targets:
+                await self._comment(client, archive, doc, target, content)
+            # Pull requests that moved on to a newer commit keep this commit's comment, and
+            # it still tells how this build ended (e.g. superseded); no approval there.
+            matching = {t.pull_request_id for t in targets}
+            for pull_request_id in doc.get("comments", {}):
+                if pull_request_id not in matching:
+                    earlier = Target(pull_request_id, "", str(doc["commit"]), "")
+                    await self._comment(client, archive, doc, earlier, content)
+            for target in targets:
+                if self.settings.pull_request_feedback is PullRequestFeedback.COMMENT_AND_APPROVAL:
+                    await self._approval(client, archive, doc, target, str(entry.get("status")))
+        except PermanentError as exc:  # a permission or a setting: never block a build for it
+            self.metrics.pull_request_updates.labels(action="failed").inc()
+            self.metrics.errors.labels(kind=exc.kind).inc()
+            log.error("pull request feedback for %s failed: %s", archive, exc)
+
+    async def _targets(self, client: CodeCommitClient, doc: Document) -> list[Target]:
+        repository, ref, commit = str(doc["repository"]), str(doc["ref"]), str(doc["commit"])
+        ids: list[str] = []
+        token = ""
+        while True:
+            with translated(f"list the pull requests of {repository}"):
+                if token:
+                    page = await client.list_pull_requests(
+                        repositoryName=repository, pullRequestStatus="OPEN", nextToken=token
+                    )
+                else:
+                    page = await client.list_pull_requests(
+                        repositoryName=repository, pullRequestStatus="OPEN"
+                    )
+            ids += page.get("pullRequestIds", [])
+            token = page.get("nextToken", "")
+            if not token:
+                break
+        found: list[Target] = []
+        for pull_request_id in ids:
+            with translated(f"read pull request {pull_request_id}"):
+                reply = await client.get_pull_request(pullRequestId=pull_request_id)
+            pr = reply["pullRequest"]
+            for target in pr.get("pullRequestTargets", []):
+                if (
+                    target.get("repositoryName") == repository
+                    and target.get("sourceReference") == ref
+                    and target.get("sourceCommit") == commit
+                ):
+                    found.append(
+                        Target(
+                            pull_request_id=pull_request_id,
+                            revision=pr.get("revisionId", ""),
+                            source_commit=commit,
+                            destination_commit=target.get("destinationCommit", ""),
+                        )
+                    )
+        return found
+
+    async def _comment(
+        self, client: CodeCommitClient, archive: str, doc: Document, target: Target, content: str
+    ) -> None:
+        digest = hashlib.sha256(content.encode()).hexdigest()
+        known: dict[str, Any] = doc.get("comments", {}).get(target.pull_request_id) or {}
+        if known.get("digest") == digest:
+            return
+        comment_id = known.get("id")
+        if comment_id is None:
+            comment_id = await self._post(client, doc, target, content)
+            action = "comment_created"
+        else:
+            with translated(f"update comment {comment_id}"):
+                await client.update_comment(commentId=comment_id, content=content)
+            action = "comment_updated"
+        self.metrics.pull_request_updates.labels(action=action).inc()
+        log.info("pull request %s: %s", target.pull_request_id, action.replace("_", " "), extra={})
+
+        def record(current: Document | None) -> Document | None:
+            if current is None or current.get("build_id") != doc["build_id"]:
+                return None
+            comments = dict(current.get("comments", {}))
+            comments[target.pull_request_id] = {"id": comment_id, "digest": digest}
+            return current | {"comments": comments}
+
+        await self.records.update(archive + FEEDBACK_SUFFIX, record)
+
+    async def _post(
+        self, client: CodeCommitClient, doc: Document, target: Target, content: str
+    ) -> str:
+        token = comment_token(target.pull_request_id, str(doc["commit"]), str(doc["build_id"]))
+        try:
+            reply = await client.post_comment_for_pull_request(
+                pullRequestId=target.pull_request_id,
+                repositoryName=str(doc["repository"]),
+                beforeCommitId=target.destination_commit,
+                afterCommitId=target.source_commit,
+                content=content,
+                clientRequestToken=token,
+            )
+            return reply["comment"]["commentId"]
+        except ClientError as exc:
+            if error_code(exc) != "IdempotencyParameterMismatchException":
+                with translated(f"comment on pull request {target.pull_request_id}"):
+                    raise
+        # Posted before with other content (the record of it was lost): find it by its token.
+        with translated(f"read the comments of pull request {target.pull_request_id}"):
+            reply_ = await client.get_comments_for_pull_request(
+                pullRequestId=target.pull_request_id,
+                repositoryName=str(doc["repository"]),
+                afterCommitId=target.source_commit,
+            )
+        for group in reply_.get("commentsForPullRequestData", []):
+            for comment in group.get("comments", []):
+                if comment.get("clientRequestToken") == token and "commentId" in comment:
+                    return comment["commentId"]
+        raise PermanentError(f"the comment posted with token {token} cannot be found")
+
+    async def _approval(
+        self, client: CodeCommitClient, archive: str, doc: Document, target: Target, status: str
+    ) -> None:
+        state: Literal["APPROVE", "REVOKE"]
+        if status == "SUCCEEDED":
+            state = "APPROVE"
+        elif status in _FAILED:
+            state = "REVOKE"
+        else:
+            return
+        pull_request_id, revision = target.pull_request_id, target.revision
+        done = f"{state}@{revision}"
+        if doc.get("approvals", {}).get(pull_request_id) == done:
+            return
+        try:
+            await client.update_pull_request_approval_state(
+                pullRequestId=pull_request_id, revisionId=revision, approvalState=state
+            )
+        except ClientError as exc:
+            if error_code(exc) != "RevisionNotCurrentException":
+                with translated(f"set the approval of pull request {pull_request_id}"):
+                    raise
+            # The pull request moved on: still about this commit (its destination moved)?
+            # Then approve the new revision; otherwise the newer commit's build decides.
+            with translated(f"read pull request {pull_request_id}"):
+                reply = await client.get_pull_request(pullRequestId=pull_request_id)
+            pr = reply["pullRequest"]
+            sources = {t.get("sourceCommit") for t in pr.get("pullRequestTargets", [])}
+            if target.source_commit not in sources:
+                self.metrics.pull_request_updates.labels(action="revision_moved").inc()
+                log.info("pull request %s moved past %s", pull_request_id, target.source_commit)
+                return
+            revision = pr.get("revisionId", "")
+            done = f"{state}@{revision}"
+            with translated(f"set the approval of pull request {pull_request_id}"):
+                await client.update_pull_request_approval_state(
+                    pullRequestId=pull_request_id, revisionId=revision, approvalState=state
+                )
+        self.metrics.pull_request_updates.labels(
+            action="approved" if state == "APPROVE" else "revoked"
+        ).inc()
+        log.info("pull request %s: %s", pull_request_id, state.lower())
+
+        def record(current: Document | None) -> Document | None:
+            if current is None or current.get("build_id") != doc["build_id"]:
+                return None
+            approvals = dict(current.get("approvals", {}))
+            approvals[pull_request_id] = done
+            return current | {"approvals": approvals}
+
+        await self.records.update(archive + FEEDBACK_SUFFIX, record)
+
+
+def _pull_request_detail(body: str) -> dict[str, Any]:
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise MalformedEvent(f"body is not JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("source") != SOURCE:
+        raise MalformedEvent("not a CodeCommit event (source is not aws.codecommit)")
+    detail = data.get("detail")
+    if not isinstance(detail, dict):
+        raise MalformedEvent("detail is missing or not an object")
+    event = detail.get("event")
+    if not isinstance(event, str):
+        raise MalformedEvent("detail.event is missing")
+    if event in HANDLED_EVENTS:
+        for key in ("pullRequestId", "sourceReference", "sourceCommit", "pullRequestStatus"):
+            if not isinstance(detail.get(key), str) or not detail[key]:
+                raise MalformedEvent(f"{key} is missing or not a string")
+        commit = str(detail["sourceCommit"])
+        if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
+            raise MalformedEvent("sourceCommit is not a 40-character hex commit id")
+        account = data.get("account")
+        if not isinstance(account, str) or len(account) != 12 or not account.isdigit():
+            raise MalformedEvent("account is not a 12-digit account id")
+    return detail | {"account": data.get("account")}

@@ -1,0 +1,152 @@
+"""Stop the still-running build of an older commit once a newer commit of its branch started.
+
+"The current build of this branch" is a small document in the artifact bucket
+(``branchbuild-state/branches/<sha256(repository, ref)>.json``), replaced by compare-and-swap
+(:mod:`service.records`): it survives restarts and holds across service instances. After
+StartBuild, a job makes its build the current one and stops the one it replaced:
+
+1. the older build's ledger entry is marked ``superseded_by`` the newer commit (first, so
+   that its ``STOPPED`` event, however fast, is reported as superseded);
+2. ``StopBuild``; a build that already ended is left as it is.
+
+Both steps are idempotent: a redelivered job (which finds its build already current) does
+them again. Branches matching ``BRANCHBUILD_KEEP_RUNNING_BRANCHES`` and tags are left alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING
+
+from botocore.exceptions import ClientError
+
+from .aws import error_code, translated
+from .builds import StartedBuild
+from .errors import BuildError, PermanentError
+from .events import Push, RefType
+from .metrics import Metrics
+from .outcomes import FINAL, LEDGER_SUFFIX
+from .records import Document, Records
+from .settings import Settings
+
+if TYPE_CHECKING:
+    from types_aiobotocore_codebuild import CodeBuildClient
+
+log = logging.getLogger("branchbuild.supersede")
+
+STATE_PREFIX = "branchbuild-state/branches/"
+# StopBuild on a build that already ended (or is gone): nothing left to stop.
+_ENDED_CODES = {"InvalidInputException", "ResourceNotFoundException"}
+
+
+def current_key(push: Push) -> str:
+    digest = hashlib.sha256(f"{push.repository}\0{push.ref}".encode()).hexdigest()
+    return STATE_PREFIX + digest + ".json"
+
+
+class Supersede:
+    def __init__(
+        self,
+        records: Records,
+        codebuild: CodeBuildClient | None,
+        settings: Settings,
+        metrics: Metrics,
+    ) -> None:
+        """``codebuild`` None: the build backend cannot stop builds (the local backend); the
+        branch's current build is still kept, and superseded builds are only marked."""
+        self.records = records
+        self.codebuild = codebuild
+        self.settings = settings
+        self.metrics = metrics
+
+    def applies(self, push: Push) -> bool:
+        return push.ref_type is RefType.BRANCH and not any(
+            fnmatchcase(push.name, pattern) for pattern in self.settings.keep_running_branches
+        )
+
+    async def started(self, push: Push, build: StartedBuild, archive: str) -> None:
+        """Make ``build`` the branch's current build and stop the one it replaced.
+
+        Raises:
+            StorageError: S3 failed (transient: the job is retried, and this runs again).
+            BuildError: StopBuild failed (transient).
+        """
+        if not self.applies(push):
+            return
+        mine: Document = {
+            "repository": push.repository,
+            "ref": push.ref,
+            "commit": push.commit,
+            "build_id": build.build_id,
+            "archive": archive,
+            "time": push.time,
+        }
+        replaced: Document | None = None
+
+        def change(current: Document | None) -> Document | None:
+            nonlocal replaced
+            replaced = None
+            if current is not None and current.get("build_id") == build.build_id:
+                replaced = current.get("replaced")  # a redelivery: finish what it started
+                return None
+            if current is not None and _newer(current, push):
+                log.warning(
+                    "not superseding %s: it is for a newer push than %s",
+                    current.get("build_id"),
+                    push.commit,
+                )
+                return None
+            if current is not None:
+                replaced = {k: current.get(k) for k in ("commit", "build_id", "archive")}
+            return mine | {"replaced": replaced}
+
+        await self.records.update(current_key(push), change)
+        if replaced and replaced.get("build_id") and replaced.get("archive"):
+            await self._stop(str(replaced["build_id"]), str(replaced["archive"]), push)
+
+    async def _stop(self, build_id: str, archive: str, newer: Push) -> None:
+        ended = False
+
+        def mark(entry: Document | None) -> Document | None:
+            nonlocal ended
+            if entry is None or entry.get("build_id") != build_id:
+                return None
+            ended = entry.get("status") in FINAL
+            if ended or entry.get("superseded_by") == newer.commit:
+                return None
+            return entry | {"superseded_by": newer.commit}
+
+        await self.records.update(archive + LEDGER_SUFFIX, mark)
+        if ended:
+            log.info("the superseded build %s had already ended", build_id)
+            return
+        if self.codebuild is None:
+            log.info("build %s is superseded; this build backend cannot stop it", build_id)
+            return
+        try:
+            with translated(f"stop build {build_id}", transient=BuildError):
+                await self.codebuild.stop_build(id=build_id)
+        except PermanentError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, ClientError) and error_code(cause) in _ENDED_CODES:
+                log.info("the superseded build %s has already ended: %s", build_id, exc)
+                return
+            # Never dead-letter a push whose own build started because of this: say it loudly.
+            log.error("could not stop the superseded build %s: %s", build_id, exc)
+            self.metrics.errors.labels(kind=exc.kind).inc()
+            return
+        self.metrics.builds_stopped.inc()
+        log.info(
+            "stopped build %s: superseded by %s",
+            build_id,
+            newer.commit,
+            extra={"build_id": build_id},
+        )
+
+
+def _newer(current: Document, push: Push) -> bool:
+    """Whether the current build is for a push later than ``push`` (a redriven old message)."""
+    theirs, ours = current.get("time"), push.time
+    return isinstance(theirs, str) and isinstance(ours, str) and theirs > ours
