@@ -83,5 +83,5 @@ async def changed_paths(push: Push, git: Git) -> list[str] | None:
     try:
         return await git.changed_paths(push, old)
     except (CommitNotFound, GitError) as exc:
-        log.info("cannot compare with the replaced commit %s (%s): built", old, exc)
+        log.info("replaced commit %s: %s; built without a path comparison", old, exc)
         return None
