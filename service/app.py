@@ -86,7 +86,7 @@ class App:
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket)
             stopper = clients.codebuild if s.build_backend is BackendName.CODEBUILD else None
-            supersede = Supersede(records, stopper, s, self.metrics)
+            supersede = Supersede(records, stopper, s, self.metrics, pipelines)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
             pull_requests = PullRequests(accounts, records, s, self.metrics)
             outcomes = Outcomes(
@@ -106,6 +106,7 @@ class App:
                     metrics=self.metrics,
                     pipelines=pipelines,
                     started_hooks=(supersede.started, pull_requests.started),
+                    on_branch_deleted=supersede.branch_deleted,
                 )
                 intake = Intake(
                     intake_queue, work_queue, s, self.metrics, self.health, pipelines, outcomes

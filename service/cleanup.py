@@ -33,8 +33,8 @@ async def clean_up_branch(push: Push, rule: Rule, services: Services) -> int:
     """
     from .job import branch_keys
 
-    # Hook (build outcomes): stopping the deleted branch's running build belongs here, before
-    # its archives go (services.on_branch_deleted, when that work sets it).
+    # The branch's running build is stopped first (service.supersede), while its ledger entry
+    # still exists to record why.
     if services.on_branch_deleted is not None:
         await services.on_branch_deleted(push, rule)
     prefix, pattern = branch_keys(rule.key_template, push)

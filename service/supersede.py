@@ -28,6 +28,7 @@ from .errors import BuildError, PermanentError
 from .events import Push, RefType
 from .metrics import Metrics
 from .outcomes import FINAL, LEDGER_SUFFIX
+from .pipelines import Pipelines, Rule
 from .records import Document, Records
 from .settings import Settings
 
@@ -53,18 +54,43 @@ class Supersede:
         codebuild: CodeBuildClient | None,
         settings: Settings,
         metrics: Metrics,
+        pipelines: Pipelines | None = None,
     ) -> None:
         """``codebuild`` None: the build backend cannot stop builds (the local backend); the
-        branch's current build is still kept, and superseded builds are only marked."""
+        branch's current build is still kept, and superseded builds are only marked.
+        ``pipelines``: a repository's rule may name its own keep-running branches."""
         self.records = records
         self.codebuild = codebuild
         self.settings = settings
         self.metrics = metrics
+        self.pipelines = pipelines
 
     def applies(self, push: Push) -> bool:
+        kept = self.settings.keep_running_branches
+        if self.pipelines is not None:
+            rule = self.pipelines.rule_for(push.repository)
+            if rule.keep_running_branches is not None:
+                kept = rule.keep_running_branches
         return push.ref_type is RefType.BRANCH and not any(
-            fnmatchcase(push.name, pattern) for pattern in self.settings.keep_running_branches
+            fnmatchcase(push.name, pattern) for pattern in kept
         )
+
+    async def branch_deleted(self, push: Push, rule: Rule) -> None:
+        """Stop the deleted branch's running build (a rule's ``on_delete: delete``), before
+        its archives and ledger entries go. Kept branches are left alone.
+
+        Raises:
+            StorageError: S3 failed (transient: the deletion is retried).
+            BuildError: StopBuild failed (transient).
+        """
+        if not self.applies(push):
+            return
+        current = await self.records.read(current_key(push))
+        if current is None:
+            return
+        build_id, archive = current.data.get("build_id"), current.data.get("archive")
+        if isinstance(build_id, str) and isinstance(archive, str):
+            await self._stop(build_id, archive, push, reason="branch deleted")
 
     async def started(self, push: Push, build: StartedBuild, archive: str) -> None:
         """Make ``build`` the branch's current build and stop the one it replaced.
@@ -106,17 +132,19 @@ class Supersede:
         if replaced and replaced.get("build_id") and replaced.get("archive"):
             await self._stop(str(replaced["build_id"]), str(replaced["archive"]), push)
 
-    async def _stop(self, build_id: str, archive: str, newer: Push) -> None:
+    async def _stop(self, build_id: str, archive: str, newer: Push, reason: str = "") -> None:
         ended = False
+        # A deleted branch has no newer commit: its build is recorded as stopped for that.
+        superseded_by = newer.commit or reason
 
         def mark(entry: Document | None) -> Document | None:
             nonlocal ended
             if entry is None or entry.get("build_id") != build_id:
                 return None
             ended = entry.get("status") in FINAL
-            if ended or entry.get("superseded_by") == newer.commit:
+            if ended or entry.get("superseded_by") == superseded_by:
                 return None
-            return entry | {"superseded_by": newer.commit}
+            return entry | {"superseded_by": superseded_by}
 
         await self.records.update(archive + LEDGER_SUFFIX, mark)
         if ended:
@@ -141,7 +169,7 @@ class Supersede:
         log.info(
             "stopped build %s: superseded by %s",
             build_id,
-            newer.commit,
+            superseded_by,
             extra={"build_id": build_id},
         )
 

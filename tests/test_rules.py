@@ -429,6 +429,8 @@ async def test_branch_deletion_clean_up_per_rule(
     await settle(aws, service, git_world.changes[-1], metric="jobs")
     before = await aws.keys()
     assert len([k for k in before if k.startswith("tidy/feature/x/")]) == 4  # 2 zips, 2 ledgers
+    # The second tidy push superseded the first: one StopBuild so far.
+    [first_stop] = await aws.recorded("StopBuild")
 
     await tidy.push("--delete", "feature/x")
     await settle(aws, service, git_world.changes[-1], metric="jobs")
@@ -443,3 +445,7 @@ async def test_branch_deletion_clean_up_per_rule(
     assert len([k for k in after if k.startswith("kept/feature/x/")]) == 2  # kept (default)
     assert await service.metric("branchbuild_jobs_total", outcome="deleted") == 1
     assert await service.metric("branchbuild_events_total", outcome="deleted") == 1
+    # The deleted branch's running build was stopped before its archives went; the kept
+    # repository's deletion stopped nothing.
+    stops = await aws.recorded("StopBuild")
+    assert len(stops) == 2 and stops[0] == first_stop and stops[1] != first_stop
