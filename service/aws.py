@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,7 +27,20 @@ if TYPE_CHECKING:
 calls_log = logging.getLogger("branchbuild.aws")
 
 # The request parameters that name what a call acts on: what IAM authorizes it against.
-RESOURCE_PARAMETERS = ("QueueUrl", "QueueName", "Bucket", "Key", "projectName", "names", "ids")
+RESOURCE_PARAMETERS = (
+    "QueueUrl",
+    "QueueName",
+    "Bucket",
+    "Key",
+    "projectName",
+    "names",
+    "id",
+    "ids",
+    "repositoryName",
+    "pullRequestId",
+    "commentId",
+    "RoleArn",
+)
 
 # Codes that no retry can fix: the configuration or the permissions must change first.
 PERMANENT_CODES = frozenset(
@@ -174,6 +188,21 @@ def _retry_counter(service: str, on_retry: Callable[[str, int], None]) -> Callab
     return count
 
 
+_NAMED: ContextVar[dict[str, str] | None] = ContextVar("branchbuild_named", default=None)
+
+
+@contextmanager
+def naming(**names: str) -> Iterator[None]:
+    """Name, for the ``aws_call`` records of the calls inside, a resource that their
+    parameters do not name: CodeCommit's pull request calls act on a repository that most of
+    them name only by pull request or comment id."""
+    token = _NAMED.set((_NAMED.get() or {}) | names)
+    try:
+        yield
+    finally:
+        _NAMED.reset(token)
+
+
 def watch_calls(session: aioboto3.Session, *, role: str) -> None:
     """Log every AWS call of the clients ``session`` makes, at DEBUG, as one ``aws_call``
     record once it is answered: the ``role`` making it (``service`` or ``admin``), the service,
@@ -187,7 +216,7 @@ def watch_calls(session: aioboto3.Session, *, role: str) -> None:
 
     def remember(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
         if calls_log.isEnabledFor(logging.DEBUG):
-            context["branchbuild_resources"] = {
+            context["branchbuild_resources"] = (_NAMED.get() or {}) | {
                 k: params[k] for k in RESOURCE_PARAMETERS if k in params
             }
 

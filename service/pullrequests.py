@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from botocore.exceptions import ClientError
 
-from .aws import AccountClients, error_code, translated
+from .aws import AccountClients, error_code, naming, translated
 from .builds import StartedBuild
 from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
@@ -189,6 +189,10 @@ class PullRequests:
         doc, entry = feedback.data, ledger.data
         if entry.get("build_id") != doc.get("build_id"):
             return
+        with naming(repositoryName=str(doc["repository"])):
+            await self._sync(archive, doc, entry)
+
+    async def _sync(self, archive: str, doc: Document, entry: Document) -> None:
         try:
             client = await self.accounts.codecommit(str(doc["account"]))
             targets = await self._targets(client, doc)

@@ -233,6 +233,12 @@ async def test_direct_codecommit_source_starts_the_build_without_an_archive(
             {"name": "COMMIT_ID", "value": commit, "type": "PLAINTEXT"},
             {"name": "BRANCH_NAME", "value": "feature/d", "type": "PLAINTEXT"},
             {"name": "REPOSITORY_NAME", "value": "direct", "type": "PLAINTEXT"},
+            # No archive, but the key names the ledger entry that build outcomes correlate to.
+            {
+                "name": "BRANCHBUILD_ARCHIVE",
+                "value": f"direct/feature/d/{commit}.zip",
+                "type": "PLAINTEXT",
+            },
         ],
         "artifactsOverride": {"type": "NO_ARTIFACTS"},
         "idempotencyToken": request["idempotencyToken"],
