@@ -38,6 +38,7 @@ from .intake import work_message
 from .job import object_key
 from .pipelines import Pipelines
 from .queue import Queue
+from .records import STATE_PREFIX
 from .settings import Settings
 from .storage import Storage
 
@@ -48,7 +49,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbuild.reconcile")
 
-STATE_PREFIX = "_branchbuild/"
 LEASE_KEY = STATE_PREFIX + "reconcile.lease"
 # A conditional write that lost: another instance wrote (or removed) the lease first.
 _LOST = {"PreconditionFailed", "412", "NoSuchKey", "ConditionalRequestConflict"}

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbuild.records")
 
+# branchbuild's own documents in the artifact bucket (branch state, reconciliation), apart
+# from the archives under {repository}/.
+STATE_PREFIX = "branchbuild-state/"
+
 _CONFLICT_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict", "409"}
 MAX_ATTEMPTS = 10
 

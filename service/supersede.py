@@ -29,7 +29,7 @@ from .events import Push, RefType
 from .metrics import Metrics
 from .outcomes import FINAL, LEDGER_SUFFIX
 from .pipelines import Pipelines, Rule
-from .records import Document, Records
+from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -37,14 +37,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbuild.supersede")
 
-STATE_PREFIX = "branchbuild-state/branches/"
+BRANCHES_PREFIX = STATE_PREFIX + "branches/"
 # StopBuild on a build that already ended (or is gone): nothing left to stop.
 _ENDED_CODES = {"InvalidInputException", "ResourceNotFoundException"}
 
 
 def current_key(push: Push) -> str:
     digest = hashlib.sha256(f"{push.repository}\0{push.ref}".encode()).hexdigest()
-    return STATE_PREFIX + digest + ".json"
+    return BRANCHES_PREFIX + digest + ".json"
 
 
 class Supersede:

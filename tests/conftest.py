@@ -15,6 +15,7 @@ import pytest
 
 from service.localdev.githost import GitHost, RefChange
 from tests.helpers import (
+    COLLECTED_MODULES,
     SERVICE_LOGS,
     AwsResources,
     GitWorld,
@@ -37,6 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The IAM check of every recorded AWS call runs last, once every service has run."""
     last = [i for i in items if i.name.startswith("test_every_aws_call_is_allowed")]
     items[:] = [i for i in items if i not in last] + last
+    COLLECTED_MODULES.update(i.path.name for i in items)
 
 
 @pytest.fixture(autouse=True)

@@ -308,6 +308,9 @@ def event_for(repository: str, ref: str, new: str | None, old: str | None = None
 # The log of every service process the start_service fixture started in this session: their
 # aws_call records are what tests/test_iam.py checks against the IAM policies.
 SERVICE_LOGS: list[Path] = []
+# The test modules this pytest session collected (conftest): the IAM proof that every grant is
+# used needs the calls of the whole suite.
+COLLECTED_MODULES: set[str] = set()
 
 
 class ServiceProcess:

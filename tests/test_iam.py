@@ -42,6 +42,7 @@ from service.cli import main as cli_main
 from service.localdev.githost import codecommit_event
 from tests.cfn import ROOT, Stack, load
 from tests.helpers import (
+    COLLECTED_MODULES,
     SERVICE_LOGS,
     AwsResources,
     GitWorld,
@@ -74,6 +75,10 @@ OVERRIDES: dict[tuple[str, str], tuple[str, str]] = {
     ("s3", "DeleteObjects"): (
         "s3:DeleteObject",
         "S3 API reference, DeleteObjects: 'you must have s3:DeleteObject' for each key deleted",
+    ),
+    ("s3", "HeadObject"): (
+        "s3:GetObject",
+        "S3 API reference, HeadObject: 'you must have the s3:GetObject permission'",
     ),
     ("s3", "HeadBucket"): (
         "s3:ListBucket",
@@ -758,6 +763,12 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
         EcrRepositoryArn=f"arn:aws:ecr:{REGION}:{ACCOUNT}:repository/branchbuild",
     )
     grants |= granted(full, "service") | granted(full, "admin") | granted(full, "execution")
+    suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    if not suite <= COLLECTED_MODULES:
+        # Run on its own (or with a few files), this test proves every call it saw allowed;
+        # that every grant is used needs the calls of the whole suite (make test).
+        print(f"grants not checked for use: {len(suite - COLLECTED_MODULES)} module(s) not run")  # noqa: T201
+        return
     unused = sorted(grants - used - set(UNUSED_GRANTS_WITH_REASONS))
     assert not unused, f"granted but never called (remove, or give a reason): {unused}"
     stale_reasons = sorted(set(UNUSED_GRANTS_WITH_REASONS) - (grants - used))
