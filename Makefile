@@ -25,7 +25,7 @@ help:
 	@echo "make demo         the same, non-interactively: push, check the outcomes, stop"
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
-	@echo "make chaos        the long crash-safety run (random SIGKILLs), with a table"
+	@echo "make chaos        the long crash-safety run (random SIGKILLs) and recovery times"
 	@echo "make bench        the benchmark: the original design, branchbuild and the floor"
 
 $(STAMP): pyproject.toml
@@ -85,7 +85,9 @@ pytest: venv system-deps $(LOCALSTACK_STAMP)
 
 test: lint typecheck lint-deploy pytest
 
-# The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures.
+# The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures; then
+# three instances under a steady stream of pushes, one SIGKILLed and one SIGTERMed: the
+# push-to-StartBuild latency after each (median, p90, longest stall).
 chaos: venv system-deps
 	CHAOS=long $(BIN)/pytest tests/test_chaos.py -s -p no:cacheprovider --timeout 900
 

@@ -66,8 +66,17 @@ class App:
                 buffers=anyio.CapacityLimiter(s.max_parts_in_flight),
             )
             await storage.check()
-            leases = Leases(
-                visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
+            # A third of the visibility timeout between heartbeats: two may fail before a
+            # held message is handed to another consumer.
+            intake_leases = Leases(
+                visibility=s.intake_visibility_timeout,
+                interval=s.intake_visibility_timeout / 3,
+                metrics=self.metrics,
+            )
+            work_leases = Leases(
+                visibility=s.visibility_timeout,
+                interval=s.visibility_timeout / 3,
+                metrics=self.metrics,
             )
             runner = await stack.enter_async_context(
                 serve_http(self.health, self.metrics, host=s.http_host, port=s.http_port)
@@ -82,10 +91,13 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                 )
-                intake = Intake(intake_queue, work_queue, s, self.metrics, self.health)
-                worker = Worker(work_queue, services, leases, self.health)
+                intake = Intake(
+                    intake_queue, work_queue, s, self.metrics, self.health, intake_leases
+                )
+                worker = Worker(work_queue, services, work_leases, self.health)
                 background.start_soon(self._watch_signals, name="signals")
-                background.start_soon(leases.run, name="heartbeat")
+                background.start_soon(intake_leases.run, name="intake heartbeat")
+                background.start_soon(work_leases.run, name="work heartbeat")
                 async with anyio.create_task_group() as consumers:
                     await consumers.start(intake.run, self.stopping)
                     await consumers.start(worker.run, self.stopping)

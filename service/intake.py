@@ -12,13 +12,15 @@ import hashlib
 import logging
 
 import anyio
+import anyio.abc
 
-from .decide import Outcome, Skip, decide
+from .decide import Skip, decide
 from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
-from .queue import Message, Outgoing, Queue, receive_until
+from .outcomes import Outcome
+from .queue import Leases, Message, Outgoing, Queue, consume
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.intake")
@@ -34,13 +36,20 @@ def work_message(push: Push) -> Outgoing:
 
 class Intake:
     def __init__(
-        self, intake: Queue, work: Queue, settings: Settings, metrics: Metrics, health: Health
+        self,
+        intake: Queue,
+        work: Queue,
+        settings: Settings,
+        metrics: Metrics,
+        health: Health,
+        leases: Leases,
     ) -> None:
         self.intake = intake
         self.work = work
         self.settings = settings
         self.metrics = metrics
         self.health = health
+        self.leases = leases
 
     async def run(
         self,
@@ -48,30 +57,32 @@ class Intake:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume until ``stopping`` is set; never raises for a bad message or a failed call."""
+        """Consume until ``stopping`` is set; never raises for a bad message or a failed call.
+
+        A batch is held (heartbeated) from its receive until it is settled: the intake lane
+        is one FIFO group, so a short visibility timeout is what bounds its stall when an
+        instance dies holding a batch.
+        """
         self.health.beat("intake")
         task_status.started()
-        failures = 0
-        while not stopping.is_set():
+        batches = consume(
+            self.intake,
+            stopping,
+            visibility=self.settings.intake_visibility_timeout,
+            wait=lambda: self.settings.wait_time,
+            health=self.health,
+            metrics=self.metrics,
+            loop="intake",
+        )
+        async for messages in batches:
+            self.leases.hold(self.intake, messages)
             try:
-                messages = await receive_until(
-                    self.intake,
-                    stopping,
-                    limit=10,
-                    wait=self.settings.wait_time,
-                    visibility=self.settings.visibility_timeout,
-                )
-                self.metrics.batch_size.labels(queue="intake").observe(len(messages))
-                if messages:
-                    await self.handle(messages)
-                failures = 0
-            except BranchbuildError as exc:
-                failures += 1
+                await self.handle(messages)
+            except BranchbuildError as exc:  # the batch comes back after its visibility
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("intake: %s", exc)
-                with anyio.move_on_after(min(30, 2**failures)):
-                    await stopping.wait()
-            self.health.beat("intake")
+            finally:
+                self.leases.drop(messages)
 
     async def handle(self, messages: list[Message]) -> None:
         """Forward buildable pushes in order, acknowledge skips, release poison."""
@@ -99,17 +110,13 @@ class Intake:
             await self.work.send([work_message(push) for _, push in forward])
         except BranchbuildError as exc:
             self.metrics.errors.labels(kind=exc.kind).inc()
-            for message, _ in forward:
-                settled = await self.intake.fail(
-                    message,
-                    exc,
-                    base=self.settings.retry_base_delay,
-                    cap=self.settings.retry_max_delay,
-                )
+            for message, push in forward:
+                outcome = await self._fail(message, exc)
+                self.metrics.events.labels(event=_event_label(push), outcome=outcome.value).inc()
                 log.warning(
                     "could not queue the push: %s; %s",
                     exc,
-                    settled,
+                    outcome.value,
                     extra={"message_id": message.id},
                 )
             forward = []
@@ -127,21 +134,23 @@ class Intake:
             log.warning("could not delete intake message %s; it will be deduplicated", message.id)
 
     async def _reject(self, message: Message, error: PermanentError) -> None:
-        last = self.intake.is_last_attempt(message)
-        outcome = "dead_lettered" if last else Outcome.FAILED.value
-        label = "malformed" if isinstance(error, MalformedEvent) else "rejected"
-        self.metrics.events.labels(event=label, outcome=outcome).inc()
         self.metrics.errors.labels(kind=error.kind).inc()
-        settled = await self.intake.fail(
-            message, error, base=self.settings.retry_base_delay, cap=self.settings.retry_max_delay
-        )
+        outcome = await self._fail(message, error)
+        label = "malformed" if isinstance(error, MalformedEvent) else "rejected"
+        self.metrics.events.labels(event=label, outcome=outcome.value).inc()
         log.error(
             "rejected message %s (receive %s): %s; %s",
             message.id,
             message.receive_count,
             error,
-            settled,
+            outcome.value,
             extra={"message_id": message.id},
+        )
+
+    async def _fail(self, message: Message, error: BranchbuildError) -> Outcome:
+        self.leases.drop([message])  # no heartbeat may undo the release
+        return await self.intake.fail(
+            message, error, base=self.settings.retry_base_delay, cap=self.settings.retry_max_delay
         )
 
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from .builds import BuildBackend, BuildRequest, project_name
-from .decide import Outcome
 from .events import Push, event_time
 from .git import Git
 from .metrics import Metrics
+from .outcomes import Outcome
 from .settings import Settings
 from .storage import LedgerEntry, Storage
 

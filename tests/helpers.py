@@ -349,6 +349,15 @@ class ServiceProcess:
                 total += float(value)
         return total
 
+    async def metric_reaches(self, value: float, name: str, **labels: str) -> None:
+        """Wait until a metric has ``value``: a message is counted once it is settled, which
+        is after a test can see it settled in SQS."""
+
+        async def reached() -> bool:
+            return await self.metric(name, **labels) == value
+
+        await wait_for(reached, what=f"{name}{labels} == {value}")
+
     def signal(self, signum: signal.Signals) -> None:
         assert self.process is not None
         self.process.send_signal(signum)

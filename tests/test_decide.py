@@ -8,12 +8,13 @@ from typing import Any
 
 import pytest
 
-from service.decide import Outcome, Skip, decide
+from service.decide import Skip, decide
 from service.errors import RejectedEvent
 from service.events import Push, parse_event
+from service.outcomes import Outcome
 from service.settings import Settings, load_settings
 
-EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+EVENTS = Path(__file__).resolve().parent / "events"
 
 
 def settings(**overrides: Any) -> Settings:

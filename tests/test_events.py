@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from service.errors import MalformedEvent
 from service.events import Action, OtherEvent, Push, RefType, parse_event, parse_work
 
-EVENTS = Path(__file__).resolve().parents[2] / "shared" / "events"
+EVENTS = Path(__file__).resolve().parent / "events"
 CORPUS = Path(__file__).parent / "corpus"
 
 

@@ -181,7 +181,7 @@ FEATURE = "refs/heads/feature/PAY-1432-refunds"
 def test_codecommit_event_has_the_shape_of_the_samples(
     change: RefChange, expected: dict[str, Any]
 ) -> None:
-    # The samples are /work/shared/events/*.json; ids and the caller are invented there.
+    # The samples are tests/events/*.json; ids and the caller are invented there.
     event = codecommit_event(
         change,
         account="111122223333",
