@@ -21,7 +21,7 @@ from .queue import Leases, Queue
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
-from .worker import Worker
+from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
 
@@ -94,7 +94,14 @@ class App:
                 intake = Intake(
                     intake_queue, work_queue, s, self.metrics, self.health, intake_leases
                 )
-                worker = Worker(work_queue, services, work_leases, self.health)
+                worker = Worker(
+                    work_queue,
+                    work_leases,
+                    self.health,
+                    settings=s,
+                    metrics=self.metrics,
+                    job=job_runner(services),
+                )
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(intake_leases.run, name="intake heartbeat")
                 background.start_soon(work_leases.run, name="work heartbeat")

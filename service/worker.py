@@ -18,17 +18,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
 
 from .errors import BranchbuildError, PermanentError, TransientError
-from .events import parse_work
+from .events import Push, parse_work
 from .health import Health
-from .job import Services, run_job
+from .job import JobResult, Services, run_job
 from .logs import bind
+from .metrics import Metrics
 from .outcomes import Outcome
 from .queue import Deleter, Leases, Message, Queue, consume
+from .settings import Settings
 
 log = logging.getLogger("branchbuild.worker")
 
@@ -37,12 +40,33 @@ _POISON_MEMORY = 1024
 _BUSY_WAIT = 1
 
 
+#: Runs one push's job (``recovering``: its branch had a message received before); in the
+#: service :func:`service.job.run_job` with the shared services, in tests a stub.
+JobRunner = Callable[[Push, bool], Awaitable[JobResult]]
+
+
+def job_runner(services: Services) -> JobRunner:
+    async def run(push: Push, recovering: bool) -> JobResult:
+        return await run_job(push, services, recovering=recovering)
+
+    return run
+
+
 class Worker:
-    def __init__(self, queue: Queue, services: Services, leases: Leases, health: Health) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        leases: Leases,
+        health: Health,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        job: JobRunner,
+    ) -> None:
         self.queue = queue
-        self.services = services
-        self.settings = services.settings
-        self.metrics = services.metrics
+        self.settings = settings
+        self.metrics = metrics
+        self.job = job
         self.leases = leases
         self.health = health
         self._slots = anyio.CapacityLimiter(self.settings.concurrency)
@@ -211,7 +235,7 @@ class Worker:
                 commit=push.commit,
             )
             with anyio.fail_after(self.settings.job_timeout):
-                result = await run_job(push, self.services, recovering=recovering)
+                result = await self.job(push, recovering)
         except BranchbuildError as exc:
             await self._fail(message, exc)
         except TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -23,6 +24,7 @@ import aiohttp
 import anyio
 import anyio.abc
 
+from service.events import Push, parse_event
 from service.localdev.githost import GitHost, RefChange, codecommit_event
 
 if TYPE_CHECKING:
@@ -293,6 +295,15 @@ class WorkCopy:
 
 def event_for(repository: str, ref: str, new: str | None, old: str | None = None) -> dict[str, Any]:
     return codecommit_event(RefChange(repository=repository, ref=ref, old=old, new=new))
+
+
+def push_for(repository: str, branch: str, commit: str | None = None) -> Push:
+    """A parsed push of ``branch`` (a new branch at ``commit``; a commit id made up from the
+    names when not given), as the intake stage forwards it."""
+    commit = commit or hashlib.sha1(f"{repository} {branch}".encode()).hexdigest()  # noqa: S324
+    event = parse_event(json.dumps(event_for(repository, f"refs/heads/{branch}", commit)))
+    assert isinstance(event, Push), event
+    return event
 
 
 # -- the service as a real process ------------------------------------------------------------
