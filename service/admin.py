@@ -22,7 +22,15 @@ from aiobotocore.config import AioConfig
 
 from .aws import translated
 from .errors import BranchbuildError
-from .events import OtherEvent, Push, check_ref_name, check_repository, parse_event
+from .events import (
+    OtherEvent,
+    Push,
+    RefChange,
+    check_ref_name,
+    check_repository,
+    codecommit_event,
+    parse_event,
+)
 from .queue import Queue
 from .settings import Settings
 
@@ -229,8 +237,6 @@ def build_test_event(
     Raises:
         MalformedEvent: a name, the commit, the account or the region is invalid.
     """
-    from .localdev.githost import RefChange, codecommit_event  # asyncssh: only when needed
-
     check_repository(repository)
     check_ref_name(name)
     ref = ("refs/tags/" if tag else "refs/heads/") + name

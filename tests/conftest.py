@@ -13,7 +13,8 @@ import aiohttp
 import anyio
 import pytest
 
-from service.localdev.githost import GitHost, RefChange
+from service.events import RefChange
+from service.localdev.githost import GitHost
 from tests.helpers import (
     AwsResources,
     GitWorld,

@@ -24,8 +24,8 @@ import aiohttp
 import anyio
 import anyio.abc
 
-from service.events import Push, parse_event
-from service.localdev.githost import GitHost, RefChange, codecommit_event
+from service.events import Push, RefChange, codecommit_event, parse_event
+from service.localdev.githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient

@@ -19,8 +19,7 @@ import pytest
 
 from service.admin_builds import to_run
 from service.cli import main as cli_main
-from service.events import Action, Push, RefType, parse_event
-from service.localdev.githost import RefChange, codecommit_event
+from service.events import Action, Push, RefChange, RefType, codecommit_event, parse_event
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,

@@ -26,7 +26,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
+from service.events import codecommit_event
 from service.settings import Settings
 from tests.helpers import (
     AwsResources,

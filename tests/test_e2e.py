@@ -19,7 +19,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.localdev.githost import RefChange, codecommit_event
+from service.events import RefChange, codecommit_event
 from tests.helpers import (
     AwsResources,
     GitWorld,
@@ -341,12 +341,12 @@ async def test_sigkill_mid_job_redelivers_and_exactly_one_build_results(
     assert request["environmentVariablesOverride"][0]["value"] == commit
     await drained(aws, aws.work_url)
     # A redelivery after SQS's 5-minute deduplication window finds the ledger: no second build.
-    from service.events import parse_event
+    from service.events import Push, parse_event
     from service.intake import work_message
 
     push = parse_event(json.dumps(codecommit_event(git_world.changes[-1])))
-    assert not isinstance(push, RefChange)
-    message = work_message(push)  # type: ignore[arg-type]
+    assert isinstance(push, Push)  # a ref change, not another event type
+    message = work_message(push)
     await aws.sqs.send_message(
         QueueUrl=aws.work_url,
         MessageBody=message.body,

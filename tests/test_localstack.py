@@ -210,7 +210,7 @@ async def test_deployed_template_routes_a_push_to_a_build_request(
     service = ServiceProcess(env, tmp_path / "service.log")
     await service.start()
     try:
-        from service.localdev.githost import codecommit_event
+        from service.events import codecommit_event
 
         event = codecommit_event(change, account="000000000000", region=REGION)
         session = aioboto3.Session()

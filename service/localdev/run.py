@@ -29,7 +29,8 @@ import aiohttp
 import anyio
 import anyio.abc
 
-from .githost import GitHost, RefChange, codecommit_event
+from ..events import RefChange, codecommit_event
+from .githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_cloudformation.type_defs import ParameterTypeDef
