@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import aiohttp
 import anyio
 import anyio.abc
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.events import Push, RefChange, codecommit_event, parse_event
 from service.localdev.githost import GitHost
@@ -345,20 +346,14 @@ class ServiceProcess:
         return status == 200
 
     async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
         _, text = await self.get("/metrics")
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            metric, _, label_text = series.partition("{")
-            if metric != name:
-                continue
-            present = set(label_text.rstrip("}").split(",")) if label_text else set()
-            if not wanted or set(wanted.split(",")) <= present:
-                total += float(value)
-        return total
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
 
     async def metric_reaches(self, value: float, name: str, **labels: str) -> None:
         """Wait until a metric has ``value``: a message is counted once it is settled, which
