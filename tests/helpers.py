@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -310,14 +311,39 @@ def push_for(repository: str, branch: str, commit: str | None = None) -> Push:
 # -- the service as a real process ------------------------------------------------------------
 
 
+def service_env(
+    git_world: GitWorld, cache: Path, *, intake_url: str, work_url: str, bucket: str, **more: str
+) -> dict[str, str]:
+    """The environment of ``python -m service run`` on the test's queues, bucket and git host
+    (the one place it is written), with ``more`` on top."""
+    return (
+        dict(os.environ)
+        | {
+            "BRANCHBUILD_QUEUE_URL": intake_url,
+            "BRANCHBUILD_WORK_QUEUE_URL": work_url,
+            "BRANCHBUILD_BUCKET": bucket,
+            "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+            "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+            "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+            "BRANCHBUILD_CACHE_DIR": str(cache),
+            "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
+            "BRANCHBUILD_HTTP_PORT": "0",
+            "BRANCHBUILD_LOG_FORMAT": "json",
+        }
+        | more
+    )
+
+
 class ServiceProcess:
     """``python -m service run`` as a child process, with real signals."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
+        # Port 0: the service binds a free port itself and logs it (no race between a probe
+        # that closes a port and the server that takes it).
+        self.env = env | {"BRANCHBUILD_HTTP_PORT": "0"}
         self.log = log
         self.process: anyio.abc.Process | None = None
-        self.port = int(env["BRANCHBUILD_HTTP_PORT"])
+        self.port = 0
 
     async def start(self) -> None:
         out = self.log.open("ab")
@@ -329,7 +355,14 @@ class ServiceProcess:
             cwd=ROOT,
         )
         out.close()
+        self.port = await wait_for(self._bound_port, within=30, what="the HTTP server")
         await wait_for(self.ready, within=30, what="readiness")
+
+    async def _bound_port(self) -> int | None:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"service exited {self.process.returncode}:\n{self.logs()}")
+        found = re.search(r"/metrics on [^ ]+:(\d+)", self.logs())
+        return int(found.group(1)) if found else None
 
     async def get(self, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as session:
@@ -391,10 +424,19 @@ class ServiceProcess:
 
 @contextmanager
 def server_process(
-    command: list[str], *, env: dict[str, str], health: str, log: Path, within: float, cwd: Path
-) -> Iterator[None]:
+    command: list[str],
+    *,
+    env: dict[str, str],
+    health: str,
+    log: Path,
+    within: float,
+    cwd: Path,
+    announces: re.Pattern[str] | None = None,
+) -> Iterator[str]:
     """A server subprocess (an emulator), up once ``health`` answers; terminated on exit.
 
+    With ``announces``, the server was told to bind port 0 and logs the port it got (the
+    pattern's one group); ``health`` is formatted with ``port=`` it. Yields ``health``.
     Session fixtures are synchronous, so this polls with blocking sleeps before any event loop
     runs.
     """
@@ -404,13 +446,18 @@ def server_process(
     try:
         while True:
             try:
+                if announces is not None and "{port}" in health:
+                    found = announces.search(log.read_text(errors="replace"))
+                    if found is None:
+                        raise OSError("the port is not announced yet")
+                    health = health.format(port=found.group(1))
                 urllib.request.urlopen(health, timeout=2).close()
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{command[2]} did not start: {log.read_text()}") from None
                 time.sleep(0.1)
-        yield
+        yield health
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -26,6 +26,7 @@ from tests.helpers import (
     StartService,
     WorkCopy,
     create_project,
+    service_env,
     wait_for,
     zip_listing,
 )
@@ -539,16 +540,13 @@ async def test_sigterm_with_several_jobs_finishes_some_releases_the_rest(
 async def test_missing_resources_stop_the_start_with_one_clear_line(
     aws: AwsResources, git_world: GitWorld, tmp_path: Path, variable: str, value: str, expected: str
 ) -> None:
-    env = dict(os.environ) | {
-        "BRANCHBUILD_QUEUE_URL": aws.intake_url,
-        "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
-        "BRANCHBUILD_BUCKET": aws.bucket,
-        "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
-        "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
-        "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
-        "BRANCHBUILD_CACHE_DIR": str(tmp_path / "cache"),
-        "BRANCHBUILD_HTTP_PORT": "0",
-    }
+    env = service_env(
+        git_world,
+        tmp_path / "cache",
+        intake_url=aws.intake_url,
+        work_url=aws.work_url,
+        bucket=aws.bucket,
+    )
     if value == "missing":
         value = env[variable].replace(".fifo", "-gone.fifo")
     env[variable] = value
