@@ -17,7 +17,7 @@ import uuid
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -26,7 +26,7 @@ import anyio
 import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.events import Push, RefChange, codecommit_event, parse_event
+from service.events import Action, Push, RefChange, RefType, codecommit_event
 from service.localdev.githost import GitHost
 
 if TYPE_CHECKING:
@@ -299,13 +299,21 @@ def event_for(repository: str, ref: str, new: str | None, old: str | None = None
     return codecommit_event(RefChange(repository=repository, ref=ref, old=old, new=new))
 
 
-def push_for(repository: str, branch: str, commit: str | None = None) -> Push:
-    """A parsed push of ``branch`` (a new branch at ``commit``; a commit id made up from the
-    names when not given), as the intake stage forwards it."""
-    commit = commit or hashlib.sha1(f"{repository} {branch}".encode()).hexdigest()  # noqa: S324
-    event = parse_event(json.dumps(event_for(repository, f"refs/heads/{branch}", commit)))
-    assert isinstance(event, Push), event
-    return event
+def push_for(repository: str, branch: str, commit: str | None = None, **fields: Any) -> Push:
+    """A push that moved ``branch`` to ``commit`` (made up from the names when not given), as
+    the intake stage forwards it; ``fields`` replace any other of its fields. The one place
+    the tests build a ``Push``."""
+    push = Push(
+        event_id=f"e-{repository}-{branch}",
+        account="123456789012",
+        region="eu-west-1",
+        repository=repository,
+        ref_type=RefType.BRANCH,
+        name=branch,
+        action=Action.UPDATED,
+        commit=commit or hashlib.sha1(f"{repository} {branch}".encode()).hexdigest(),  # noqa: S324
+    )
+    return replace(push, **fields)
 
 
 # -- the service as a real process ------------------------------------------------------------

@@ -8,8 +8,8 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .admin import table
-from .aws import translated
+from ..aws import translated
+from .common import table
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
