@@ -9,8 +9,11 @@
   one); on its last allowed receive it is dead-lettered with its reason.
 * No failure of an SQS call ends the loop or a job task: it is logged and counted, and the
   message's visibility timeout brings it back.
-* On stop: no more receives, running jobs get ``shutdown_grace`` seconds, then the rest are
-  cancelled and released (visibility 0) so another instance takes them at once.
+* Messages are received with a short visibility (``BRANCHBUILD_VISIBILITY_TIMEOUT``) and held
+  from their receive: a slow job keeps its message, a dead instance's comes back in seconds.
+* On stop: no new receive; the one under way is let finish and its messages run if a slot is
+  free; running jobs get ``shutdown_grace`` seconds, then the rest are cancelled and released
+  (visibility 0) so another instance takes them at once.
 """
 
 from __future__ import annotations
