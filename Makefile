@@ -30,7 +30,7 @@ help:
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
 	@echo "make image        the service image, built with podman (no Docker daemon needed)"
 	@echo "make image-test   run that image as ECS does, against moto and the SSH git host"
-	@echo "make chaos        the long crash-safety run (random SIGKILLs), with a table"
+	@echo "make chaos        the long crash-safety run (random SIGKILLs) and recovery times"
 	@echo "make bench        the benchmark: the original design, branchbuild and the floor"
 
 $(STAMP): pyproject.toml
@@ -101,12 +101,12 @@ image-test: venv system-deps image
 	$(BIN)/pytest tests/test_image.py
 
 lint: venv
-	$(BIN)/ruff check service tests
-	$(BIN)/ruff format --check service tests
+	$(BIN)/ruff check service tests bench
+	$(BIN)/ruff format --check service tests bench
 
 format: venv
-	$(BIN)/ruff format service tests
-	$(BIN)/ruff check --fix service tests
+	$(BIN)/ruff format service tests bench
+	$(BIN)/ruff check --fix service tests bench
 
 typecheck: venv
 	$(BIN)/mypy
@@ -120,7 +120,9 @@ pytest: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
 
 test: lint typecheck lint-deploy pytest
 
-# The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures.
+# The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures; then
+# three instances under a steady stream of pushes, one SIGKILLed and one SIGTERMed: the
+# push-to-StartBuild latency after each (median, p90, longest stall).
 chaos: venv system-deps
 	CHAOS=long $(BIN)/pytest tests/test_chaos.py -s -p no:cacheprovider --timeout 900
 

@@ -148,7 +148,10 @@ def cold_start_chart(document: dict[str, Any], out: Path) -> None:
         ("single-warm-many", "F floor", "F warm", "tab:green"),
     ]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    names, values, errors, colours = [], [], [[], []], []
+    names: list[str] = []
+    values: list[float] = []
+    errors: list[list[float]] = [[], []]
+    colours: list[str] = []
     for scenario, label, name, colour in bars:
         row = next(
             (

@@ -26,7 +26,7 @@ from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
 from .supersede import Supersede
-from .worker import Worker
+from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
 
@@ -76,8 +76,17 @@ class App:
             if s.config is not None:
                 watcher = Watcher(s, pipelines, self.metrics, clients.s3)
                 await watcher.load()  # a bad file refuses to start (ConfigurationError)
-            leases = Leases(
-                visibility=s.visibility_timeout, interval=s.heartbeat_interval, metrics=self.metrics
+            # A third of the visibility timeout between heartbeats: two may fail before a
+            # held message is handed to another consumer.
+            intake_leases = Leases(
+                visibility=s.intake_visibility_timeout,
+                interval=s.intake_visibility_timeout / 3,
+                metrics=self.metrics,
+            )
+            work_leases = Leases(
+                visibility=s.visibility_timeout,
+                interval=s.visibility_timeout / 3,
+                metrics=self.metrics,
             )
             runner = await stack.enter_async_context(
                 serve_http(self.health, self.metrics, host=s.http_host, port=s.http_port)
@@ -109,11 +118,26 @@ class App:
                     on_branch_deleted=supersede.branch_deleted,
                 )
                 intake = Intake(
-                    intake_queue, work_queue, s, self.metrics, self.health, pipelines, outcomes
+                    intake_queue,
+                    work_queue,
+                    s,
+                    self.metrics,
+                    self.health,
+                    intake_leases,
+                    pipelines,
+                    outcomes,
                 )
-                worker = Worker(work_queue, services, leases, self.health)
+                worker = Worker(
+                    work_queue,
+                    work_leases,
+                    self.health,
+                    settings=s,
+                    metrics=self.metrics,
+                    job=job_runner(services),
+                )
                 background.start_soon(self._watch_signals, name="signals")
-                background.start_soon(leases.run, name="heartbeat")
+                background.start_soon(intake_leases.run, name="intake heartbeat")
+                background.start_soon(work_leases.run, name="work heartbeat")
                 if watcher is not None:
                     background.start_soon(watcher.run, self.stopping, name="config")
                     reconciler = Reconciler(s, pipelines, git, storage, work_queue, self.metrics)

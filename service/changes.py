@@ -20,10 +20,11 @@ from __future__ import annotations
 import logging
 from fnmatch import fnmatchcase
 
-from .decide import Outcome, Skip
+from .decide import Skip
 from .errors import CommitNotFound, GitError
 from .events import Push
 from .git import Fetched, Git
+from .outcome import Outcome
 from .pipelines import Rule
 
 log = logging.getLogger("branchbuild.changes")

@@ -21,7 +21,7 @@ from .errors import BranchbuildError, ConfigurationError, MalformedEvent
 from .settings import load_settings
 
 if TYPE_CHECKING:
-    from .admin import AwsClients
+    from .admin.common import AwsClients
     from .settings import Settings
 
 EXIT_CODES = "exit codes: 0 ok, 1 a check or an operation failed, 2 bad configuration or usage"
@@ -264,7 +264,7 @@ def _admin(command: str, work: Work) -> int:
     """Run an admin command's coroutine with its AWS clients; map failures to exit codes."""
     from botocore.exceptions import BotoCoreError
 
-    from .admin import aws_clients
+    from .admin.common import aws_clients
 
     # The commands report problems themselves; library warnings would only repeat them.
     logging.getLogger("branchbuild").addHandler(logging.NullHandler())
@@ -292,7 +292,7 @@ def _admin(command: str, work: Work) -> int:
 
 
 def _region(given: str | None, what: str) -> str:
-    from .admin import default_region
+    from .admin.common import default_region
 
     region = given or default_region()
     if not region:
@@ -308,7 +308,7 @@ def _valid(check: Callable[[str], str], value: str) -> str:
 
 
 async def _check(args: argparse.Namespace, settings: Settings, clients: AwsClients) -> int:
-    from . import admin_check
+    from .admin import check as admin_check
     from .events import check_repository
 
     repositories = tuple(_valid(check_repository, r) for r in args.repository)
@@ -324,7 +324,7 @@ async def _status(args: argparse.Namespace, settings: Settings, clients: AwsClie
     import json
     from dataclasses import asdict
 
-    from .admin import queue_status, render_status
+    from .admin.status import queue_status, render_status
 
     rows = await queue_status(settings, clients)
     if args.json:
@@ -335,7 +335,7 @@ async def _status(args: argparse.Namespace, settings: Settings, clients: AwsClie
 
 
 async def _dlq_list(args: argparse.Namespace, settings: Settings, clients: AwsClients) -> int:
-    from . import dlq
+    from .admin import dlq
 
     sqs = await clients.sqs()
     queue = await dlq.resolve(settings, sqs, args.queue)
@@ -348,7 +348,7 @@ async def _dlq_list(args: argparse.Namespace, settings: Settings, clients: AwsCl
 async def _dlq_redrive(args: argparse.Namespace, settings: Settings, clients: AwsClients) -> int:
     from tqdm import tqdm
 
-    from . import dlq
+    from .admin import dlq
 
     if not args.yes and not sys.stdin.isatty():
         raise _Usage("refusing to move messages without confirmation: pass --yes")
@@ -382,7 +382,7 @@ async def _dlq_redrive(args: argparse.Namespace, settings: Settings, clients: Aw
 
 
 async def _replay(args: argparse.Namespace, settings: Settings, clients: AwsClients) -> int:
-    from .admin import describe_event, event_body, put_event
+    from .admin.events import describe_event, event_body, put_event
 
     try:
         text = await anyio.Path(args.event).read_text()
@@ -403,7 +403,7 @@ async def _send_test_event(
 ) -> int:
     import json
 
-    from .admin import build_test_event, describe_event, event_body, put_event
+    from .admin.events import build_test_event, describe_event, event_body, put_event
 
     if not re.fullmatch(r"[0-9a-f]{40}", args.commit):
         raise _Usage(f"--commit must be 40 lower-case hex characters, got {args.commit!r}")
@@ -424,7 +424,7 @@ async def _send_test_event(
 
 
 async def _codebuild_builds(args: argparse.Namespace, clients: AwsClients) -> int:
-    from . import admin_builds
+    from .admin import builds as admin_builds
 
     runs = await admin_builds.recent_builds(
         await clients.codebuild(), args.project, limit=args.limit

@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import StrEnum
 from fnmatch import fnmatchcase
 
 from .errors import RejectedEvent
 from .events import Action, OtherEvent, Push, RefType
+from .outcome import Outcome
 from .pipelines import OnDelete, Rule
 from .settings import Settings
-
-
-class Outcome(StrEnum):
-    """How a received event ended; the ``outcome`` label of ``branchbuild_events_total``."""
-
-    BUILT = "built"
-    PROTECTED = "protected"
-    EXCLUDED = "excluded"
-    SUPERSEDED = "superseded"
-    DELETED = "deleted"
-    IGNORED = "ignored"
-    DUPLICATE = "duplicate"
-    QUEUED = "queued"
-    RETRIED = "retried"
-    FAILED = "failed"
-    RELEASED = "released"
-    SKIPPED = "skipped"
-    FILTERED = "filtered"
 
 
 @dataclass(frozen=True)

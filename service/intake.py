@@ -12,15 +12,17 @@ import hashlib
 import logging
 
 import anyio
+import anyio.abc
 
-from .decide import Outcome, Skip, decide
+from .decide import Skip, decide
 from .errors import BranchbuildError, MalformedEvent, PermanentError
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
+from .outcome import Outcome
 from .outcomes import Outcomes
 from .pipelines import Pipelines
-from .queue import Message, Outgoing, Queue, receive_until
+from .queue import Leases, Message, Outgoing, Queue, consume
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.intake")
@@ -43,6 +45,7 @@ class Intake:
         settings: Settings,
         metrics: Metrics,
         health: Health,
+        leases: Leases,
         pipelines: Pipelines | None = None,
         outcomes: Outcomes | None = None,
     ) -> None:
@@ -53,6 +56,7 @@ class Intake:
         self.settings = settings
         self.metrics = metrics
         self.health = health
+        self.leases = leases
 
     async def run(
         self,
@@ -60,30 +64,32 @@ class Intake:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Consume until ``stopping`` is set; never raises for a bad message or a failed call."""
+        """Consume until ``stopping`` is set; never raises for a bad message or a failed call.
+
+        A batch is held (heartbeated) from its receive until it is settled: the intake lane
+        is one FIFO group, so a short visibility timeout is what bounds its stall when an
+        instance dies holding a batch.
+        """
         self.health.beat("intake")
         task_status.started()
-        failures = 0
-        while not stopping.is_set():
+        batches = consume(
+            self.intake,
+            stopping,
+            visibility=self.settings.intake_visibility_timeout,
+            wait=lambda: self.settings.wait_time,
+            health=self.health,
+            metrics=self.metrics,
+            loop="intake",
+        )
+        async for messages in batches:
+            self.leases.hold(self.intake, messages)
             try:
-                messages = await receive_until(
-                    self.intake,
-                    stopping,
-                    limit=10,
-                    wait=self.settings.wait_time,
-                    visibility=self.settings.visibility_timeout,
-                )
-                self.metrics.batch_size.labels(queue="intake").observe(len(messages))
-                if messages:
-                    await self.handle(messages)
-                failures = 0
-            except BranchbuildError as exc:
-                failures += 1
+                await self.handle(messages)
+            except BranchbuildError as exc:  # the batch comes back after its visibility
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("intake: %s", exc)
-                with anyio.move_on_after(min(30, 2**failures)):
-                    await stopping.wait()
-            self.health.beat("intake")
+            finally:
+                self.leases.drop(messages)
 
     async def handle(self, messages: list[Message]) -> None:
         """Forward buildable pushes in order, acknowledge skips, release poison."""
@@ -91,7 +97,7 @@ class Intake:
         skipped: list[Message] = []
         for message in messages:
             if self.outcomes is not None and self.outcomes.claims(message.body):
-                await self.outcomes.handle(self.intake, message)  # settles it itself
+                await self.outcomes.handle(self.intake, message, self._fail)  # settles it
                 continue
             try:
                 event = parse_event(message.body)
@@ -117,17 +123,13 @@ class Intake:
             await self.work.send([work_message(push) for _, push in forward])
         except BranchbuildError as exc:
             self.metrics.errors.labels(kind=exc.kind).inc()
-            for message, _ in forward:
-                settled = await self.intake.fail(
-                    message,
-                    exc,
-                    base=self.settings.retry_base_delay,
-                    cap=self.settings.retry_max_delay,
-                )
+            for message, push in forward:
+                outcome = await self._fail(message, exc)
+                self.metrics.events.labels(event=_event_label(push), outcome=outcome.value).inc()
                 log.warning(
                     "could not queue the push: %s; %s",
                     exc,
-                    settled,
+                    outcome.value,
                     extra={"message_id": message.id},
                 )
             forward = []
@@ -145,21 +147,23 @@ class Intake:
             log.warning("could not delete intake message %s; it will be deduplicated", message.id)
 
     async def _reject(self, message: Message, error: PermanentError) -> None:
-        last = self.intake.is_last_attempt(message)
-        outcome = "dead_lettered" if last else Outcome.FAILED.value
-        label = "malformed" if isinstance(error, MalformedEvent) else "rejected"
-        self.metrics.events.labels(event=label, outcome=outcome).inc()
         self.metrics.errors.labels(kind=error.kind).inc()
-        settled = await self.intake.fail(
-            message, error, base=self.settings.retry_base_delay, cap=self.settings.retry_max_delay
-        )
+        outcome = await self._fail(message, error)
+        label = "malformed" if isinstance(error, MalformedEvent) else "rejected"
+        self.metrics.events.labels(event=label, outcome=outcome.value).inc()
         log.error(
             "rejected message %s (receive %s): %s; %s",
             message.id,
             message.receive_count,
             error,
-            settled,
+            outcome.value,
             extra={"message_id": message.id},
+        )
+
+    async def _fail(self, message: Message, error: BranchbuildError) -> Outcome:
+        self.leases.drop([message])  # no heartbeat may undo the release
+        return await self.intake.fail(
+            message, error, base=self.settings.retry_base_delay, cap=self.settings.retry_max_delay
         )
 
 

@@ -13,11 +13,11 @@ from datetime import UTC, datetime
 from .builds import BuildBackend, BuildRequest, StartedBuild, codecommit_url, project_name
 from .changes import screen
 from .cleanup import clean_up_branch
-from .decide import Outcome
 from .errors import PermanentError
 from .events import Action, Push, event_time
 from .git import Git
 from .metrics import Metrics
+from .outcome import Outcome
 from .pipelines import Pipelines, Rule, SourceMode
 from .settings import Settings
 from .storage import LedgerEntry, Storage

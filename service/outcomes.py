@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import BranchbuildError, MalformedEvent, PermanentError, TransientError
+from .errors import BranchbuildError, MalformedEvent, TransientError
 from .metrics import Metrics
+from .outcome import Outcome
 from .queue import Message, Queue
 from .records import Document, Records
 from .settings import Settings
@@ -249,8 +250,14 @@ class Outcomes:
         """Whether this handler (not the push intake) owns the message."""
         return detail_type(body) in {BUILD_DETAIL_TYPE, PULL_REQUEST_DETAIL_TYPE}
 
-    async def handle(self, queue: Queue, message: Message) -> None:
-        """Record one event and settle its message; never raises for a bad event."""
+    async def handle(
+        self,
+        queue: Queue,
+        message: Message,
+        fail: Callable[[Message, BranchbuildError], Awaitable[Outcome]],
+    ) -> None:
+        """Record one event and settle its message (``fail``: the consumer's one settle path
+        for a failed message); never raises for a bad event."""
         kind = "build_state"
         try:
             if detail_type(message.body) == PULL_REQUEST_DETAIL_TYPE:
@@ -262,21 +269,16 @@ class Outcomes:
             else:
                 outcome = await self.record(parse_build_state(message.body))
         except BranchbuildError as exc:
-            last = queue.is_last_attempt(message)
-            failed = "failed" if isinstance(exc, PermanentError) else "retried"
-            self.metrics.events.labels(
-                event=kind, outcome="dead_lettered" if last else failed
-            ).inc()
             self.metrics.errors.labels(kind=exc.kind).inc()
-            s = self.settings
-            settled = await queue.fail(message, exc, base=s.retry_base_delay, cap=s.retry_max_delay)
+            settled = await fail(message, exc)
+            self.metrics.events.labels(event=kind, outcome=settled.value).inc()
             log.error(
                 "%s event %s (receive %s): %s; %s",
                 kind,
                 message.id,
                 message.receive_count,
                 exc,
-                settled,
+                settled.value,
                 extra={"message_id": message.id},
             )
             return

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 import anyio
 
 from .aws import translated
-from .errors import AccessDenied, BranchbuildError, PermanentError, TransientError, unwrap_group
+from .errors import AccessDenied, BranchbuildError, PermanentError, TransientError
+from .outcome import Outcome
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
         SendMessageBatchRequestEntryTypeDef,
     )
 
+    from .health import Health
     from .metrics import Metrics
 
 log = logging.getLogger("branchbuild.queue")
@@ -164,25 +166,40 @@ class Queue:
             log.warning("dead-lettered message %s but could not delete it here", message.id)
         return True
 
-    async def fail(self, message: Message, error: BranchbuildError, *, base: int, cap: int) -> str:
-        """Settle a failed message; returns what happened, for the log.
+    async def fail(
+        self, message: Message, error: BranchbuildError, *, base: int, cap: int
+    ) -> Outcome:
+        """Settle a failed message, the one place that decides its fate; returns the outcome
+        for the caller to count.
 
-        After its last allowed receive it is dead-lettered with its reason. Otherwise it is
-        made visible again: at once for a permanent error (its next receive is its last), after
-        a backoff for a transient one. Runs shielded: a shutdown must not strand it.
+        After its last allowed receive it is dead-lettered with its reason (``DEAD_LETTERED``).
+        Otherwise it is made visible again: at once for a permanent error (``FAILED``: its next
+        receive is its last), after a backoff for a transient one (``RETRIED``). Runs shielded:
+        a shutdown must not strand it. Never raises.
         """
-        last = self.is_last_attempt(message)
-        delay = release_delay(error, message, base=base, cap=cap)
-        outcome = "going to the dead-letter queue" if last else f"visible again in {delay} s"
+        extra = {"message_id": message.id}
         with anyio.CancelScope(shield=True):
-            if last and await self.dead_letter(message, reason=str(error), kind=error.kind):
-                outcome = "moved to the dead-letter queue with its reason"
-            else:
-                try:
-                    await self.change_visibility([message], delay)
-                except BranchbuildError as exc:
-                    outcome = f"could not be released ({exc}); visible again after its timeout"
-        return outcome
+            if self.is_last_attempt(message):
+                if await self.dead_letter(message, reason=str(error), kind=error.kind):
+                    log.warning("moved to the dead-letter queue with its reason", extra=extra)
+                    return Outcome.DEAD_LETTERED
+                # SQS's redrive policy moves it at its next receive, without the reason.
+                await self._release(message, 0, extra)
+                return Outcome.DEAD_LETTERED
+            delay = release_delay(error, message, base=base, cap=cap)
+            await self._release(message, delay, extra)
+        return Outcome.FAILED if isinstance(error, PermanentError) else Outcome.RETRIED
+
+    async def _release(self, message: Message, delay: int, extra: dict[str, str]) -> None:
+        try:
+            failed = await self.change_visibility([message], delay)
+        except BranchbuildError as exc:
+            failed = [message]
+            log.warning("could not release the message: %s", exc, extra=extra)
+        if failed:
+            log.warning("the message is visible again after its visibility timeout", extra=extra)
+        else:
+            log.info("the message is visible again in %s s", delay, extra=extra)
 
     async def send(self, messages: Sequence[Outgoing]) -> None:
         """Send in order, in batches; raises if any entry was not accepted."""
@@ -343,33 +360,44 @@ class Deleter:
         return failed
 
 
-async def receive_until(
-    queue: Queue, stopping: anyio.Event, *, limit: int, wait: int, visibility: int
-) -> list[Message]:
-    """Long-poll, but return at once (with nothing) when ``stopping`` is set.
+async def consume(
+    queue: Queue,
+    stopping: anyio.Event,
+    *,
+    visibility: int,
+    wait: Callable[[], int],
+    health: Health,
+    metrics: Metrics,
+    loop: str,
+) -> AsyncIterator[list[Message]]:
+    """Receive batches of up to 10 messages until ``stopping`` is set (arq's ``poll()``).
 
-    A parked 20 s long poll must not delay shutdown. Messages that arrive in the very reply
-    we abandon are released, not stranded until their visibility timeout.
+    ``wait()`` gives each receive's long-poll seconds. A receive that is under way when
+    ``stopping`` is set is let finish (within ``wait()`` seconds), never abandoned: SQS
+    completes an abandoned receive anyway, and what it picks up would stay invisible to every
+    consumer for ``visibility`` seconds. Its batch is yielded like any other.
+
+    A failed receive is counted and logged and the loop backs off (2, 4, ... 30 s, cut short
+    by ``stopping``); it never ends the loop. ``loop``'s health beat is written after every
+    receive.
     """
-    received: list[Message] = []
-    with unwrap_group():
-        async with anyio.create_task_group() as tg:
-
-            async def poll() -> None:
-                received.extend(await queue.receive(limit, wait=wait, visibility=visibility))
-                tg.cancel_scope.cancel()
-
-            async def watch() -> None:
+    failures = 0
+    while not stopping.is_set():
+        try:
+            messages = await queue.receive(BATCH, wait=wait(), visibility=visibility)
+        except BranchbuildError as exc:
+            failures += 1
+            metrics.errors.labels(kind=exc.kind).inc()
+            log.error("%s: %s", loop, exc)
+            health.beat(loop)
+            with anyio.move_on_after(min(30, 2**failures)):
                 await stopping.wait()
-                tg.cancel_scope.cancel()
-
-            tg.start_soon(poll)
-            tg.start_soon(watch)
-    if received and stopping.is_set():
-        with anyio.CancelScope(shield=True):
-            await queue.change_visibility(received, 0)
-        return []
-    return received
+            continue
+        failures = 0
+        health.beat(loop)
+        metrics.batch_size.labels(queue=queue.name).observe(len(messages))
+        if messages:
+            yield messages
 
 
 def release_delay(error: BaseException, message: Message, *, base: int, cap: int) -> int:

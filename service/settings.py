@@ -111,9 +111,11 @@ class Settings(LocalSettings):
     cache_dir: Path = Field(default_factory=_default_cache_dir)
 
     concurrency: int = Field(default=8, ge=1, le=256)
-    wait_time: int = Field(default=20, ge=0, le=20)
-    visibility_timeout: int = Field(default=120, ge=5, le=43200)
-    heartbeat_interval: float = Field(default=30.0, gt=0)
+    # A killed instance's last long poll goes on without it, and what it picks up stays
+    # invisible for the visibility timeout: a lane recovers within WAIT_TIME + visibility.
+    wait_time: int = Field(default=5, ge=0, le=20)
+    intake_visibility_timeout: int = Field(default=5, ge=2, le=43200)
+    visibility_timeout: int = Field(default=20, ge=2, le=43200)  # the work queue's
     retry_base_delay: int = Field(default=10, ge=0, le=43200)
     retry_max_delay: int = Field(default=300, ge=0, le=43200)
     job_timeout: float = Field(default=3600.0, gt=0)
@@ -219,10 +221,6 @@ class Settings(LocalSettings):
             raise ValueError(
                 "set BRANCHBUILD_KNOWN_HOSTS_FILE or BRANCHBUILD_KNOWN_HOSTS, not both"
             )
-        if self.heartbeat_interval >= self.visibility_timeout:
-            raise ValueError(
-                "BRANCHBUILD_HEARTBEAT_INTERVAL must be shorter than BRANCHBUILD_VISIBILITY_TIMEOUT"
-            )
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError(
                 "BRANCHBUILD_RETRY_MAX_DELAY must be at least BRANCHBUILD_RETRY_BASE_DELAY"
@@ -247,12 +245,25 @@ def check_template(template: str, allowed: set[str], *, required: set[str]) -> N
         raise ValueError(f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}")
 
 
+# Settings that no longer exist, and what replaced them: a deployment that still sets one
+# must not silently run with something else.
+_REPLACED = {
+    "BRANCHBUILD_HEARTBEAT_INTERVAL": (
+        "a heartbeat every third of BRANCHBUILD_INTAKE_VISIBILITY_TIMEOUT and "
+        "BRANCHBUILD_VISIBILITY_TIMEOUT"
+    ),
+}
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build the settings from the environment (and explicit overrides, for tests).
 
     Raises:
         ConfigurationError: with one line naming the first offending variable.
     """
+    for variable, replacement in _REPLACED.items():
+        if os.environ.get(variable):
+            raise ConfigurationError(f"{variable} is no longer used: see {replacement}")
     try:
         return Settings(**overrides)
     except ValidationError as exc:

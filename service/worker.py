@@ -9,8 +9,11 @@
   one); on its last allowed receive it is dead-lettered with its reason.
 * No failure of an SQS call ends the loop or a job task: it is logged and counted, and the
   message's visibility timeout brings it back.
-* On stop: no more receives, running jobs get ``shutdown_grace`` seconds, then the rest are
-  cancelled and released (visibility 0) so another instance takes them at once.
+* Messages are received with a short visibility (``BRANCHBUILD_VISIBILITY_TIMEOUT``) and held
+  from their receive: a slow job keeps its message, a dead instance's comes back in seconds.
+* On stop: no new receive; the one under way is let finish and its messages run if a slot is
+  free; running jobs get ``shutdown_grace`` seconds, then the rest are cancelled and released
+  (visibility 0) so another instance takes them at once.
 """
 
 from __future__ import annotations
@@ -18,17 +21,20 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
 
-from .decide import Outcome
 from .errors import BranchbuildError, PermanentError, TransientError
-from .events import parse_work
+from .events import Push, parse_work
 from .health import Health
-from .job import Services, run_job
+from .job import JobResult, Services, run_job
 from .logs import bind
-from .queue import Deleter, Leases, Message, Queue, receive_until
+from .metrics import Metrics
+from .outcome import Outcome
+from .queue import Deleter, Leases, Message, Queue, consume
+from .settings import Settings
 
 log = logging.getLogger("branchbuild.worker")
 
@@ -37,12 +43,33 @@ _POISON_MEMORY = 1024
 _BUSY_WAIT = 1
 
 
+#: Runs one push's job (``recovering``: its branch had a message received before); in the
+#: service :func:`service.job.run_job` with the shared services, in tests a stub.
+JobRunner = Callable[[Push, bool], Awaitable[JobResult]]
+
+
+def job_runner(services: Services) -> JobRunner:
+    async def run(push: Push, recovering: bool) -> JobResult:
+        return await run_job(push, services, recovering=recovering)
+
+    return run
+
+
 class Worker:
-    def __init__(self, queue: Queue, services: Services, leases: Leases, health: Health) -> None:
+    def __init__(
+        self,
+        queue: Queue,
+        leases: Leases,
+        health: Health,
+        *,
+        settings: Settings,
+        metrics: Metrics,
+        job: JobRunner,
+    ) -> None:
         self.queue = queue
-        self.services = services
-        self.settings = services.settings
-        self.metrics = services.metrics
+        self.settings = settings
+        self.metrics = metrics
+        self.job = job
         self.leases = leases
         self.health = health
         self._slots = anyio.CapacityLimiter(self.settings.concurrency)
@@ -51,6 +78,7 @@ class Worker:
         # Message ids that failed permanently: a redelivery is released without redoing work.
         self._poison: OrderedDict[str, PermanentError] = OrderedDict()
         self._waiting: set[anyio.CancelScope] = set()
+        self._draining = False
         self._deleter = Deleter(queue)
 
     async def run(
@@ -63,41 +91,22 @@ class Worker:
         self.health.beat("worker")
         async with anyio.create_task_group() as jobs:
             task_status.started()
-            failures = 0
-            while not stopping.is_set():
-                if not await self._wait_for_capacity(stopping):
-                    continue
-                # While jobs run, poll briefly: a finished job unlocks its branch's FIFO group,
-                # and a long poll that is already waiting does not see that group's next
-                # message on every SQS implementation (moto's doesn't: with as many jobs as
-                # branches, the next pushes waited out the whole 20 s). Idle, the service
-                # long-polls for the full BRANCHBUILD_WAIT_TIME.
-                wait = self.settings.wait_time
-                if self._active:
-                    wait = min(wait, _BUSY_WAIT)
-                try:
-                    messages = await receive_until(
-                        self.queue,
-                        stopping,
-                        limit=10,
-                        wait=wait,
-                        visibility=self.settings.visibility_timeout,
-                    )
-                    failures = 0
-                except BranchbuildError as exc:
-                    failures += 1
-                    self.metrics.errors.labels(kind=exc.kind).inc()
-                    log.error("worker: %s", exc)
-                    with anyio.move_on_after(min(30, 2**failures)):
-                        await stopping.wait()
-                    continue
-                finally:
-                    self.health.beat("worker")
-                self.metrics.batch_size.labels(queue="work").observe(len(messages))
+            batches = consume(
+                self.queue,
+                stopping,
+                visibility=self.settings.visibility_timeout,
+                wait=self._wait_time,
+                health=self.health,
+                metrics=self.metrics,
+                loop="worker",
+            )
+            async for messages in batches:
                 for newest, recovering in await self._supersede(messages):
                     self._active += 1
                     self.metrics.in_flight.inc()
                     jobs.start_soon(self._run, newest, recovering, name=f"job {newest.id}")
+                await self._wait_for_capacity(stopping)
+            self._draining = True
             self.health.draining = True
             for waiting in list(self._waiting):
                 waiting.cancel()
@@ -108,22 +117,29 @@ class Worker:
             jobs.cancel_scope.deadline = anyio.current_time() + self.settings.shutdown_grace
         log.info("worker stopped")
 
-    async def _wait_for_capacity(self, stopping: anyio.Event) -> bool:
-        """Wait for a free slot (and no job still waiting for one); False to re-check stop."""
-        if self._active < self.settings.concurrency:
-            return True
-        self._changed = anyio.Event()
-        with anyio.move_on_after(self.settings.liveness_timeout / 3):
-            async with anyio.create_task_group() as tg:
+    def _wait_time(self) -> int:
+        # While jobs run, poll briefly: a finished job unlocks its branch's FIFO group, and a
+        # long poll that is already waiting does not see that group's next message on every
+        # SQS implementation (moto's doesn't: with as many jobs as branches, the next pushes
+        # waited out the whole 20 s). Idle, the service long-polls for BRANCHBUILD_WAIT_TIME.
+        if self._active:
+            return min(self.settings.wait_time, _BUSY_WAIT)
+        return self.settings.wait_time
 
-                async def until(event: anyio.Event) -> None:
-                    await event.wait()
-                    tg.cancel_scope.cancel()
+    async def _wait_for_capacity(self, stopping: anyio.Event) -> None:
+        """Wait for a free slot (and no job still waiting for one), or for ``stopping``."""
+        while self._active >= self.settings.concurrency and not stopping.is_set():
+            self._changed = anyio.Event()
+            with anyio.move_on_after(self.settings.liveness_timeout / 3):
+                async with anyio.create_task_group() as tg:
 
-                tg.start_soon(until, self._changed)
-                tg.start_soon(until, stopping)
-        self.health.beat("worker")
-        return self._active < self.settings.concurrency and not stopping.is_set()
+                    async def until(event: anyio.Event) -> None:
+                        await event.wait()
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(until, self._changed)
+                    tg.start_soon(until, stopping)
+            self.health.beat("worker")
 
     async def _supersede(self, messages: list[Message]) -> list[tuple[Message, bool]]:
         """Keep the newest message of each branch's group; acknowledge the older ones.
@@ -164,13 +180,7 @@ class Worker:
     async def _run(self, message: Message, recovering: bool) -> None:
         bind(message_id=message.id)
         try:
-            with anyio.CancelScope() as waiting:
-                self._waiting.add(waiting)
-                try:
-                    await self._slots.acquire()
-                finally:
-                    self._waiting.discard(waiting)
-            if waiting.cancelled_caught:  # stopping: never started, hand it back at once
+            if not await self._take_slot():  # stopping: never started, hand it back at once
                 await self._release(message, "not started before shutdown")
                 return
             try:
@@ -186,7 +196,24 @@ class Worker:
             self.metrics.in_flight.dec()
             self._changed.set()
 
+    async def _take_slot(self) -> bool:
+        """Take a job slot; False when the service stops before one is free."""
+        if self._draining:  # a message of the last receive: run it only if a slot is free
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                return False
+            return True
+        with anyio.CancelScope() as waiting:
+            self._waiting.add(waiting)
+            try:
+                await self._slots.acquire()
+            finally:
+                self._waiting.discard(waiting)
+        return not waiting.cancelled_caught
+
     async def _release(self, message: Message, why: str) -> None:
+        self.leases.drop([message])
         with anyio.CancelScope(shield=True):
             try:
                 await self.queue.change_visibility([message], 0)
@@ -211,7 +238,7 @@ class Worker:
                 commit=push.commit,
             )
             with anyio.fail_after(self.settings.job_timeout):
-                result = await run_job(push, self.services, recovering=recovering)
+                result = await self.job(push, recovering)
         except BranchbuildError as exc:
             await self._fail(message, exc)
         except TimeoutError:
@@ -227,24 +254,21 @@ class Worker:
             await self._acknowledge([message], "the job is done")
 
     async def _fail(self, message: Message, error: BranchbuildError) -> None:
-        s = self.settings
-        last = self.queue.is_last_attempt(message)
         if isinstance(error, PermanentError):
             self._poison[message.id] = error
             while len(self._poison) > _POISON_MEMORY:
                 self._poison.popitem(last=False)
-        outcome = (
-            "dead_lettered"
-            if last
-            else (
-                Outcome.FAILED.value if isinstance(error, PermanentError) else Outcome.RETRIED.value
-            )
-        )
-        self.metrics.jobs.labels(outcome=outcome).inc()
+        self.leases.drop([message])
         self.metrics.errors.labels(kind=error.kind).inc()
-        settled = await self.queue.fail(
+        s = self.settings
+        outcome = await self.queue.fail(
             message, error, base=s.retry_base_delay, cap=s.retry_max_delay
         )
+        self.metrics.jobs.labels(outcome=outcome.value).inc()
         log.error(
-            "job failed (%s, receive %s): %s; %s", error.kind, message.receive_count, error, settled
+            "job failed (%s, receive %s): %s; %s",
+            error.kind,
+            message.receive_count,
+            error,
+            outcome.value,
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -13,7 +14,8 @@ import aiohttp
 import anyio
 import pytest
 
-from service.localdev.githost import GitHost, RefChange
+from service.events import RefChange
+from service.localdev.githost import GitHost
 from tests.helpers import (
     COLLECTED_MODULES,
     SERVICE_LOGS,
@@ -23,6 +25,7 @@ from tests.helpers import (
     StartService,
     create_resources,
     server_process,
+    service_env,
 )
 
 REGION = "eu-west-1"
@@ -59,17 +62,18 @@ def isolated_aws(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 @pytest.fixture(scope="session")
 def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real moto server on 127.0.0.1, over HTTP, with its request recorder on."""
-    port = free_port()
     workdir = tmp_path_factory.mktemp("moto")  # the recorder writes its file here
     log = workdir / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))} | {
         "MOTO_ENABLE_RECORDING": "True"
     }
-    endpoint = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)]
-    health = endpoint + "/moto-api/data.json"
-    with server_process(command, env=env, health=health, log=log, within=30, cwd=workdir):
-        yield endpoint
+    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
+    health = "http://127.0.0.1:{port}/moto-api/data.json"
+    running = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
+    with server_process(
+        command, env=env, health=health, log=log, within=30, cwd=workdir, announces=running
+    ) as answered:
+        yield answered.removesuffix("/moto-api/data.json")
 
 
 @pytest.fixture
@@ -140,27 +144,21 @@ async def start_service(
     cache = tmp_path / "cache"
 
     async def start(**overrides: str) -> ServiceProcess:
-        env = (
-            dict(os.environ)
-            | {
-                "BRANCHBUILD_QUEUE_URL": aws.intake_url,
-                "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
-                "BRANCHBUILD_BUCKET": aws.bucket,
-                "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
-                "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
-                "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
-                "BRANCHBUILD_CACHE_DIR": str(cache),
-                "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
-                "BRANCHBUILD_HTTP_PORT": str(free_port()),
+        env = service_env(
+            git_world,
+            cache,
+            intake_url=aws.intake_url,
+            work_url=aws.work_url,
+            bucket=aws.bucket,
+            **{
                 "BRANCHBUILD_WAIT_TIME": "2",
+                "BRANCHBUILD_INTAKE_VISIBILITY_TIMEOUT": "3",
                 "BRANCHBUILD_VISIBILITY_TIMEOUT": "6",
-                "BRANCHBUILD_HEARTBEAT_INTERVAL": "2",
                 "BRANCHBUILD_RETRY_BASE_DELAY": "1",
                 "BRANCHBUILD_RETRY_MAX_DELAY": "2",
-                "BRANCHBUILD_LOG_FORMAT": "json",
                 "BRANCHBUILD_LOG_LEVEL": "DEBUG",
             }
-            | overrides
+            | overrides,
         )
         service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
         started.append(service)

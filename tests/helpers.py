@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,15 +17,17 @@ import uuid
 import zipfile
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import anyio
 import anyio.abc
+from prometheus_client.parser import text_string_to_metric_families
 
-from service.localdev.githost import GitHost, RefChange, codecommit_event
+from service.events import Action, Push, RefChange, RefType, codecommit_event
+from service.localdev.githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient
@@ -302,6 +306,23 @@ def event_for(repository: str, ref: str, new: str | None, old: str | None = None
     return codecommit_event(RefChange(repository=repository, ref=ref, old=old, new=new))
 
 
+def push_for(repository: str, branch: str, commit: str | None = None, **fields: Any) -> Push:
+    """A push that moved ``branch`` to ``commit`` (made up from the names when not given), as
+    the intake stage forwards it; ``fields`` replace any other of its fields. The one place
+    the tests build a ``Push``."""
+    push = Push(
+        event_id=f"e-{repository}-{branch}",
+        account="123456789012",
+        region="eu-west-1",
+        repository=repository,
+        ref_type=RefType.BRANCH,
+        name=branch,
+        action=Action.UPDATED,
+        commit=commit or hashlib.sha1(f"{repository} {branch}".encode()).hexdigest(),  # noqa: S324
+    )
+    return replace(push, **fields)
+
+
 # -- the service as a real process ------------------------------------------------------------
 
 
@@ -313,14 +334,39 @@ SERVICE_LOGS: list[Path] = []
 COLLECTED_MODULES: set[str] = set()
 
 
+def service_env(
+    git_world: GitWorld, cache: Path, *, intake_url: str, work_url: str, bucket: str, **more: str
+) -> dict[str, str]:
+    """The environment of ``python -m service run`` on the test's queues, bucket and git host
+    (the one place it is written), with ``more`` on top."""
+    return (
+        dict(os.environ)
+        | {
+            "BRANCHBUILD_QUEUE_URL": intake_url,
+            "BRANCHBUILD_WORK_QUEUE_URL": work_url,
+            "BRANCHBUILD_BUCKET": bucket,
+            "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
+            "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
+            "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
+            "BRANCHBUILD_CACHE_DIR": str(cache),
+            "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
+            "BRANCHBUILD_HTTP_PORT": "0",
+            "BRANCHBUILD_LOG_FORMAT": "json",
+        }
+        | more
+    )
+
+
 class ServiceProcess:
     """``python -m service run`` as a child process, with real signals."""
 
     def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env = env
+        # Port 0: the service binds a free port itself and logs it (no race between a probe
+        # that closes a port and the server that takes it).
+        self.env = env | {"BRANCHBUILD_HTTP_PORT": "0"}
         self.log = log
         self.process: anyio.abc.Process | None = None
-        self.port = int(env["BRANCHBUILD_HTTP_PORT"])
+        self.port = 0
 
     async def start(self) -> None:
         out = self.log.open("ab")
@@ -332,7 +378,14 @@ class ServiceProcess:
             cwd=ROOT,
         )
         out.close()
+        self.port = await wait_for(self._bound_port, within=30, what="the HTTP server")
         await wait_for(self.ready, within=30, what="readiness")
+
+    async def _bound_port(self) -> int | None:
+        if self.process is not None and self.process.returncode is not None:
+            raise RuntimeError(f"service exited {self.process.returncode}:\n{self.logs()}")
+        found = re.search(r"/metrics on [^ ]+:(\d+)", self.logs())
+        return int(found.group(1)) if found else None
 
     async def get(self, path: str) -> tuple[int, str]:
         async with aiohttp.ClientSession() as session:
@@ -349,20 +402,23 @@ class ServiceProcess:
         return status == 200
 
     async def metric(self, name: str, **labels: str) -> float:
+        """The sum of the samples called ``name`` whose labels include ``labels``."""
         _, text = await self.get("/metrics")
-        wanted = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
-        total = 0.0
-        for line in text.splitlines():
-            if line.startswith("#"):
-                continue
-            series, _, value = line.rpartition(" ")
-            metric, _, label_text = series.partition("{")
-            if metric != name:
-                continue
-            present = set(label_text.rstrip("}").split(",")) if label_text else set()
-            if not wanted or set(wanted.split(",")) <= present:
-                total += float(value)
-        return total
+        return sum(
+            sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+            if sample.name == name and labels.items() <= sample.labels.items()
+        )
+
+    async def metric_reaches(self, value: float, name: str, **labels: str) -> None:
+        """Wait until a metric has ``value``: a message is counted once it is settled, which
+        is after a test can see it settled in SQS."""
+
+        async def reached() -> bool:
+            return await self.metric(name, **labels) == value
+
+        await wait_for(reached, what=f"{name}{labels} == {value}")
 
     def signal(self, signum: signal.Signals) -> None:
         assert self.process is not None
@@ -391,10 +447,19 @@ class ServiceProcess:
 
 @contextmanager
 def server_process(
-    command: list[str], *, env: dict[str, str], health: str, log: Path, within: float, cwd: Path
-) -> Iterator[None]:
+    command: list[str],
+    *,
+    env: dict[str, str],
+    health: str,
+    log: Path,
+    within: float,
+    cwd: Path,
+    announces: re.Pattern[str] | None = None,
+) -> Iterator[str]:
     """A server subprocess (an emulator), up once ``health`` answers; terminated on exit.
 
+    With ``announces``, the server was told to bind port 0 and logs the port it got (the
+    pattern's one group); ``health`` is formatted with ``port=`` it. Yields ``health``.
     Session fixtures are synchronous, so this polls with blocking sleeps before any event loop
     runs.
     """
@@ -404,13 +469,18 @@ def server_process(
     try:
         while True:
             try:
+                if announces is not None and "{port}" in health:
+                    found = announces.search(log.read_text(errors="replace"))
+                    if found is None:
+                        raise OSError("the port is not announced yet")
+                    health = health.format(port=found.group(1))
                 urllib.request.urlopen(health, timeout=2).close()
                 break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"{command[2]} did not start: {log.read_text()}") from None
                 time.sleep(0.1)
-        yield
+        yield health
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -17,10 +17,9 @@ from typing import Any
 import anyio
 import pytest
 
-from service.admin_builds import render, to_run, with_outcomes
+from service.admin.builds import render, to_run, with_outcomes
 from service.cli import main as cli_main
-from service.events import Action, Push, RefType, parse_event
-from service.localdev.githost import RefChange, codecommit_event
+from service.events import Push, RefChange, codecommit_event, parse_event
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
@@ -29,6 +28,7 @@ from tests.helpers import (
     ServiceProcess,
     WorkCopy,
     create_project,
+    push_for,
     wait_for,
 )
 
@@ -102,17 +102,7 @@ async def receive_all(aws: AwsResources, url: str) -> list[dict[str, Any]]:
 
 
 def work_body(repository: str, branch: str, commit: str = COMMIT) -> str:
-    push = Push(
-        event_id="e-" + branch,
-        account="123456789012",
-        region="eu-west-1",
-        repository=repository,
-        ref_type=RefType.BRANCH,
-        name=branch,
-        action=Action.UPDATED,
-        commit=commit,
-    )
-    return push.to_json()
+    return push_for(repository, branch, commit).to_json()
 
 
 async def dead_letter(

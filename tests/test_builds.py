@@ -14,18 +14,10 @@ from botocore.exceptions import ClientError
 
 from service.builds import BuildRequest, CodeBuild, project_name
 from service.errors import AccessDenied, BuildError, PermanentError
-from service.events import Action, Push, RefType
+from service.events import RefType
+from tests.helpers import push_for
 
-PUSH = Push(
-    event_id="e",
-    account="123456789012",
-    region="eu-west-1",
-    repository="shop",
-    ref_type=RefType.BRANCH,
-    name="feature/x",
-    action=Action.UPDATED,
-    commit="a" * 40,
-)
+PUSH = push_for("shop", "feature/x", "a" * 40)
 
 
 class FlakyCodeBuild:
@@ -72,7 +64,7 @@ async def test_missing_project_is_permanent_and_not_retried() -> None:
 
 def test_tags_get_tag_name_and_tokens_differ_per_ref() -> None:
     tag = BuildRequest(
-        push=Push(**{**PUSH.__dict__, "ref_type": RefType.TAG, "name": "v1"}),
+        push=push_for("shop", "v1", "a" * 40, ref_type=RefType.TAG),
         project="shop",
         bucket="b",
         key="k",

@@ -10,8 +10,8 @@ from pathlib import Path
 import anyio
 
 from service.git import Git
-from tests.helpers import ROOT, GitWorld, WorkCopy
-from tests.test_git import make_settings, push_of
+from tests.helpers import ROOT, GitWorld, WorkCopy, push_for
+from tests.test_git import make_settings
 
 
 async def repo_with(world: GitWorld, tmp: Path, name: str, size: int) -> str:
@@ -29,11 +29,11 @@ async def test_least_recently_used_repositories_are_evicted(
     }
     git = Git(make_settings(git_world, tmp_path, cache_max_bytes=1_000_000))
     for name in ("a", "b"):
-        async with git.fetched(push_of(name, "main", commits[name])):
+        async with git.fetched(push_for(name, "main", commits[name])):
             pass
-    async with git.fetched(push_of("a", "main", commits["a"])) as again:  # a is now newest
+    async with git.fetched(push_for("a", "main", commits["a"])) as again:  # a is now newest
         assert again.cache_hit
-    async with git.fetched(push_of("c", "main", commits["c"])):
+    async with git.fetched(push_for("c", "main", commits["c"])):
         pass
     kept = sorted(p.name.split("-")[0] for p in git.repos.iterdir())
     assert kept == ["a", "c"]  # b was the least recently used
@@ -43,8 +43,8 @@ async def test_least_recently_used_repositories_are_evicted(
 async def test_a_repository_in_use_is_never_evicted(git_world: GitWorld, tmp_path: Path) -> None:
     commits = {name: await repo_with(git_world, tmp_path, name, 400_000) for name in ("x", "y")}
     git = Git(make_settings(git_world, tmp_path, cache_max_bytes=1))
-    async with git.fetched(push_of("x", "main", commits["x"])) as x:
-        async with git.fetched(push_of("y", "main", commits["y"])):
+    async with git.fetched(push_for("x", "main", commits["x"])) as x:
+        async with git.fetched(push_for("y", "main", commits["y"])):
             assert x.git_dir.exists()  # over budget, but in use
         # y was released, x still in use: enforcing evicts y only.
         await git.cache.enforce()
@@ -61,7 +61,7 @@ from pathlib import Path
 from service.errors import DiskFull
 from service.git import Git
 from service.settings import load_settings
-from tests.test_git import push_of
+from tests.helpers import push_for
 
 args = json.loads(sys.argv[1])
 cache = Path(args["cache"])
@@ -74,17 +74,17 @@ async def main():
         cache_dir=cache, cache_max_bytes=0)
     git = Git(settings)
     result = {}
-    async with git.fetched(push_of("small", "main", args["small"])):
+    async with git.fetched(push_for("small", "main", args["small"])):
         pass
     try:
-        async with git.fetched(push_of("big", "main", args["big"])):
+        async with git.fetched(push_for("big", "main", args["big"])):
             pass
         result["first"] = "fetched"
     except DiskFull as exc:
         result["first"] = "disk_full"
         result["reason"] = str(exc)
     result["after_eviction"] = sorted(p.name.split("-")[0] for p in git.repos.iterdir())
-    async with git.fetched(push_of("big", "main", args["big"])) as fetched:
+    async with git.fetched(push_for("big", "main", args["big"])) as fetched:
         result["retry"] = fetched.commit
     print(json.dumps(result))
 

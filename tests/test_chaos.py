@@ -5,6 +5,10 @@ over dozens of branches and repositories and prints the figures as a table. Afte
 every branch's newest eligible commit has exactly one build; no event was lost; nothing was
 built for protected branches; only the poisoned messages are in the DLQ; no incomplete
 multipart upload is left.
+
+The second test is about availability: three instances on the same queues, pushes arriving
+steadily, one instance SIGKILLed and later another SIGTERMed; it prints the push-to-StartBuild
+latency after each (`make chaos` runs it longer).
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import os
 import random
 import signal
+import statistics
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +26,17 @@ from pathlib import Path
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
-from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, create_project, wait_for
+from service.events import codecommit_event
+from service.settings import Settings
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    StartService,
+    WorkCopy,
+    create_project,
+    event_for,
+    wait_for,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -74,8 +89,8 @@ async def test_chaos(
     # (2), so SQS itself dead-letters a message whose holders die twice; see README
     # "Guarantees".
     settings = {
+        "BRANCHBUILD_INTAKE_VISIBILITY_TIMEOUT": str(max(12, 4 * scale.kills + 4)),
         "BRANCHBUILD_VISIBILITY_TIMEOUT": str(max(12, 4 * scale.kills + 4)),
-        "BRANCHBUILD_HEARTBEAT_INTERVAL": "1",
         "BRANCHBUILD_CONCURRENCY": "4",
         "BRANCHBUILD_LOG_LEVEL": "INFO",
     }
@@ -140,3 +155,130 @@ async def test_chaos(
     assert dead == sorted(poison)
     assert await aws.dlq_bodies(aws.work_dlq_url) == []
     assert uploads == 0
+
+
+@dataclass(frozen=True)
+class Steady:
+    branches: int
+    pushes: int  # in all, round-robin over the branches
+    interval: float  # seconds between two pushes
+    kill_at: int  # the push before which one instance is SIGKILLed
+    term_at: int  # ...and another SIGTERMed, once the kill's effects are over
+
+
+STEADY_SHORT = Steady(branches=6, pushes=76, interval=0.5, kill_at=6, term_at=60)
+STEADY_LONG = Steady(branches=12, pushes=240, interval=0.25, kill_at=20, term_at=160)
+
+
+@pytest.mark.timeout(300)
+async def test_three_instances_one_killed_one_stopped(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    """Three instances share the queues, as ECS tasks do, while pushes arrive steadily; one is
+    SIGKILLed, later another is SIGTERMed. Every push is built once (or superseded by a newer
+    push of its branch), in order, and the time from each push to the StartBuild that covers
+    it stays within bounds: the lanes the dead instance held come back within their
+    visibility timeouts, and a SIGTERM strands nothing."""
+    scale = STEADY_LONG if os.environ.get("CHAOS") == "long" else STEADY_SHORT
+    await create_project(aws, "steady")
+    repo = await WorkCopy.create(git_world, tmp_path, "steady")
+    await repo.commit({"README": "steady\n"})
+    rounds = -(-scale.pushes // scale.branches)
+    commits: list[list[str]] = []  # per branch, in push order
+    for b in range(scale.branches):
+        await repo.checkout(f"feature/{b}")
+        commits.append([await repo.commit({"n.txt": f"{b} {k}\n"}) for k in range(rounds)])
+        await repo.checkout("main", new=False)
+    await repo.push(*(f"feature/{b}" for b in range(scale.branches)))
+    pushes = [(i % scale.branches, i // scale.branches) for i in range(scale.pushes)]
+    newest = {commits[b][k] for b, k in dict(pushes).items()}  # each branch's last push
+
+    # The production defaults for everything that governs recovery.
+    fields = Settings.model_fields
+    settings = {
+        f"BRANCHBUILD_{name.upper()}": str(fields[name].default)
+        for name in ("wait_time", "intake_visibility_timeout", "visibility_timeout")
+    } | {"BRANCHBUILD_LOG_LEVEL": "INFO"}
+    services = [
+        await start_service(**settings, BRANCHBUILD_CACHE_DIR=str(tmp_path / f"cache-{n}"))
+        for n in range(3)
+    ]
+
+    sent: list[float] = []
+    seen: dict[str, float] = {}  # commit -> when its first StartBuild reached CodeBuild
+
+    async def watch_builds() -> None:
+        while True:
+            for request in await aws.start_builds():
+                seen.setdefault(request["environmentVariablesOverride"][0]["value"], _now())
+            await anyio.sleep(0.2)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(watch_builds)
+        for i, (b, k) in enumerate(pushes):
+            if i == scale.kill_at:
+                services[0].signal(signal.SIGKILL)
+                assert await services[0].wait() == -signal.SIGKILL
+            if i == scale.term_at:
+                services[1].signal(signal.SIGTERM)
+            sent.append(_now())
+            old = commits[b][k - 1] if k else None
+            await aws.send_event(event_for("steady", f"refs/heads/feature/{b}", commits[b][k], old))
+            await anyio.sleep(scale.interval)  # a steady stream of pushes, not a condition
+        assert await services[1].wait(within=60) == 0
+
+        async def settled() -> bool:
+            return all(c in seen for c in newest) and all(
+                [await aws.count(u) == 0 for u in (aws.intake_url, aws.work_url)]
+            )
+
+        await wait_for(settled, within=120, what="every branch's newest push built")
+        tg.cancel_scope.cancel()
+
+    requests = [r["environmentVariablesOverride"][0]["value"] for r in await aws.start_builds()]
+    index = {c: (b, k) for b, branch in enumerate(commits) for k, c in enumerate(branch)}
+    per_branch: dict[int, list[int]] = {}
+    for commit in dict.fromkeys(requests):
+        b, k = index[commit]
+        per_branch.setdefault(b, []).append(k)
+    # A push waits for the first build of its branch at it or a newer push (supersede).
+    latency = []
+    for (b, k), at in zip(pushes, sent, strict=True):
+        covering = [seen[c] for c in commits[b][k:] if c in seen and seen[c] >= at]
+        latency.append(min(covering) - at)
+    phases = {
+        "before the kill": latency[: scale.kill_at],
+        "after the SIGKILL": latency[scale.kill_at : scale.term_at],
+        "after the SIGTERM": latency[scale.term_at :],
+    }
+    rows = [
+        (
+            "pushes / builds / superseded",
+            f"{len(pushes)} / {len(set(requests))} / {len(pushes) - len(set(requests))}",
+        )
+    ]
+    for phase, values in phases.items():
+        ordered = sorted(values)
+        rows.append(
+            (
+                f"push to StartBuild {phase} (s)",
+                f"median {statistics.median(ordered):.1f}  p90 "
+                f"{ordered[int(0.9 * (len(ordered) - 1))]:.1f}  longest stall {ordered[-1]:.1f}",
+            )
+        )
+    width = max(len(k) for k, _ in rows)
+    sys.stdout.write("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n")
+
+    assert all(ks == sorted(set(ks)) for ks in per_branch.values())  # in order, each once
+    assert all(c in seen for c in newest)  # so every push was built or superseded
+    # A kill between StartBuild and the ledger write may repeat one request (same token).
+    assert len(requests) - len(set(requests)) <= 1
+    assert await aws.dlq_bodies(aws.intake_dlq_url) == []
+    assert await aws.dlq_bodies(aws.work_dlq_url) == []
+    # Generous bounds (the issue saw 117 s for every push; the targets are 10 and 30 s):
+    assert max(phases["after the SIGKILL"]) < 60
+    assert max(phases["after the SIGTERM"]) < 20
+
+
+def _now() -> float:
+    return time.monotonic()

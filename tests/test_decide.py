@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 
-from service.decide import Outcome, Skip, decide
+from service.decide import Skip, decide
 from service.errors import RejectedEvent
 from service.events import Push, parse_event
+from service.outcome import Outcome
 from service.settings import Settings, load_settings
 
 EVENTS = Path(__file__).parent / "events"

@@ -58,10 +58,15 @@ def test_pipeline_queues_and_rule() -> None:
         assert queue["RedrivePolicy"]["maxReceiveCount"] == {"Ref": "MaxReceiveCount"}
     params = template("pipeline.yaml")["Parameters"]
     assert params["MaxReceiveCount"]["Default"] == 2
-    # The service extends visibility every 30 s by default: the queue's timeout must exceed it.
+    # The queue's own timeout applies only to receives that name none (the service's name
+    # BRANCHBUILD_VISIBILITY_TIMEOUT); it must not be shorter.
     assert (
         params["WorkVisibilityTimeout"]["Default"]
-        > Settings.model_fields["heartbeat_interval"].default
+        == Settings.model_fields["visibility_timeout"].default
+    )
+    assert (
+        params["IntakeVisibilityTimeout"]["Default"]
+        == Settings.model_fields["intake_visibility_timeout"].default
     )
     rule = resources("pipeline.yaml", "AWS::Events::Rule")["PushRule"]
     pattern = rule["Properties"]["EventPattern"]

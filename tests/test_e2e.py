@@ -19,13 +19,14 @@ from typing import Any
 import anyio
 import pytest
 
-from service.localdev.githost import RefChange, codecommit_event
+from service.events import RefChange, codecommit_event
 from tests.helpers import (
     AwsResources,
     GitWorld,
     StartService,
     WorkCopy,
     create_project,
+    service_env,
     wait_for,
     zip_listing,
 )
@@ -174,9 +175,8 @@ async def test_malformed_message_is_dead_lettered_while_branches_keep_flowing(
     assert "commitId is not a 40-character hex" in reasons[bad_body]["branchbuild.reason"]
     logs = service.logs()
     assert "body is not JSON" in logs and "commitId is not a 40-character hex commit id" in logs
-    assert (
-        await service.metric("branchbuild_events_total", event="malformed", outcome="dead_lettered")
-        == 2
+    await service.metric_reaches(
+        2, "branchbuild_events_total", event="malformed", outcome="dead_lettered"
     )
     status, _ = await service.get("/healthz")
     assert status == 200
@@ -341,12 +341,12 @@ async def test_sigkill_mid_job_redelivers_and_exactly_one_build_results(
     assert request["environmentVariablesOverride"][0]["value"] == commit
     await drained(aws, aws.work_url)
     # A redelivery after SQS's 5-minute deduplication window finds the ledger: no second build.
-    from service.events import parse_event
+    from service.events import Push, parse_event
     from service.intake import work_message
 
     push = parse_event(json.dumps(codecommit_event(git_world.changes[-1])))
-    assert not isinstance(push, RefChange)
-    message = work_message(push)  # type: ignore[arg-type]
+    assert isinstance(push, Push)  # a ref change, not another event type
+    message = work_message(push)
     await aws.sqs.send_message(
         QueueUrl=aws.work_url,
         MessageBody=message.body,
@@ -406,7 +406,7 @@ async def test_permanent_failure_is_dead_lettered_with_its_reason(
     assert attributes["branchbuild.error_kind"] == "access_denied"
     assert attributes["branchbuild.source_queue"] == aws.work_url
     assert "ResourceNotFoundException" in service.logs()
-    assert await service.metric("branchbuild_jobs_total", outcome="dead_lettered") == 1
+    await service.metric_reaches(1, "branchbuild_jobs_total", outcome="dead_lettered")
     assert await service.metric("branchbuild_errors_total", kind="access_denied") == 2
     # The second delivery was refused from memory: one fetch, one upload, no build.
     assert git_world.host.upload_pack_count == 1
@@ -423,9 +423,7 @@ async def test_a_job_longer_than_the_visibility_timeout_runs_once(
     await repo.push("main:feature/slow")
     gate = anyio.Event()
     git_world.host.upload_pack_gate = gate
-    service = await start_service(
-        BRANCHBUILD_VISIBILITY_TIMEOUT="5", BRANCHBUILD_HEARTBEAT_INTERVAL="1"
-    )
+    service = await start_service(BRANCHBUILD_VISIBILITY_TIMEOUT="3")  # a beat every 1 s
     await send_change(aws, git_world.changes[-1])
 
     # Hold the fetch for three visibility timeouts' worth of heartbeats.
@@ -441,15 +439,43 @@ async def test_a_job_longer_than_the_visibility_timeout_runs_once(
     assert git_world.host.upload_pack_count == 1
 
 
-async def test_sigterm_while_idle_does_not_wait_for_the_long_poll(
-    aws: AwsResources, start_service: StartService
+async def test_sigterm_strands_nothing_that_the_last_long_poll_brings(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
 ) -> None:
-    service = await start_service(BRANCHBUILD_WAIT_TIME="20")
+    """The long polls parked at SIGTERM are let finish, not abandoned: SQS (and moto) would
+    still hand an abandoned poll's messages to the dropped connection, invisible to everyone
+    for the visibility timeout. A push arriving during them is worked on or handed back."""
+    await create_project(aws, "late")
+    repo = await WorkCopy.create(git_world, tmp_path, "late")
+    commit = await repo.commit({"a": "1"})
+    await repo.push("main:feature/late")
+    service = await start_service(
+        BRANCHBUILD_WAIT_TIME="20",
+        BRANCHBUILD_INTAKE_VISIBILITY_TIMEOUT="600",
+        BRANCHBUILD_VISIBILITY_TIMEOUT="600",
+    )
     # Ready means both loops run; with empty queues each is parked in a 20 s ReceiveMessage.
     service.signal(signal.SIGTERM)
-    # Well under the 20 s long poll: the poll is abandoned, not awaited.
-    assert await service.wait(within=8) == 0
+
+    async def draining() -> bool:
+        status, _ = await service.get("/readyz")
+        return status == 503
+
+    await wait_for(draining)
+    await send_change(aws, git_world.changes[-1])
+    assert await service.wait(within=60) == 0
     assert '"message": "stopped"' in service.logs()
+    for url in (aws.intake_url, aws.work_url):  # nothing held for the 600 s timeout
+        reply = await aws.sqs.get_queue_attributes(
+            QueueUrl=url, AttributeNames=["ApproximateNumberOfMessagesNotVisible"]
+        )
+        assert reply["Attributes"]["ApproximateNumberOfMessagesNotVisible"] == "0"
+    if not await aws.start_builds():  # its last poll ended before the push: the next one
+        await start_service()
+    [request] = await builds(aws, 1)
+    assert request["environmentVariablesOverride"][0]["value"] == commit
+    await drained(aws, aws.intake_url, aws.work_url)
+    assert len(await aws.start_builds()) == 1
 
 
 async def test_sigterm_with_several_jobs_finishes_some_releases_the_rest(
@@ -513,16 +539,13 @@ async def test_sigterm_with_several_jobs_finishes_some_releases_the_rest(
 async def test_missing_resources_stop_the_start_with_one_clear_line(
     aws: AwsResources, git_world: GitWorld, tmp_path: Path, variable: str, value: str, expected: str
 ) -> None:
-    env = dict(os.environ) | {
-        "BRANCHBUILD_QUEUE_URL": aws.intake_url,
-        "BRANCHBUILD_WORK_QUEUE_URL": aws.work_url,
-        "BRANCHBUILD_BUCKET": aws.bucket,
-        "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
-        "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
-        "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
-        "BRANCHBUILD_CACHE_DIR": str(tmp_path / "cache"),
-        "BRANCHBUILD_HTTP_PORT": "0",
-    }
+    env = service_env(
+        git_world,
+        tmp_path / "cache",
+        intake_url=aws.intake_url,
+        work_url=aws.work_url,
+        bucket=aws.bucket,
+    )
     if value == "missing":
         value = env[variable].replace(".fifo", "-gone.fifo")
     env[variable] = value

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
+from service.events import codecommit_event
 from tests.faultproxy import Fault, FaultProxy, json_error, s3_error, sqs_call, target, upload_part
 from tests.helpers import (
     AwsResources,

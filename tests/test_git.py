@@ -19,10 +19,9 @@ from service.errors import (
     GitError,
     HostKeyMismatch,
 )
-from service.events import Action, Push, RefType
 from service.git import Fetched, Git
 from service.settings import Settings, load_settings
-from tests.helpers import GitWorld, WorkCopy, wait_for, zip_listing
+from tests.helpers import GitWorld, WorkCopy, push_for, wait_for, zip_listing
 
 
 def make_settings(world: GitWorld, tmp_path: Path, **overrides: Any) -> Settings:
@@ -36,19 +35,6 @@ def make_settings(world: GitWorld, tmp_path: Path, **overrides: Any) -> Settings
         "cache_dir": tmp_path / "cache",
     }
     return load_settings(**(values | overrides))
-
-
-def push_of(repository: str, branch: str, commit: str) -> Push:
-    return Push(
-        event_id="e",
-        account="123456789012",
-        region="eu-west-1",
-        repository=repository,
-        ref_type=RefType.BRANCH,
-        name=branch,
-        action=Action.UPDATED,
-        commit=commit,
-    )
 
 
 async def archive_bytes(git: Git, fetched: Fetched) -> bytes:
@@ -68,7 +54,7 @@ async def test_commit_far_behind_the_tip_is_fetched_exactly(
         await repo.commit({"version.txt": f"{i}\n", f"src/file{i}.py": "x\n"})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    fetched = await git.fetch(push_of("app", "main", old))
+    fetched = await git.fetch(push_for("app", "main", old))
     assert not fetched.cache_hit
     data = await archive_bytes(git, fetched)
     assert zip_listing(data) == await repo.archive_listing(old)
@@ -83,17 +69,19 @@ async def test_second_fetch_is_a_cache_hit_and_new_commits_are_incremental(
     first = await repo.commit({"big.bin": os.urandom(200_000).hex()})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    await git.fetch(push_of("inc", "main", first))
+    await git.fetch(push_for("inc", "main", first))
     served = git_world.host.upload_pack_count
-    again = await git.fetch(push_of("inc", "main", first))
+    again = await git.fetch(push_for("inc", "main", first))
     assert again.cache_hit and git_world.host.upload_pack_count == served
     second = await repo.commit({"small.txt": "new\n"})
     await repo.push("main")
-    fetched = await git.fetch(push_of("inc", "main", second))
+    fetched = await git.fetch(push_for("inc", "main", second))
     assert not fetched.cache_hit
-    # The old objects were not sent again: the pack store holds one copy of big.bin's blob.
+    # The old objects were not sent again: the cache holds each of the two commits' three
+    # objects (commit, tree, blob) once; a second copy of big.bin's blob would make it 7.
     count = await anyio.run_process(["git", f"--git-dir={fetched.git_dir}", "count-objects", "-v"])
-    assert b"in-pack" in count.stdout or b"count" in count.stdout
+    figures = dict(line.split(": ") for line in count.stdout.decode().splitlines())
+    assert int(figures["count"]) + int(figures["in-pack"]) == 6
     assert zip_listing(await archive_bytes(git, fetched)) == ["big.bin", "small.txt"]
 
 
@@ -106,18 +94,18 @@ async def test_the_cache_stays_packed_and_never_rewrites_the_big_first_pack(
     base = await repo.commit({"big.bin": os.urandom(17 * 1024 * 1024)})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    fetched = await git.fetch(push_of("packs", "main", base))
+    fetched = await git.fetch(push_for("packs", "main", base))
     pack_dir = anyio.Path(fetched.git_dir / "objects" / "pack")
     [big] = [p.name async for p in pack_dir.glob("*.pack")]
     for n in range(52):
         commit = await repo.commit({"n.txt": f"{n}\n"})
         await repo.push("main")
-        await git.fetch(push_of("packs", "main", commit))
+        await git.fetch(push_for("packs", "main", commit))
     packs = [p.name async for p in pack_dir.glob("*.pack")]
     assert big in packs and len(packs) < 10, packs
     loose = [p async for p in anyio.Path(fetched.git_dir / "objects").glob("[0-9a-f][0-9a-f]/*")]
     assert loose == []
-    latest = await git.fetch(push_of("packs", "main", commit))
+    latest = await git.fetch(push_for("packs", "main", commit))
     assert latest.cache_hit
     assert zip_listing(await archive_bytes(git, latest)) == ["big.bin", "n.txt"]
 
@@ -155,7 +143,7 @@ async def test_archiving_a_big_file_streams_it_through_git(
     commit = await repo.commit({"big.bin": data})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    fetched = await git.fetch(push_of("bigblob", "main", commit))
+    fetched = await git.fetch(push_for("bigblob", "main", commit))
     peak = size = 0
     async with git.archive(fetched) as stream:
         archiver = _child_pid(b"archive")
@@ -177,7 +165,7 @@ async def test_parallel_fetches_of_one_repository_are_serialised(
     results: list[Fetched] = []
 
     async def one() -> None:
-        results.append(await git.fetch(push_of("par", "main", commit)))
+        results.append(await git.fetch(push_for("par", "main", commit)))
 
     served = git_world.host.upload_pack_count
     async with anyio.create_task_group() as tg:
@@ -198,7 +186,7 @@ async def _fetch_while_first_is_held(
 
     async def one(branch: str, commit: str) -> None:
         try:
-            results[branch] = await git.fetch(push_of(repository, branch, commit))
+            results[branch] = await git.fetch(push_for(repository, branch, commit))
         except Exception as exc:  # noqa: BLE001 (collected for the assertions)
             results[branch] = exc
 
@@ -230,7 +218,7 @@ async def _branches_off_a_cached_main(
         commits[f"b{n}"] = await repo.commit({f"f{n}.txt": f"{n}\n"})
         await repo.push(f"b{n}")
     git = Git(make_settings(git_world, tmp_path))
-    await git.fetch(push_of(repository, "main", await repo.git("rev-parse", "main")))
+    await git.fetch(push_for(repository, "main", await repo.git("rev-parse", "main")))
     return git, commits
 
 
@@ -296,7 +284,7 @@ async def test_symlinks_are_stored_as_links_never_followed(
     commit = await repo.commit({"README": "hi\n", "odd\nname.txt": "newline\n"})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    data = await archive_bytes(git, await git.fetch(push_of("links", "main", commit)))
+    data = await archive_bytes(git, await git.fetch(push_for("links", "main", commit)))
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         info = z.getinfo("passwd")
         assert stat.S_ISLNK(info.external_attr >> 16)
@@ -311,7 +299,7 @@ async def test_size_limits_are_permanent(git_world: GitWorld, tmp_path: Path) ->
     commit = await repo.commit({"big.bin": b"x" * 50_000, "small.txt": "y"})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path, max_file_bytes=10_000))
-    fetched = await git.fetch(push_of("sizes", "main", commit))
+    fetched = await git.fetch(push_for("sizes", "main", commit))
     with pytest.raises(ArchiveTooLarge, match="big.bin"):
         await git.check_sizes(fetched)
     git = Git(make_settings(git_world, tmp_path, max_archive_bytes=40_000))
@@ -325,7 +313,7 @@ async def test_unknown_commit_is_permanent(git_world: GitWorld, tmp_path: Path) 
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(CommitNotFound):
-        await git.fetch(push_of("gone", "main", "0123456789abcdef0123456789abcdef01234567"))
+        await git.fetch(push_for("gone", "main", "0123456789abcdef0123456789abcdef01234567"))
 
 
 async def test_force_pushed_away_commit_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
@@ -344,13 +332,13 @@ async def test_force_pushed_away_commit_is_permanent(git_world: GitWorld, tmp_pa
     await anyio.run_process(["git", f"--git-dir={server}", "gc", "--prune=now", "--quiet"])
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(CommitNotFound):
-        await git.fetch(push_of("force", "main", lost))
+        await git.fetch(push_for("force", "main", lost))
 
 
 async def test_missing_repository_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(GitAccessDenied):
-        await git.fetch(push_of("no-such-repo", "main", "a" * 40))
+        await git.fetch(push_for("no-such-repo", "main", "a" * 40))
 
 
 async def test_host_key_mismatch_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
@@ -364,13 +352,13 @@ async def test_host_key_mismatch_is_permanent(git_world: GitWorld, tmp_path: Pat
     wrong.write_text(f"[127.0.0.1]:{git_world.host.port} {pub[0]} {pub[1]}\n")
     git = Git(make_settings(git_world, tmp_path, known_hosts_file=wrong))
     with pytest.raises(HostKeyMismatch):
-        await git.fetch(push_of("hk", "main", commit))
+        await git.fetch(push_for("hk", "main", commit))
     # An empty known_hosts (unknown host) is refused too: never trust on first use.
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
     git = Git(make_settings(git_world, tmp_path, known_hosts_file=empty))
     with pytest.raises(HostKeyMismatch):
-        await git.fetch(push_of("hk", "main", commit))
+        await git.fetch(push_for("hk", "main", commit))
 
 
 async def test_refused_key_is_permanent(git_world: GitWorld, tmp_path: Path) -> None:
@@ -380,7 +368,7 @@ async def test_refused_key_is_permanent(git_world: GitWorld, tmp_path: Path) -> 
     git_world.host.refuse_all_keys = True
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(GitAccessDenied):
-        await git.fetch(push_of("refuse", "main", commit))
+        await git.fetch(push_for("refuse", "main", commit))
 
 
 async def test_dropped_connection_is_transient(git_world: GitWorld, tmp_path: Path) -> None:
@@ -390,10 +378,10 @@ async def test_dropped_connection_is_transient(git_world: GitWorld, tmp_path: Pa
     git_world.host.drop_after_bytes = 2000
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(GitError) as info:
-        await git.fetch(push_of("drop", "main", commit))
+        await git.fetch(push_for("drop", "main", commit))
     assert not isinstance(info.value, GitAccessDenied | HostKeyMismatch | CommitNotFound)
     git_world.host.drop_after_bytes = None
-    assert (await git.fetch(push_of("drop", "main", commit))).commit == commit
+    assert (await git.fetch(push_for("drop", "main", commit))).commit == commit
 
 
 async def test_git_never_sees_aws_credentials(
@@ -414,7 +402,7 @@ async def test_the_ssh_wrapper_takes_any_cache_path_literally(
     await repo.push("main")
     cache = tmp_path / "cache $(touch pwned) `id` 'q' ;&|*"
     git = Git(make_settings(git_world, tmp_path, cache_dir=cache))
-    fetched = await git.fetch(push_of("odd-path", "main", commit))
+    fetched = await git.fetch(push_for("odd-path", "main", commit))
     assert zip_listing(await archive_bytes(git, fetched)) == ["a"]
     assert not [p async for p in anyio.Path(tmp_path).rglob("pwned")]
     assert not await anyio.Path("pwned").exists()
@@ -434,7 +422,7 @@ async def test_known_hosts_and_key_given_as_text(git_world: GitWorld, tmp_path: 
         ssh_private_key=git_world.key.read_text(),
     )
     git = Git(settings)
-    assert (await git.fetch(push_of("secret", "main", commit))).commit == commit
+    assert (await git.fetch(push_for("secret", "main", commit))).commit == commit
     written = settings.cache_dir / "ssh" / "id"
     assert written.stat().st_mode & 0o777 == 0o600
 
@@ -464,7 +452,7 @@ async def test_a_failing_consumer_keeps_its_own_error_after_git_exited(
     commit = await repo.commit({"a.txt": "small"})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    fetched = await git.fetch(push_of("consumer", "main", commit))
+    fetched = await git.fetch(push_for("consumer", "main", commit))
 
     class UploadFailed(Exception):
         pass
@@ -493,7 +481,7 @@ async def test_odd_repositories_archive_like_git_archive(
     commit = await repo.git("rev-parse", "HEAD")
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    fetched = await git.fetch(push_of("odd", "main", commit))
+    fetched = await git.fetch(push_for("odd", "main", commit))
     assert await git.check_sizes(fetched) > 0
     data = await archive_bytes(git, fetched)
     assert zip_listing(data) == await repo.archive_listing(commit)
@@ -507,10 +495,10 @@ async def test_empty_repository_and_empty_tree(git_world: GitWorld, tmp_path: Pa
     empty = await WorkCopy.create(git_world, tmp_path, "empty")  # no commit pushed at all
     git = Git(make_settings(git_world, tmp_path))
     with pytest.raises(CommitNotFound):
-        await git.fetch(push_of("empty", "main", "c" * 40))
+        await git.fetch(push_for("empty", "main", "c" * 40))
     commit = await empty.commit({})  # a commit with an empty tree
     await empty.push("main")
-    fetched = await git.fetch(push_of("empty", "main", commit))
+    fetched = await git.fetch(push_for("empty", "main", commit))
     data = await archive_bytes(git, fetched)
     assert zip_listing(data) == []
 
@@ -557,29 +545,29 @@ async def test_a_shallow_cache_builds_exactly_the_pushed_tree(
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
 
-    tip = await git.fetch(push_of("shallow", "main", history[-1]))
+    tip = await git.fetch(push_for("shallow", "main", history[-1]))
     await assert_builds_exactly(git, tip, repo, history[-1])
     assert await cache_git(tip, "rev-parse", "--is-shallow-repository") == "true"
     assert await commits_in(tip) == {history[-1]}  # one commit, no history
 
-    behind = await git.fetch(push_of("shallow", "main", history[3]))  # not the tip
+    behind = await git.fetch(push_for("shallow", "main", history[3]))  # not the tip
     await assert_builds_exactly(git, behind, repo, history[3])
     assert await cache_git(tip, "rev-list", "--count", history[3]) == "1"
 
     await repo.git("reset", "--quiet", "--hard", history[7])  # force push to an older commit
     await repo.push("--force", "main")
-    older = await git.fetch(push_of("shallow", "main", history[7]))
+    older = await git.fetch(push_for("shallow", "main", history[7]))
     assert not older.cache_hit
     await assert_builds_exactly(git, older, repo, history[7])
 
     await repo.checkout("feature")  # a branch whose history is then rewritten
     first = [await repo.commit({"feature.txt": f"{n}\n"}) for n in range(3)]
     await repo.push("feature")
-    await git.fetch(push_of("shallow", "feature", first[-1]))
+    await git.fetch(push_for("shallow", "feature", first[-1]))
     await repo.git("reset", "--quiet", "--hard", history[2])
     rewritten = await repo.commit({"feature.txt": "rewritten\n", "v.txt": "new\n"})
     await repo.push("--force", "feature")
-    fetched = await git.fetch(push_of("shallow", "feature", rewritten))
+    fetched = await git.fetch(push_for("shallow", "feature", rewritten))
     await assert_builds_exactly(git, fetched, repo, rewritten)
     assert await git.check_sizes(fetched) == sum(
         len(v) for v in zip_files(await archive_bytes(git, fetched)).values()
@@ -594,14 +582,14 @@ async def test_a_warm_shallow_fetch_sends_only_the_new_objects(
     await repo.commit({"big.bin": os.urandom(300_000).hex()})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    first = await git.fetch(push_of("thin", "main", await repo.git("rev-parse", "HEAD")))
+    first = await git.fetch(push_for("thin", "main", await repo.git("rev-parse", "HEAD")))
     pack_dir = first.git_dir / "objects" / "pack"
     for n in range(3):  # each push is fetched at depth 1 into the shallow cache
         before = {p.name for p in pack_dir.glob("*.pack")}
         await repo.git("checkout", "--quiet", "-B", f"b{n}", "main")
         commit = await repo.commit({f"new{n}.txt": f"{n}\n"})
         await repo.push(f"b{n}")
-        fetched = await git.fetch(push_of("thin", f"b{n}", commit))
+        fetched = await git.fetch(push_for("thin", f"b{n}", commit))
         [new] = [p for p in pack_dir.glob("*.pack") if p.name not in before]
         # The 600 kB blob is not sent again: the cached commits were sent as haves.
         assert new.stat().st_size < 2_000, new.stat().st_size
@@ -621,11 +609,11 @@ async def test_a_host_refusing_commits_by_id_gets_the_branch_deepened_to_the_com
     git = Git(make_settings(git_world, tmp_path))
 
     served = git_world.host.upload_pack_count
-    tip = await git.fetch(push_of("v0", "main", history[-1]))  # advertised: by id, at depth 1
+    tip = await git.fetch(push_for("v0", "main", history[-1]))  # advertised: by id, at depth 1
     assert git_world.host.upload_pack_count == served + 1
     await assert_builds_exactly(git, tip, repo, history[-1])
 
-    behind = await git.fetch(push_of("v0", "main", history[-6]))  # 5 behind: not advertised
+    behind = await git.fetch(push_for("v0", "main", history[-6]))  # 5 behind: not advertised
     await assert_builds_exactly(git, behind, repo, history[-6])
     # Deepened 1, 2, 4 from the tip: 8 commits of main, none of the other branch's.
     have = await commits_in(behind)
@@ -633,9 +621,9 @@ async def test_a_host_refusing_commits_by_id_gets_the_branch_deepened_to_the_com
     assert not have & set(others)
 
     with pytest.raises(CommitNotFound):  # on no branch: main's whole history, then a clear no
-        await git.fetch(push_of("v0", "main", "0123456789abcdef0123456789abcdef01234567"))
+        await git.fetch(push_for("v0", "main", "0123456789abcdef0123456789abcdef01234567"))
     with pytest.raises(CommitNotFound):  # the branch is gone
-        await git.fetch(push_of("v0", "gone", "0123456789abcdef0123456789abcdef01234567"))
+        await git.fetch(push_for("v0", "gone", "0123456789abcdef0123456789abcdef01234567"))
 
 
 async def test_changed_paths_needs_both_trees_not_the_history_between(
@@ -649,7 +637,7 @@ async def test_changed_paths_needs_both_trees_not_the_history_between(
     tip = await repo.commit({"dir/new0.txt": "gone soon\n"})
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path))
-    push = push_of("diff", "main", tip)
+    push = push_for("diff", "main", tip)
     changed = await git.changed_paths(push, base)
     expected = await repo.git("diff", "--name-only", base, tip)
     assert sorted(changed) == sorted(expected.split("\n")) and "a.txt" in changed

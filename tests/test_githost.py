@@ -18,7 +18,8 @@ import anyio
 import asyncssh
 import pytest
 
-from service.localdev.githost import GitHost, RefChange, codecommit_event
+from service.events import RefChange, codecommit_event
+from service.localdev.githost import GitHost
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
+from service.events import codecommit_event
 from service.records import STATE_PREFIX
 from tests.helpers import (
     ROOT,

@@ -1,4 +1,5 @@
-"""The suite runs from a bare clone: nothing it needs lives outside the repository."""
+"""The layout: the suite runs from a bare clone (nothing it needs lives outside the
+repository), and production code needs nothing of localdev."""
 
 from __future__ import annotations
 
@@ -64,3 +65,25 @@ def test_the_event_tests_pass_in_a_clone_with_nothing_beside_it(tmp_path: Path) 
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout
+
+
+_IMPORT_ALL = """
+import importlib, pkgutil, sys
+
+def load(package):
+    for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+        if module.name not in ("service.localdev", "service.__main__"):
+            imported = importlib.import_module(module.name)
+            if module.ispkg:
+                load(imported)
+
+load(importlib.import_module("service"))
+print(" ".join(sorted(m for m in sys.modules if m.startswith(("service.localdev", "asyncssh")))))
+"""
+
+
+def test_production_code_imports_nothing_from_localdev() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _IMPORT_ALL], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == ""

@@ -35,6 +35,7 @@ from tests.helpers import (
     WorkCopy,
     create_project,
     server_process,
+    service_env,
     wait_for,
 )
 
@@ -196,24 +197,19 @@ async def test_deployed_template_routes_a_push_to_a_build_request(
     commit = await repo.commit({"README": "hi\n"})
     await repo.push("main:feature/routed")
     change = git_world.changes[-1]
-    env = dict(os.environ) | {
-        "AWS_ENDPOINT_URL": localstack_endpoint,
-        "AWS_ENDPOINT_URL_CODEBUILD": aws.endpoint,
-        "BRANCHBUILD_QUEUE_URL": deployed["IntakeQueueUrl"],
-        "BRANCHBUILD_WORK_QUEUE_URL": deployed["WorkQueueUrl"],
-        "BRANCHBUILD_BUCKET": deployed["BucketName"],
-        "BRANCHBUILD_GIT_URL_TEMPLATE": git_world.url_template,
-        "BRANCHBUILD_SSH_KEY_FILE": str(git_world.key),
-        "BRANCHBUILD_KNOWN_HOSTS_FILE": str(git_world.known_hosts),
-        "BRANCHBUILD_CACHE_DIR": str(tmp_path / "cache"),
-        "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
-        "BRANCHBUILD_HTTP_PORT": str(free_port()),
-        "BRANCHBUILD_LOG_FORMAT": "json",
-    }
+    env = service_env(
+        git_world,
+        tmp_path / "cache",
+        intake_url=deployed["IntakeQueueUrl"],
+        work_url=deployed["WorkQueueUrl"],
+        bucket=deployed["BucketName"],
+        AWS_ENDPOINT_URL=localstack_endpoint,
+        AWS_ENDPOINT_URL_CODEBUILD=aws.endpoint,
+    )
     service = ServiceProcess(env, tmp_path / "service.log")
     await service.start()
     try:
-        from service.localdev.githost import codecommit_event
+        from service.events import codecommit_event
 
         event = codecommit_event(change, account="000000000000", region=REGION)
         session = aioboto3.Session()

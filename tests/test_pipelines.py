@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from service.decide import Outcome, Skip, decide
+from service.decide import Skip, decide
 from service.errors import ConfigurationError
 from service.events import Push, parse_event, parse_work
 from service.intake import work_message
 from service.metrics import Metrics
+from service.outcome import Outcome
 from service.pipelines import (
     DEFAULT_SKIP_MARKERS,
     OnDelete,

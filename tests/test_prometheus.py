@@ -16,7 +16,7 @@ import anyio
 import anyio.abc
 import pytest
 
-from service.localdev.githost import codecommit_event
+from service.events import codecommit_event
 from tests.conftest import free_port
 from tests.helpers import (
     AwsResources,

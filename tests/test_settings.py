@@ -58,7 +58,9 @@ def test_environment_parsing(monkeypatch: pytest.MonkeyPatch) -> None:
         ("BRANCHBUILD_KEY_TEMPLATE", "{repository}/{branch}.zip", "must contain {commit}"),
         ("BRANCHBUILD_GIT_URL_TEMPLATE", "https://x/{repository}", "BRANCHBUILD_GIT_URL_TEMPLATE"),
         ("BRANCHBUILD_WAIT_TIME", "21", "BRANCHBUILD_WAIT_TIME"),
-        ("BRANCHBUILD_HEARTBEAT_INTERVAL", "500", "BRANCHBUILD_HEARTBEAT_INTERVAL must be shorter"),
+        ("BRANCHBUILD_VISIBILITY_TIMEOUT", "1", "BRANCHBUILD_VISIBILITY_TIMEOUT: "),
+        # A replaced setting is refused by name, not silently ignored.
+        ("BRANCHBUILD_HEARTBEAT_INTERVAL", "30", "BRANCHBUILD_HEARTBEAT_INTERVAL is no longer"),
     ],
 )
 def test_bad_configuration_names_the_variable(

@@ -20,11 +20,12 @@ from tests.helpers import (
     StartService,
     WorkCopy,
     create_project,
+    push_for,
     wait_for,
     zip_listing,
 )
 from tests.test_e2e import send_change
-from tests.test_git import archive_bytes, make_settings, push_of
+from tests.test_git import archive_bytes, make_settings
 
 CODECOMMIT_LIKE = pytest.mark.parametrize("git_world", [{"ssh_rsa_only": True}], indirect=True)
 
@@ -87,7 +88,7 @@ async def test_a_host_offering_only_ssh_rsa_is_fetched_with_the_legacy_setting(
     assert git_world.host.known_hosts_line().split()[1] == "ssh-rsa"
     repo, commit = await pushed(git_world, tmp_path)
     git = Git(make_settings(git_world, tmp_path, ssh_legacy_rsa_hosts=("127.0.0.1",)))
-    fetched = await git.fetch(push_of("legacy", "feature/rsa", commit))
+    fetched = await git.fetch(push_for("legacy", "feature/rsa", commit))
     assert zip_listing(await archive_bytes(git, fetched)) == await repo.archive_listing(commit)
     assert await git.probe("legacy", REGION) == 1
 
@@ -99,7 +100,7 @@ async def test_without_the_setting_the_refusal_names_the_setting(
     _, commit = await pushed(git_world, tmp_path)
     git = Git(make_settings(git_world, tmp_path))  # default: CodeCommit's hosts, not 127.0.0.1
     with pytest.raises(HostKeyMismatch, match="BRANCHBUILD_SSH_LEGACY_RSA_HOSTS") as caught:
-        await git.fetch(push_of("legacy", "feature/rsa", commit))
+        await git.fetch(push_for("legacy", "feature/rsa", commit))
     assert "their offer: ssh-rsa" in str(caught.value).lower()
 
 
@@ -153,7 +154,7 @@ async def test_pinning_still_holds_for_a_legacy_host(git_world: GitWorld, tmp_pa
         )
     )
     with pytest.raises(HostKeyMismatch, match="does not match known_hosts"):
-        await git.fetch(push_of("legacy", "feature/rsa", commit))
+        await git.fetch(push_for("legacy", "feature/rsa", commit))
 
 
 @CODECOMMIT_LIKE
@@ -167,7 +168,7 @@ async def test_an_ed25519_key_is_refused_by_the_legacy_host(
         make_settings(git_world, tmp_path, ssh_legacy_rsa_hosts=("127.0.0.1",), ssh_key_file=other)
     )
     with pytest.raises(GitAccessDenied):
-        await git.fetch(push_of("legacy", "feature/rsa", commit))
+        await git.fetch(push_for("legacy", "feature/rsa", commit))
 
 
 @pytest.mark.e2e

@@ -18,7 +18,7 @@ from service.storage import (
     part_size,
     return_freed_buffers_to_the_os,
 )
-from tests.helpers import ROOT, AwsResources, wait_for
+from tests.helpers import ROOT, AwsResources, push_for, wait_for
 
 
 class BytesStream(ByteReceiveStream):
@@ -116,19 +116,9 @@ async def test_ledger_round_trip(aws: AwsResources) -> None:
 
 
 async def test_leftover_uploads_of_the_same_branch_are_aborted(aws: AwsResources) -> None:
-    from service.events import Action, Push, RefType
     from service.job import branch_keys
 
-    push = Push(
-        "e",
-        "123456789012",
-        "eu-west-1",
-        "repo",
-        RefType.BRANCH,
-        "feature/a",
-        Action.UPDATED,
-        "f" * 40,
-    )
+    push = push_for("repo", "feature/a", "f" * 40)
     prefix, pattern = branch_keys("{repository}/{branch}/{commit}.zip", push)
     assert prefix == "repo/feature/a/"
     keys = {

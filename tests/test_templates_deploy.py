@@ -65,6 +65,7 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         "pipeline.yaml",
         RepositoryArns=f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app",
         WorkVisibilityTimeout="300",
+        IntakeVisibilityTimeout="7",
     )
     # moto keeps AWS::NoValue in a managed policy's statement list (AWS drops it), so the
     # service stack is deployed with a KMS key, which fills that slot.
@@ -84,7 +85,13 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
     exports = {
         e["Name"]: e["Value"] for e in client(moto, "cloudformation").list_exports()["Exports"]
     }
-    for name in ("IntakeQueueArn", "WorkQueueUrl", "BucketName", "WorkVisibilityTimeout"):
+    for name in (
+        "IntakeQueueArn",
+        "WorkQueueUrl",
+        "BucketName",
+        "WorkVisibilityTimeout",
+        "IntakeVisibilityTimeout",
+    ):
         assert exports[f"branchbuild-pipeline-{name}"] == pipeline[name]
     assert exports["branchbuild-network-PrivateSubnetIds"] == network["PrivateSubnetIds"]
 
@@ -94,6 +101,10 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         QueueUrl=pipeline["WorkQueueUrl"], AttributeNames=["VisibilityTimeout"]
     )["Attributes"]
     assert attributes["VisibilityTimeout"] == "300"
+    attributes = sqs.get_queue_attributes(
+        QueueUrl=pipeline["IntakeQueueUrl"], AttributeNames=["VisibilityTimeout"]
+    )["Attributes"]
+    assert attributes["VisibilityTimeout"] == "7"
     ecs = client(moto, "ecs")
     [arn] = ecs.list_task_definitions(familyPrefix="branchbuild")["taskDefinitionArns"]
     [container] = ecs.describe_task_definition(taskDefinition=arn)["taskDefinition"][
@@ -102,6 +113,7 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
     # (moto also keeps the AWS::NoValue entries of a list, as None.)
     env = {e["name"]: e["value"] for e in container["environment"] if e}
     assert env["BRANCHBUILD_VISIBILITY_TIMEOUT"] == "300"
+    assert env["BRANCHBUILD_INTAKE_VISIBILITY_TIMEOUT"] == "7"
     assert env["BRANCHBUILD_QUEUE_URL"] == pipeline["IntakeQueueUrl"]
     assert env["BRANCHBUILD_WORK_QUEUE_URL"] == pipeline["WorkQueueUrl"]
     assert env["BRANCHBUILD_BUCKET"] == pipeline["BucketName"]

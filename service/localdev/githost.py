@@ -20,16 +20,15 @@ import re
 import shlex
 import signal
 import subprocess
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
 import asyncssh
 from anyio.abc import ByteReceiveStream, Process
+
+from ..events import RefChange, codecommit_event
 
 __all__ = ["GitHost", "RefChange", "codecommit_event", "main"]
 
@@ -40,66 +39,6 @@ _REPO_PATH = re.compile(r"/v1/repos/([A-Za-z0-9._-]{1,100})")
 _GIT_PROTOCOL = re.compile(r"[A-Za-z0-9.:=_-]{1,100}")
 _SERVICES = {"git-upload-pack": "upload-pack", "git-receive-pack": "receive-pack"}
 _CHUNK = 65536
-
-
-@dataclass(frozen=True)
-class RefChange:
-    """One branch or tag that a push created (old None), moved, or deleted (new None)."""
-
-    repository: str
-    ref: str
-    old: str | None
-    new: str | None
-
-
-def codecommit_event(
-    change: RefChange,
-    *,
-    account: str = "123456789012",
-    region: str = "eu-west-1",
-    event_id: str | None = None,
-    time: datetime | None = None,
-) -> dict[str, Any]:
-    """Return the EventBridge event that CodeCommit emits for ``change``.
-
-    The repositoryId is derived from (account, region, name), so it is stable across runs.
-    Raises ValueError if the ref is not a branch or a tag, or if old and new are both None.
-    """
-    if change.ref.startswith("refs/heads/"):
-        ref_type, ref_name = "branch", change.ref.removeprefix("refs/heads/")
-    elif change.ref.startswith("refs/tags/"):
-        ref_type, ref_name = "tag", change.ref.removeprefix("refs/tags/")
-    else:
-        raise ValueError(f"CodeCommit emits no event for {change.ref!r}")
-    if change.old is None and change.new is None:
-        raise ValueError("a ref change needs an old or a new commit")
-    kind = "Created" if change.old is None else "Deleted" if change.new is None else "Updated"
-    repo_id = uuid.uuid5(uuid.NAMESPACE_URL, f"codecommit:{region}:{account}:{change.repository}")
-    detail: dict[str, Any] = {
-        "callerUserArn": f"arn:aws:iam::{account}:user/localdev",
-        "repositoryId": str(repo_id),
-        "repositoryName": change.repository,
-        "event": f"reference{kind}",
-        "referenceType": ref_type,
-        "referenceName": ref_name,
-        "referenceFullName": change.ref,
-    }
-    if change.new is not None:
-        detail["commitId"] = change.new
-    if change.old is not None:
-        detail["oldCommitId"] = change.old
-    when = (time or datetime.now(UTC)).astimezone(UTC)
-    return {
-        "version": "0",
-        "detail-type": "CodeCommit Repository State Change",
-        "source": "aws.codecommit",
-        "account": account,
-        "region": region,
-        "resources": [f"arn:aws:codecommit:{region}:{account}:{change.repository}"],
-        "id": event_id or str(uuid.uuid4()),
-        "time": when.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "detail": detail,
-    }
 
 
 def _check_name(name: str) -> str:

@@ -28,8 +28,10 @@ import aioboto3
 import aiohttp
 import anyio
 import anyio.abc
+from prometheus_client.parser import text_string_to_metric_families
 
-from .githost import GitHost, RefChange, codecommit_event
+from ..events import RefChange, codecommit_event
+from .githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_cloudformation.type_defs import ParameterTypeDef
@@ -499,15 +501,16 @@ async def demo(options: Options, keys: Keys) -> bool:
 
 
 async def _metrics(port: int) -> dict[str, float]:
+    """The service's ``branchbuild_events_total``, summed by outcome."""
     outcomes: dict[str, float] = {}
     async with aiohttp.ClientSession() as http:
         async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
             text = await reply.text()
-    for line in text.splitlines():
-        if line.startswith("branchbuild_events_total{"):
-            labels, _, value = line.rpartition(" ")
-            outcome = labels.split('outcome="')[1].split('"')[0]
-            outcomes[outcome] = outcomes.get(outcome, 0.0) + float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "branchbuild_events_total":
+                outcome = sample.labels["outcome"]
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
     return outcomes
 
 

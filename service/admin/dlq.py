@@ -22,11 +22,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .aws import translated
-from .errors import AccessDenied, BranchbuildError, MalformedEvent
-from .events import OtherEvent, parse_event, parse_work
-from .queue import BATCH, Message, Queue
-from .settings import Settings
+from ..aws import translated
+from ..errors import AccessDenied, BranchbuildError, MalformedEvent
+from ..events import OtherEvent, parse_event, parse_work
+from ..queue import BATCH, Message, Queue
+from ..settings import Settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from .admin import table
-from .aws import translated
-from .records import Records
+from ..aws import translated
+from ..records import Records
+from .common import table
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient

@@ -14,14 +14,14 @@ from collections.abc import Awaitable, Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 
-from .admin import AwsClients, marks
-from .aws import translated
-from .builds import project_name
-from .errors import BranchbuildError
-from .events import Action, Push, RefType
-from .git import Git
-from .queue import Queue
-from .settings import BuildBackend, Settings
+from ..aws import translated
+from ..builds import project_name
+from ..errors import BranchbuildError
+from ..events import Action, Push, RefType
+from ..git import Git
+from ..queue import Queue
+from ..settings import BuildBackend, Settings
+from .common import AwsClients, marks
 
 PROBE_PREFIX = "branchbuild-check/"
 
