@@ -6,10 +6,11 @@ import logging
 import signal
 from contextlib import AsyncExitStack
 
+import aioboto3
 import anyio
 import anyio.abc
 
-from .aws import AccountClients, Clients, open_clients
+from .aws import AccountClients, Clients, open_clients, region
 from .builds import BuildBackend, CodeBuild
 from .git import Git
 from .health import Health, bound_port, serve_http
@@ -25,7 +26,7 @@ from .records import Records
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
-from .supersede import Supersede
+from .supersede import LocalStop, Supersede
 from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
@@ -94,8 +95,6 @@ class App:
             self.http_port = bound_port(runner)
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket)
-            stopper = clients.codebuild if s.build_backend is BackendName.CODEBUILD else None
-            supersede = Supersede(records, stopper, s, self.metrics, pipelines)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
             pull_requests = PullRequests(accounts, records, s, self.metrics)
             outcomes = Outcomes(
@@ -106,11 +105,17 @@ class App:
                 pull_requests=pull_requests.event,
             )
             async with anyio.create_task_group() as background:
+                backend = await self._backend(clients, background, stack)
+                if s.build_backend is BackendName.CODEBUILD:
+                    supersede = Supersede(records, clients.codebuild, s, self.metrics, pipelines)
+                else:  # the local backend stops its own builds
+                    local = backend if isinstance(backend, LocalStop) else None
+                    supersede = Supersede(records, None, s, self.metrics, pipelines, local=local)
                 services = Services(
                     settings=s,
                     git=git,
                     storage=storage,
-                    backend=self._backend(clients, background),
+                    backend=backend,
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
@@ -151,7 +156,9 @@ class App:
                 background.cancel_scope.cancel()
         log.info("stopped")
 
-    def _backend(self, clients: Clients, background: anyio.abc.TaskGroup) -> BuildBackend:
+    async def _backend(
+        self, clients: Clients, background: anyio.abc.TaskGroup, stack: AsyncExitStack
+    ) -> BuildBackend:
         if self.settings.build_backend is BackendName.LOCAL:
             log.warning(
                 "BRANCHBUILD_BUILD_BACKEND=local: buildspec commands run on this machine "
@@ -160,11 +167,17 @@ class App:
             # Imported here: production code (the codebuild backend) imports nothing of localdev.
             from .localdev.builder import LocalBuilds
 
+            # Its state events go to the default bus as CodeBuild's would; through a session
+            # of its own: the service's watched calls (IAM) are production's only.
+            events = await stack.enter_async_context(
+                aioboto3.Session(region_name=region()).client("events", config=clients.config)
+            )
             return LocalBuilds(
                 clients.s3,
                 root=self.settings.builds_dir,
                 timeout=self.settings.local_build_timeout,
                 task_group=background,
+                events=events,
             )
         return CodeBuild(clients.codebuild)
 

@@ -7,7 +7,8 @@ StartBuild, a job makes its build the current one and stops the one it replaced:
 
 1. the older build's ledger entry is marked ``superseded_by`` the newer commit (first, so
    that its ``STOPPED`` event, however fast, is reported as superseded);
-2. ``StopBuild``; a build that already ended is left as it is.
+2. ``StopBuild`` (the local build backend's own stop under ``make run``); a build that
+   already ended is left as it is.
 
 Both steps are idempotent: a redelivered job (which finds its build already current) does
 them again. Branches matching ``BRANCHBUILD_KEEP_RUNNING_BRANCHES`` and tags are left alone.
@@ -18,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from botocore.exceptions import ClientError
 
@@ -42,6 +43,13 @@ BRANCHES_PREFIX = STATE_PREFIX + "branches/"
 _ENDED_CODES = {"InvalidInputException", "ResourceNotFoundException"}
 
 
+@runtime_checkable
+class LocalStop(Protocol):
+    """A build backend that stops its own builds (``service.localdev.builder.LocalBuilds``)."""
+
+    async def stop(self, build_id: str) -> bool: ...
+
+
 def current_key(push: Push) -> str:
     digest = hashlib.sha256(f"{push.repository}\0{push.ref}".encode()).hexdigest()
     return BRANCHES_PREFIX + digest + ".json"
@@ -55,12 +63,15 @@ class Supersede:
         settings: Settings,
         metrics: Metrics,
         pipelines: Pipelines | None = None,
+        *,
+        local: LocalStop | None = None,
     ) -> None:
-        """``codebuild`` None: the build backend cannot stop builds (the local backend); the
-        branch's current build is still kept, and superseded builds are only marked.
+        """``codebuild`` None: builds are stopped with ``local`` (the local backend), or, with
+        neither, only marked superseded (the branch's current build is still kept).
         ``pipelines``: a repository's rule may name its own keep-running branches."""
         self.records = records
         self.codebuild = codebuild
+        self.local = local
         self.settings = settings
         self.metrics = metrics
         self.pipelines = pipelines
@@ -151,7 +162,13 @@ class Supersede:
             log.info("the superseded build %s had already ended", build_id)
             return
         if self.codebuild is None:
-            log.info("build %s is superseded; this build backend cannot stop it", build_id)
+            if self.local is None:
+                log.info("build %s is superseded; this build backend cannot stop it", build_id)
+            elif await self.local.stop(build_id):
+                self.metrics.builds_stopped.inc()
+                log.info("stopped local build %s: superseded by %s", build_id, superseded_by)
+            else:
+                log.info("the superseded local build %s is not running here", build_id)
             return
         try:
             with translated(f"stop build {build_id}", transient=BuildError):

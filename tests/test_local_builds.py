@@ -26,7 +26,7 @@ from service.localdev.builder import (
     read_buildspec,
     unpack,
 )
-from tests.helpers import AwsResources
+from tests.helpers import AwsResources, wait_for
 
 COMMIT = "c" * 40
 
@@ -542,3 +542,63 @@ def test_builds_follow_an_unknown_build(tmp_path: Path) -> None:
     )
     assert result.returncode == 2
     assert result.stderr == f"branchbuild builds: no single build matches 'nope' in {tmp_path}\n"
+
+
+async def test_stop_kills_the_process_group_and_the_states_reach_eventbridge(
+    aws: AwsResources, tmp_path: Path
+) -> None:
+    """StopBuild's stand-in: the build's processes (a background child too) are killed, the
+    build is STOPPED, and its IN_PROGRESS and STOPPED events go to the default bus, shaped
+    as service.outcomes parses CodeBuild's (routed by a rule like the BuildStateRule)."""
+    from service.outcomes import BuildState, parse_build_state
+
+    pids = tmp_path / "pids"
+    spec = (
+        "version: 0.2\nphases:\n  build:\n    commands:\n"
+        f"      - (sleep 300 & echo $! > {pids}.child; wait)  & echo $! > {pids}; wait\n"
+    )
+    key = f"shop/feature/x/{COMMIT}.zip"
+    await aws.s3.put_object(Bucket=aws.bucket, Key=key, Body=make_zip({"buildspec.yml": spec}))
+    push = Push("e", "123456789012", "eu-west-1", "shop", RefType.BRANCH, "feature/x",
+                Action.UPDATED, COMMIT)  # fmt: skip
+    request = BuildRequest(push=push, project="shop", bucket=aws.bucket, key=key)
+    session = aioboto3.Session()
+    async with session.client("events", endpoint_url=aws.endpoint) as events:
+        queue = (await aws.sqs.create_queue(QueueName=f"states-{os.getpid()}"))["QueueUrl"]
+        arn = (await aws.sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"]))[
+            "Attributes"
+        ]["QueueArn"]
+        pattern = {
+            "source": ["aws.codebuild"],
+            "detail-type": ["CodeBuild Build State Change"],
+        }
+        await events.put_rule(Name="states", EventPattern=json.dumps(pattern))
+        await events.put_targets(Rule="states", Targets=[{"Id": "q", "Arn": arn}])
+        async with anyio.create_task_group() as tg:
+            backend = LocalBuilds(
+                aws.s3, root=tmp_path / "builds", timeout=60, task_group=tg, events=events
+            )
+            started = await backend.start(request)
+            child_file = anyio.Path(f"{pids}.child")
+
+            async def running() -> str | None:
+                text = await child_file.read_text() if await child_file.exists() else ""
+                return text.strip() or None
+
+            child = int(await wait_for(running, within=60, what="the build's child"))
+            assert await backend.stop(started.build_id)
+            assert not await backend.stop(started.build_id)  # ended: nothing left to stop
+        states: list[BuildState] = []
+        with anyio.fail_after(60):
+            while len(states) < 2:
+                reply = await aws.sqs.receive_message(QueueUrl=queue, WaitTimeSeconds=1)
+                states += [parse_build_state(m["Body"]) for m in reply.get("Messages", [])]
+    [record] = list_builds(tmp_path / "builds")
+    assert record.status == "STOPPED" and record.message == "stopped (StopBuild)"
+    stat = anyio.Path(f"/proc/{child}/stat")  # killed: gone, or a zombie until reaped
+    text = await stat.read_text() if await stat.exists() else ""
+    assert not text or text.split(") ")[1][0] == "Z", text
+    assert sorted(s.status for s in states) == ["IN_PROGRESS", "STOPPED"]
+    assert {s.build_id for s in states} == {started.build_id}
+    assert {s.archive for s in states} == {key}  # BRANCHBUILD_ARCHIVE: the correlation
+    assert all(s.started_at is not None for s in states)

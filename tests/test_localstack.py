@@ -100,7 +100,7 @@ def runner(state: Path, *extra: str, http_port: int | None = None) -> list[str]:
 async def run_demo(
     env: dict[str, str], state: Path, *extra: str
 ) -> subprocess.CompletedProcess[bytes]:
-    with anyio.fail_after(240):
+    with anyio.fail_after(420):
         return await anyio.run_process(
             runner(state, "--demo", *extra), env=env, check=False, cwd=ROOT
         )
@@ -111,16 +111,33 @@ def demo_env(**extra: str) -> dict[str, str]:
     return env | {"AWS_REGION": REGION} | extra
 
 
+@pytest.mark.timeout(480)
 async def test_make_demo_against_a_running_localstack(
     localstack_endpoint: str, tmp_path: Path
 ) -> None:
-    """LOCALSTACK_ENDPOINT: use it, start nothing. The demo's own checks must all pass."""
+    """LOCALSTACK_ENDPOINT: use it, start nothing. The demo's own checks must all pass,
+    the pull request's among them, and it prints what branchbuild left on the pull request."""
     state = tmp_path / "state"
     result = await run_demo(demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint), state)
     out = result.stdout.decode()
     assert result.returncode == 0, out + result.stderr.decode()
-    for line in ("feature/demo-pass", "feature/demo-fail", "develop", "delete"):
+    for line in (
+        "feature/demo-pass",
+        "feature/demo-fail",
+        "develop",
+        "delete",
+        "PR 1: push 1",
+        "PR: push 2",
+        "PR: comments",
+        "PR: approval",
+    ):
         assert any(line in row and row.rstrip().endswith("yes") for row in out.splitlines())
+    assert "build STOPPED, superseded" in out
+    assert "**branchbuild**: ⏭️ Build superseded by" in out
+    assert "**branchbuild**: ✅ Build succeeded" in out
+    assert "approval of the current revision: APPROVE by arn:aws:iam::000000000000:user/test" in out
+    pr_builds = [r for r in list_builds(state / "builds") if r.branch == "feature/demo-pr"]
+    assert sorted(r.status for r in pr_builds) == ["STOPPED", "SUCCEEDED"]
     assert not (state / "logs" / "localstack.log").exists()  # started nothing
     records = {r.branch: r for r in list_builds(state / "builds")}
     assert records["feature/demo-pass"].status == "SUCCEEDED"
@@ -133,6 +150,7 @@ async def test_make_demo_against_a_running_localstack(
     assert "-local-artifacts/demo/feature/demo-pass/" in records["feature/demo-pass"].source
 
 
+@pytest.mark.timeout(480)
 async def test_make_demo_starts_and_stops_its_own_localstack(tmp_path: Path) -> None:
     state = tmp_path / "state"
     port = free_port()
@@ -476,3 +494,128 @@ async def test_make_run_builds_like_codebuild(localstack_endpoint: str, tmp_path
     )
     text = listing.stdout.decode()
     assert "  INSTALL" in text and "  UPLOAD_ARTIFACTS" in text
+
+
+SLOW_BUILDSPEC = """version: 0.2
+phases:
+  build:
+    commands:
+      - sleep $(cat seconds.txt)
+"""
+
+
+@pytest.mark.timeout(300)
+async def test_make_run_stops_a_superseded_build_and_leaves_results_on_the_pull_request(
+    localstack_endpoint: str, tmp_path: Path
+) -> None:
+    """`make run`'s real path, as `make demo` does it: a pull request opened on the
+    CodeCommit stand-in with the banner's command, its branch pushed twice while the first
+    build runs. The local build's state events go through LocalStack's EventBridge and the
+    deployed BuildStateRule; the first build is stopped (StopBuild's stand-in) and reported
+    superseded; one comment per commit; the pull request is approved."""
+    state = tmp_path / "state"
+    state.mkdir()
+    git_port, codecommit_port = free_port(), free_port()
+    command = runner(state, "--git-port", str(git_port), "--codecommit-port", str(codecommit_port))
+    out = tmp_path / "run.out"
+    with out.open("wb") as sink:
+        proc = await anyio.open_process(
+            command,
+            env=demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint),
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+    endpoint = f"http://127.0.0.1:{codecommit_port}"
+    try:
+
+        async def printed() -> bool:
+            return "create-pr" in out.read_text()
+
+        await wait_for(printed, within=120, what="the banner")
+        banner = out.read_text()
+        assert f"pull requests     {endpoint}" in banner
+        assert f"-m service.localdev.codecommit --endpoint {endpoint} create-pr" in banner
+        work = tmp_path / "work"
+        work.mkdir()
+        keys = state / "keys"
+        env = demo_env(
+            HOME=str(tmp_path),
+            GIT_CONFIG_NOSYSTEM="1",
+            GIT_AUTHOR_NAME="t",
+            GIT_AUTHOR_EMAIL="t@example.com",
+            GIT_COMMITTER_NAME="t",
+            GIT_COMMITTER_EMAIL="t@example.com",
+            GIT_SSH_COMMAND=(
+                f"ssh -i {keys / 'id_ed25519'} -o IdentitiesOnly=yes "
+                f"-o UserKnownHostsFile={keys / 'known_hosts'} -o StrictHostKeyChecking=yes"
+            ),
+        )
+
+        async def git(*args: str) -> str:
+            result = await anyio.run_process(["git", *args], cwd=work, env=env)
+            return result.stdout.decode().strip()
+
+        async def pull_request(*args: str) -> str:
+            helper = [sys.executable, "-m", "service.localdev.codecommit", "--endpoint", endpoint]
+            result = await anyio.run_process([*helper, *args], env=env, cwd=ROOT)
+            return result.stdout.decode()
+
+        url = f"ssh://git@127.0.0.1:{git_port}/v1/repos/demo"
+        await git("init", "--quiet", "--initial-branch=develop")
+        (work / "README").write_text("base\n")
+        await git("add", "--all")
+        await git("commit", "--quiet", "-m", "base")
+        await git("push", "--quiet", url, "HEAD:develop")  # protected: not built
+        (work / "buildspec.yml").write_text(SLOW_BUILDSPEC)
+        (work / "seconds.txt").write_text("600\n")
+        await git("add", "--all")
+        await git("commit", "--quiet", "-m", "slow")
+        first = await git("rev-parse", "HEAD")
+        await git("push", "--quiet", url, "HEAD:feature/pr")
+        opened = await pull_request(
+            "create-pr", "--repository", "demo", "--source", "feature/pr", "--destination",
+            "develop", "--title", "t",
+        )  # fmt: skip
+        assert opened == "pull request 1 opened\n"
+
+        async def running_with_its_comment() -> bool:
+            record = next((r for r in list_builds(state / "builds") if r.commit == first), None)
+            running = record is not None and any(
+                p.name == "BUILD" and p.status == "IN_PROGRESS" for p in record.phases
+            )
+            return running and f"comment on {first[:12]}" in await pull_request("show", "1")
+
+        await wait_for(running_with_its_comment, within=120, what="build 1 running, commented")
+        (work / "seconds.txt").write_text("1\n")
+        await git("commit", "--quiet", "-am", "quick")
+        second = await git("rev-parse", "HEAD")
+        await git("push", "--quiet", url, "HEAD:feature/pr")
+
+        async def settled() -> str | None:
+            shown = await pull_request("show", "1")
+            done = "superseded" in shown and "succeeded" in shown and "APPROVE" in shown
+            return shown if done else None
+
+        shown = await wait_for(settled, within=120, what="the results on the pull request")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        with anyio.fail_after(60):
+            await proc.wait()
+    records = {r.commit: r for r in list_builds(state / "builds")}
+    assert records[first].status == "STOPPED"
+    assert records[first].message == "stopped (StopBuild)"
+    assert records[second].status == "SUCCEEDED"
+    # One comment per commit, each edited in place to its build's end.
+    assert shown.count("  comment on ") == 2
+    superseded, succeeded = shown.split(f"  comment on {second[:12]}")
+    assert f"  comment on {first[:12]} by arn:aws:iam::000000000000:user/test:" in superseded
+    assert f"Build superseded by `{second[:12]}`" in superseded
+    assert "| Status | SUPERSEDED |" in superseded and f"| Commit | `{first}` |" in superseded
+    assert "✅ Build succeeded" in succeeded and f"| Commit | `{second}` |" in succeeded
+    assert (
+        "approval of the current revision: APPROVE by arn:aws:iam::000000000000:user/test"
+        in succeeded
+    )
+    log = (state / "logs" / "branchbuild.log").read_text()
+    assert f"build {records[first].id} is STOPPED" in log  # the event came back through SQS

@@ -8,6 +8,11 @@ blocks, ``on-failure``, CodeBuild's phase transitions, one shell state for the w
 endpoint the service uses (LocalStack under ``make run``), then artifacts, reports and the
 cache. Every build keeps its log and a ``build.json`` record under
 ``BRANCHBUILD_LOCAL_BUILDS_DIR``; ``branchbuild builds`` lists them.
+
+Like CodeBuild, it reports each build's state as a ``CodeBuild Build State Change`` event on
+the default EventBridge bus (``IN_PROGRESS`` when it starts, the final state when it ends),
+where the pipeline's ``BuildStateRule`` routes it to the intake queue (service.outcomes), and
+it can stop a running build (:meth:`LocalBuilds.stop`, StopBuild's stand-in).
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from .buildspec import PHASES, FileSet, Phase, Plan, check, parse_secret_ref
 from .outputs import collect, restore_cache, save_cache
 
 if TYPE_CHECKING:
+    from types_aiobotocore_events import EventBridgeClient
     from types_aiobotocore_s3 import S3Client
 
 log = logging.getLogger("branchbuild.local_builds")
@@ -106,17 +112,63 @@ class BuildRecord:
 
 
 class LocalBuilds:
-    """Runs builds in the background of ``task_group``; ``start`` returns at once (StartBuild)."""
+    """Runs builds in the background of ``task_group``; ``start`` returns at once (StartBuild).
+
+    ``events``: an EventBridge client; when given, each build's state changes are put on the
+    default bus as CodeBuild puts them (:func:`state_event`)."""
 
     def __init__(
-        self, s3: S3Client, *, root: Path, timeout: float, task_group: anyio.abc.TaskGroup
+        self,
+        s3: S3Client,
+        *,
+        root: Path,
+        timeout: float,
+        task_group: anyio.abc.TaskGroup,
+        events: EventBridgeClient | None = None,
     ) -> None:
         self.s3 = s3
         self.root = root
         self.timeout = timeout
         self.task_group = task_group
+        self.events = events
         self.numbers = anyio.Lock()
+        self.running: dict[str, _Build] = {}  # the builds of this process, by id
         root.mkdir(parents=True, exist_ok=True)
+
+    async def stop(self, build_id: str) -> bool:
+        """StopBuild: kill the running build's processes (their whole process group) and
+        wait until it is recorded ``STOPPED`` (its state event put). False when this process
+        runs no such build (it ended, or it never ran here)."""
+        build = self.running.get(build_id)
+        if build is None:
+            return False
+        build.stop_requested = True
+        build.scope.cancel()
+        await build.done.wait()
+        return True
+
+    async def publish(self, request: BuildRequest, record: BuildRecord) -> None:
+        """Put the build's state event; a failure is logged, never fails the build."""
+        if self.events is None:
+            return
+        event = state_event(request, record)
+        try:
+            reply = await self.events.put_events(
+                Entries=[
+                    {
+                        "Time": datetime.now(UTC),
+                        "Source": event["source"],
+                        "DetailType": event["detail-type"],
+                        "Resources": event["resources"],
+                        "Detail": json.dumps(event["detail"]),
+                    }
+                ]
+            )
+        except (ClientError, BotoCoreError) as exc:
+            log.warning("could not put the %s event of %s: %s", record.status, record.id, exc)
+            return
+        if reply.get("FailedEntryCount"):
+            log.warning("EventBridge refused the event of %s: %s", record.id, reply["Entries"])
 
     async def start(self, request: BuildRequest) -> StartedBuild:
         now = datetime.now(UTC)
@@ -139,6 +191,7 @@ class LocalBuilds:
         await save(folder, record)
         await anyio.Path(record.log).touch()
         build = _Build(self, request, folder, record)
+        self.running[build_id] = build
         self.task_group.start_soon(build.run, name=f"build {build_id}")
         return StartedBuild(build_id=build_id, project=request.project)
 
@@ -167,6 +220,9 @@ class _Build:
         self.failed: str | None = None
         self.warnings: list[str] = []
         self.owner = (os.geteuid(), os.getegid())
+        self.scope = anyio.CancelScope()  # cancelled by LocalBuilds.stop
+        self.stop_requested = False
+        self.done = anyio.Event()
 
     # -- the record and the log --
 
@@ -207,6 +263,14 @@ class _Build:
     # -- the build --
 
     async def run(self) -> None:
+        try:
+            with self.scope:
+                await self._run()
+        finally:
+            self.backend.running.pop(self.record.id, None)
+            self.done.set()
+
+    async def _run(self) -> None:
         started = time.monotonic()
         self.workdir = Path(
             await anyio.to_thread.run_sync(tempfile.mkdtemp, None, "branchbuild-build-")
@@ -214,6 +278,7 @@ class _Build:
         status, message = "FAILED", None
         current = "DOWNLOAD_SOURCE"
         try:
+            await self.backend.publish(self.request, self.record)
             with anyio.fail_after(self.backend.timeout):
                 await self._phase(current, "IN_PROGRESS")
                 plan = await self._prepare()
@@ -241,6 +306,8 @@ class _Build:
             await self._phase(current, "FAILED", message=str(exc))
         except anyio.get_cancelled_exc_class():
             status, message = "STOPPED", "the service stopped"
+            if self.stop_requested:
+                message = "stopped (StopBuild)"
             with anyio.CancelScope(shield=True):
                 await self._phase(current, "STOPPED")
             raise
@@ -259,6 +326,7 @@ class _Build:
                 )
                 await self.say(f"{status}" + (f": {message}" if message else ""))
                 await anyio.to_thread.run_sync(shutil.rmtree, self.workdir, True)
+                await self.backend.publish(self.request, self.record)
                 log.info(
                     "local build %s %s", self.record.id, status, extra={"build_id": self.record.id}
                 )
@@ -576,6 +644,68 @@ class _Build:
         )
 
 
+def _codebuild_time(iso_time: str | None) -> str | None:
+    """CodeBuild's event time format, e.g. ``Sep 1, 2017 4:12:29 PM`` (UTC)."""
+    if not iso_time:
+        return None
+    return datetime.fromisoformat(iso_time).astimezone(UTC).strftime("%b %d, %Y %I:%M:%S %p")
+
+
+def state_event(request: BuildRequest, record: BuildRecord) -> dict[str, Any]:
+    """The ``CodeBuild Build State Change`` event CodeBuild would put for ``record`` (the
+    fields of AWS's sample event; the logs link is the local log as a ``file://`` URL)."""
+    push = request.push
+    arn = f"arn:aws:codebuild:{push.region}:{push.account}:build/{record.id}"
+    final = record.status != "IN_PROGRESS"
+    phases = [
+        {
+            "phase-type": p.name,
+            "phase-status": p.status,
+            "phase-context": [p.message] if p.message else [],
+            **({"start-time": _codebuild_time(p.started_at)} if p.started_at else {}),
+            **({"duration-in-seconds": round(p.duration)} if p.duration is not None else {}),
+        }
+        for p in record.phases
+    ]
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "CodeBuild Build State Change",
+        "source": "aws.codebuild",
+        "account": push.account,
+        "time": (record.ended_at or record.started_at),
+        "region": push.region,
+        "resources": [arn],
+        "detail": {
+            "build-status": record.status,
+            "project-name": record.project,
+            "build-id": arn,
+            "additional-information": {
+                "environment": {
+                    "image": "branchbuild-local",
+                    "type": "LOCAL",
+                    "environment-variables": [
+                        {"name": name, "value": value, "type": "PLAINTEXT"}
+                        for name, value in request.environment.items()
+                    ],
+                },
+                "build-complete": final,
+                "initiator": "branchbuild",
+                "build-start-time": _codebuild_time(record.started_at),
+                "source": {"type": "S3", "location": f"{request.bucket}/{request.key}"},
+                "source-version": request.commit,
+                "logs": {"deep-link": Path(record.log).as_uri()},
+                "phases": phases,
+            },
+            "current-phase": "COMPLETED"
+            if final
+            else (record.phases[-1].name if record.phases else "SUBMITTED"),
+            "current-phase-context": "[]",
+            "version": "1",
+        },
+    }
+
+
 async def _secret(client: Any, reference: str) -> str:
     ref = parse_secret_ref(reference)
     arguments = {"SecretId": ref.secret_id}
@@ -750,4 +880,4 @@ def find_build(root: Path, wanted: str) -> BuildRecord | None:
     return (exact or matches)[0] if len(exact or matches) == 1 else None
 
 
-__all__ = ["BuildRecord", "LocalBuilds", "PhaseResult", "list_builds"]
+__all__ = ["BuildRecord", "LocalBuilds", "PhaseResult", "list_builds", "state_event"]

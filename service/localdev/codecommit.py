@@ -19,26 +19,38 @@ events (``CodeCommit Pull Request State Change``) are handed to ``on_event``.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import itertools
 import json
+import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aioboto3
 import anyio
 import botocore.session
 from aiohttp import web
+from botocore.exceptions import BotoCoreError, ClientError
 from botocore.model import OperationNotFoundError, Shape, StringShape
 from botocore.validate import ParamValidator
 
 from .githost import GitHost, RefChange
 
-__all__ = ["CodeCommitStandIn", "StandInError"]
+__all__ = [
+    "CodeCommitStandIn",
+    "PullRequestView",
+    "StandInError",
+    "create_pull_request",
+    "describe",
+    "view_pull_request",
+]
 
 TARGET_PREFIX = "CodeCommit_20150413."
 _CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
@@ -507,3 +519,138 @@ def git_resolver(host: GitHost) -> Resolve:
         return result.stdout.decode().strip() or None if result.returncode == 0 else None
 
     return resolve
+
+
+# -- the developer's side (``make run``'s banner, ``make demo``) ------------------------------
+
+DEVELOPER_KEY = "developer"  # not the service's key: an author cannot approve their own PR
+
+
+@dataclass(frozen=True)
+class PullRequestView:
+    """A pull request as a developer sees it: its comments and the approvals of its revision."""
+
+    id: str
+    title: str
+    source: str
+    destination: str
+    source_commit: str
+    comments: tuple[tuple[str, str, str], ...]  # (after commit, author ARN, content)
+    approvals: tuple[tuple[str, str], ...]  # (user ARN, state) of the current revision
+
+
+def _client(endpoint: str, region: str) -> Any:
+    session = aioboto3.Session(
+        aws_access_key_id=DEVELOPER_KEY, aws_secret_access_key="local", region_name=region
+    )
+    return session.client("codecommit", endpoint_url=endpoint)
+
+
+async def create_pull_request(
+    endpoint: str, region: str, *, repository: str, source: str, destination: str, title: str
+) -> str:
+    """Open a pull request as the developer; returns its id.
+
+    Raises:
+        botocore.exceptions.ClientError: as CodeCommit would (e.g. an unknown branch).
+    """
+    async with _client(endpoint, region) as client:
+        reply = await client.create_pull_request(
+            title=title,
+            targets=[
+                {
+                    "repositoryName": repository,
+                    "sourceReference": source,
+                    "destinationReference": destination,
+                }
+            ],
+        )
+    return str(reply["pullRequest"]["pullRequestId"])
+
+
+async def view_pull_request(endpoint: str, region: str, pull_request_id: str) -> PullRequestView:
+    """Read a pull request, its comments and approvals through the API, as a developer."""
+    async with _client(endpoint, region) as client:
+        pr = (await client.get_pull_request(pullRequestId=pull_request_id))["pullRequest"]
+        [target] = pr["pullRequestTargets"]
+        groups = await client.get_comments_for_pull_request(
+            pullRequestId=pull_request_id, repositoryName=target["repositoryName"]
+        )
+        approvals = await client.get_pull_request_approval_states(
+            pullRequestId=pull_request_id, revisionId=pr["revisionId"]
+        )
+    comments = tuple(
+        (group["afterCommitId"], comment["authorArn"], comment["content"])
+        for group in groups["commentsForPullRequestData"]
+        for comment in group["comments"]
+    )
+    return PullRequestView(
+        id=pull_request_id,
+        title=pr["title"],
+        source=target["sourceReference"].removeprefix("refs/heads/"),
+        destination=target["destinationReference"].removeprefix("refs/heads/"),
+        source_commit=target["sourceCommit"],
+        comments=comments,
+        approvals=tuple((a["userArn"], a["approvalState"]) for a in approvals["approvals"]),
+    )
+
+
+def describe(view: PullRequestView) -> str:
+    """The pull request as text: its comments in full, then its approvals."""
+    lines = [
+        f"pull request {view.id} ({view.source} -> {view.destination}): {view.title}",
+        f"  source commit {view.source_commit}",
+    ]
+    for commit, author, content in view.comments:
+        lines.append(f"  comment on {commit[:12]} by {author}:")
+        lines += [f"    {line}".rstrip() for line in content.splitlines()]
+    if not view.comments:
+        lines.append("  no comment")
+    for user, state in view.approvals:
+        lines.append(f"  approval of the current revision: {state} by {user}")
+    if not view.approvals:
+        lines.append("  no approval of the current revision")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m service.localdev.codecommit``: open or show a pull request on the stand-in."""
+    parser = argparse.ArgumentParser(
+        prog="python -m service.localdev.codecommit",
+        description="Pull requests on make run's CodeCommit stand-in.",
+    )
+    parser.add_argument("--endpoint", required=True, help="the stand-in (make run prints it)")
+    parser.add_argument("--region", default=os.environ.get("AWS_REGION", "eu-west-1"))
+    commands = parser.add_subparsers(dest="command", required=True)
+    create = commands.add_parser("create-pr", help="open a pull request")
+    create.add_argument("--repository", default="demo")
+    create.add_argument("--source", required=True, help="the source branch")
+    create.add_argument("--destination", default="main", help="the destination branch")
+    create.add_argument("--title", default="a change")
+    show = commands.add_parser("show", help="a pull request's comments and approvals")
+    show.add_argument("pull_request_id")
+    args = parser.parse_args(argv)
+
+    async def act() -> str:
+        if args.command == "create-pr":
+            number = await create_pull_request(
+                args.endpoint,
+                args.region,
+                repository=args.repository,
+                source=args.source,
+                destination=args.destination,
+                title=args.title,
+            )
+            return f"pull request {number} opened\n"
+        return describe(await view_pull_request(args.endpoint, args.region, args.pull_request_id))
+
+    try:
+        sys.stdout.write(anyio.run(act))
+    except (ClientError, BotoCoreError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

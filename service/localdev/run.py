@@ -2,7 +2,10 @@
 
 LocalStack (started here unless ``LOCALSTACK_ENDPOINT`` names a running one), the project's own
 ``deploy/pipeline.yaml`` deployed into it, an SSH git host whose pushes become CodeCommit events
-on LocalStack's EventBridge, and branchbuild consuming with the ``local`` build backend.
+on LocalStack's EventBridge, the CodeCommit pull request stand-in beside it (its pull requests
+follow the pushes; their events go through EventBridge too), and branchbuild consuming with the
+``local`` build backend, whose build state events take the same road back (build outcomes,
+superseded builds stopped, results on pull requests).
 Everything listens on 127.0.0.1; every component logs to ``<state>/logs/``; Ctrl-C stops all.
 """
 
@@ -18,7 +21,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,8 @@ import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..events import RefChange, codecommit_event
+from .codecommit import CodeCommitStandIn, create_pull_request, describe, view_pull_request
+from .codecommit import git_resolver as resolver
 from .githost import GitHost
 
 if TYPE_CHECKING:
@@ -54,6 +59,7 @@ class Options:
     demo: bool
     stack: str = "branchbuild-local"
     prefix: str = "branchbuild"
+    codecommit_port: int = 0
 
     @property
     def endpoint(self) -> str:
@@ -290,16 +296,16 @@ async def make_keys(state: Path) -> Keys:
     return Keys(client=client, known_hosts=keys / "known_hosts", host=keys / "host_key")
 
 
-@asynccontextmanager
-async def git_host(options: Options, keys: Keys, stack: AsyncExitStack) -> AsyncIterator[GitHost]:
-    """The SSH git host; each pushed ref change becomes an event on LocalStack's EventBridge."""
+async def event_bus(
+    options: Options, stack: AsyncExitStack
+) -> Callable[[dict[str, Any]], Awaitable[bool]]:
+    """Put an event on LocalStack's default bus, as AWS puts its own; False if refused."""
     session = local_session(options)
     events = await stack.enter_async_context(
         session.client("events", endpoint_url=options.endpoint)
     )
 
-    async def publish(change: RefChange) -> None:
-        event = codecommit_event(change, account=ACCOUNT, region=options.region)
+    async def put(event: dict[str, Any]) -> bool:
         reply = await events.put_events(
             Entries=[
                 {
@@ -311,8 +317,31 @@ async def git_host(options: Options, keys: Keys, stack: AsyncExitStack) -> Async
             ]
         )
         if reply.get("FailedEntryCount"):
-            log.error("EventBridge refused the event for %s: %s", change.ref, reply["Entries"])
-        else:
+            log.error(
+                "EventBridge refused the %s event: %s", event["detail-type"], reply["Entries"]
+            )
+            return False
+        return True
+
+    return put
+
+
+@asynccontextmanager
+async def git_host(
+    options: Options,
+    keys: Keys,
+    stack: AsyncExitStack,
+    followers: list[Callable[[RefChange], Awaitable[None]]] | None = None,
+) -> AsyncIterator[GitHost]:
+    """The SSH git host; each pushed ref change goes to ``followers`` (the pull request
+    stand-in) and becomes an event on LocalStack's EventBridge."""
+    put = await event_bus(options, stack)
+
+    async def publish(change: RefChange) -> None:
+        for follower in followers or ():
+            await follower(change)
+        event = codecommit_event(change, account=ACCOUNT, region=options.region)
+        if await put(event):
             log.info(
                 "push event: %s %s %s", change.repository, event["detail"]["event"], change.ref
             )
@@ -331,14 +360,47 @@ async def git_host(options: Options, keys: Keys, stack: AsyncExitStack) -> Async
         yield host
 
 
+@asynccontextmanager
+async def pull_requests(
+    options: Options,
+    host: GitHost,
+    stack: AsyncExitStack,
+    followers: list[Callable[[RefChange], Awaitable[None]]],
+) -> AsyncIterator[CodeCommitStandIn]:
+    """The CodeCommit stand-in: its pull requests follow the git host's pushes, and their
+    events (``pullRequestCreated``, ``pullRequestSourceBranchUpdated``) go to EventBridge,
+    where the deployed PullRequestRule takes them to the intake queue."""
+    put = await event_bus(options, stack)
+
+    async def publish(event: dict[str, Any]) -> None:
+        if await put(event):
+            detail = event["detail"]
+            log.info("pull request %s: %s", detail["pullRequestId"], detail["event"])
+
+    standin = CodeCommitStandIn(
+        resolve=resolver(host),
+        on_event=publish,
+        account=ACCOUNT,
+        region=options.region,
+        port=options.codecommit_port,
+    )
+    async with standin:
+        followers.append(standin.pushed)
+        yield standin
+
+
 # -- branchbuild ------------------------------------------------------------------------------
 
 
-def service_env(options: Options, keys: Keys, outputs: dict[str, str]) -> dict[str, str]:
+def service_env(
+    options: Options, keys: Keys, outputs: dict[str, str], codecommit: str
+) -> dict[str, str]:
     return {
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", str(options.state)),
         **aws_env(options),
+        "AWS_ENDPOINT_URL_CODECOMMIT": codecommit,
+        "BRANCHBUILD_PULL_REQUEST_FEEDBACK": "comment+approval",
         "BRANCHBUILD_QUEUE_URL": outputs["IntakeQueueUrl"],
         "BRANCHBUILD_WORK_QUEUE_URL": outputs["WorkQueueUrl"],
         "BRANCHBUILD_BUCKET": outputs["BucketName"],
@@ -371,14 +433,16 @@ async def wait_ready(port: int, proc: anyio.abc.Process, options: Options) -> No
             await anyio.sleep(0.3)
 
 
-def instructions(options: Options, keys: Keys) -> str:
+def instructions(options: Options, keys: Keys, codecommit: str) -> str:
     repo = options.repositories[0]
     env = f"BRANCHBUILD_LOCAL_BUILDS_DIR={options.state / 'builds'}"
+    pr = f"{ROOT / '.venv/bin/python'} -m service.localdev.codecommit --endpoint {codecommit}"
     return f"""
 branchbuild is running locally (Ctrl-C stops everything).
 
   LocalStack        {options.endpoint}
   git host (SSH)    ssh://git@127.0.0.1:{options.git_port}/v1/repos/{repo}
+  pull requests     {codecommit}  (CodeCommit stand-in, AWS_ENDPOINT_URL_CODECOMMIT)
   branchbuild       http://127.0.0.1:{options.http_port}/metrics  (/healthz, /readyz)
   logs              {options.state / "logs"}/
 
@@ -394,6 +458,14 @@ first, then see the builds (and --follow ID to stream a running one's log):
 
   {ROOT / ".venv/bin/branchbuild"} buildspec check buildspec.yml
   {env} {ROOT / ".venv/bin/branchbuild"} builds
+
+A newer push to a branch stops its older push's running build (superseded). Open a pull
+request (push its destination branch too): branchbuild comments on it for each commit,
+edits the comment as the build ends, and approves it when the build succeeds:
+
+  git push branchbuild HEAD:main
+  {pr} create-pr --repository {repo} --source feature/my-change --destination main
+  {pr} show 1
 """
 
 
@@ -413,10 +485,19 @@ phases:
       - echo this build fails
       - exit 3
 """
+# As long as seconds.txt says: the first push's build is still running when the second's starts.
+SLOW = """version: 0.2
+phases:
+  build:
+    commands:
+      - echo building $BRANCH_NAME at $COMMIT_ID for $(cat seconds.txt) s
+      - sleep $(cat seconds.txt)
+"""
 
 
-async def demo(options: Options, keys: Keys) -> bool:
-    """Push four things, wait for their outcomes, print a table; True if all are as expected."""
+async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
+    """Push four things, then a pull request's branch twice, wait for their outcomes, print a
+    table and what branchbuild left on the pull request; True if all are as expected."""
     from service.localdev.builder import list_builds
 
     work = options.state / "demo-work" / uuid.uuid4().hex[:8]
@@ -472,6 +553,7 @@ async def demo(options: Options, keys: Keys) -> bool:
                 break
             await anyio.sleep(0.5)
     after = await _metrics(options.http_port)
+    pr_rows, pr_ok, pr_text = await _demo_pull_request(options, codecommit, git, passing, work)
     rows = [
         ("push feature/demo-pass", "build SUCCEEDED", f"build {status(passing) or 'none'}"),
         ("push feature/demo-fail", "build FAILED", f"build {status(failing) or 'none'}"),
@@ -485,19 +567,108 @@ async def demo(options: Options, keys: Keys) -> bool:
             "skipped: deleted",
             f"deleted events: +{_delta(after, baseline, 'deleted'):g}",
         ),
+        *pr_rows,
     ]
     ok = [
         status(passing) == "SUCCEEDED",
         status(failing) == "FAILED",
         _delta(after, baseline, "protected") == 1,
         _delta(after, baseline, "deleted") == 1,
+        *pr_ok,
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"{'what':<{width}}  {'expected':<20}  {'got':<28}  ok"]
+    lines = [f"{'what':<{width}}  {'expected':<26}  {'got':<28}  ok"]
     for (what, expected, got), good in zip(rows, ok, strict=True):
-        lines.append(f"{what:<{width}}  {expected:<20}  {got:<28}  {'yes' if good else 'NO'}")
-    sys.stdout.write("\n" + "\n".join(lines) + "\n\n")
+        lines.append(f"{what:<{width}}  {expected:<26}  {got:<28}  {'yes' if good else 'NO'}")
+    sys.stdout.write("\n" + "\n".join(lines) + "\n\n" + pr_text + "\n")
     return all(ok)
+
+
+async def _demo_pull_request(
+    options: Options,
+    codecommit: str,
+    git: Callable[..., Awaitable[str]],
+    base: str,
+    work: Path,
+) -> tuple[list[tuple[str, str, str]], list[bool], str]:
+    """A pull request from feature/demo-pr into develop, its branch pushed twice while the
+    first build still runs: that build is stopped (superseded), the second succeeds, and
+    branchbuild leaves one comment per commit and its approval."""
+    from service.localdev.builder import list_builds
+
+    def build(commit: str) -> Any:
+        found = [r for r in list_builds(options.state / "builds", 1000) if r.commit == commit]
+        return found[0] if found else None
+
+    await git("checkout", "--quiet", "-b", "feature/demo-pr", base)
+    (work / "buildspec.yml").write_text(SLOW)
+    (work / "seconds.txt").write_text("120\n")
+    await git("add", "--all")
+    await git("commit", "--quiet", "-m", "a slow build")
+    first = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "--force", "origin", "HEAD:feature/demo-pr")
+    number = await create_pull_request(
+        codecommit,
+        options.region,
+        repository=options.repositories[0],
+        source="feature/demo-pr",
+        destination="develop",
+        title="demo: a change built twice",
+    )
+
+    async def view() -> Any:
+        return await view_pull_request(codecommit, options.region, number)
+
+    # Push again once the first build runs its commands and its comment is on the PR.
+    with anyio.move_on_after(120):
+        while True:
+            record = build(first)
+            running = record is not None and any(
+                p.name == "BUILD" and p.status == "IN_PROGRESS" for p in record.phases
+            )
+            if running and any(c[0] == first for c in (await view()).comments):
+                break
+            await anyio.sleep(0.5)
+    (work / "seconds.txt").write_text("2\n")
+    await git("commit", "--quiet", "-am", "a quick build")
+    second = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "origin", "HEAD:feature/demo-pr")
+
+    def comment(pr: Any, commit: str) -> str:
+        return next((c[2] for c in pr.comments if c[0] == commit), "")
+
+    with anyio.move_on_after(120):
+        while True:
+            pr = await view()
+            if (
+                "superseded" in comment(pr, first)
+                and "succeeded" in comment(pr, second)
+                and pr.approvals
+            ):
+                break
+            await anyio.sleep(0.5)
+    pr = await view()
+    one, two = build(first), build(second)
+    approvals = ", ".join(state for _, state in pr.approvals) or "none"
+    per_commit = {c[0] for c in pr.comments}
+    rows = [
+        (
+            f"PR {number}: push 1",
+            "build STOPPED, superseded",
+            f"build {one.status if one else 'none'}"
+            + (", superseded" if "superseded" in comment(pr, first) else ""),
+        ),
+        ("PR: push 2", "build SUCCEEDED", f"build {two.status if two else 'none'}"),
+        ("PR: comments", "one per commit (2)", f"{len(pr.comments)} on {len(per_commit)} commits"),
+        ("PR: approval", "APPROVE", approvals),
+    ]
+    ok = [
+        one is not None and one.status == "STOPPED" and "superseded" in comment(pr, first),
+        two is not None and two.status == "SUCCEEDED",
+        len(pr.comments) == 2 and per_commit == {first, second},
+        [state for _, state in pr.approvals] == ["APPROVE"],
+    ]
+    return rows, ok, "What branchbuild left on the pull request:\n\n" + describe(pr)
 
 
 async def _metrics(port: int) -> dict[str, float]:
@@ -527,16 +698,18 @@ async def run(options: Options) -> int:
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(localstack(options))
         outputs = await deploy(options)
-        host = await stack.enter_async_context(git_host(options, keys, stack))
+        followers: list[Callable[[RefChange], Awaitable[None]]] = []
+        host = await stack.enter_async_context(git_host(options, keys, stack, followers))
         log.info("git host on 127.0.0.1:%s", host.port)
+        standin = await stack.enter_async_context(pull_requests(options, host, stack, followers))
+        log.info("CodeCommit pull request stand-in at %s", standin.endpoint)
         command = [sys.executable, "-m", "service", "run"]
-        proc = await stack.enter_async_context(
-            _child(command, service_env(options, keys, outputs), options, "branchbuild")
-        )
+        env = service_env(options, keys, outputs, standin.endpoint)
+        proc = await stack.enter_async_context(_child(command, env, options, "branchbuild"))
         await wait_ready(options.http_port, proc, options)
         if options.demo:
-            return 0 if await demo(options, keys) else 1
-        sys.stdout.write(instructions(options, keys))
+            return 0 if await demo(options, keys, standin.endpoint) else 1
+        sys.stdout.write(instructions(options, keys, standin.endpoint))
         sys.stdout.flush()
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -561,6 +734,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--repository", action="append", default=[], help="repositories to serve (default demo)"
     )
+    parser.add_argument(
+        "--codecommit-port",
+        type=int,
+        default=0,
+        help="the CodeCommit pull request stand-in's port (default: a free one)",
+    )
     parser.add_argument("--stack-name", default="branchbuild-local", help="CloudFormation stack")
     parser.add_argument("--prefix", default="branchbuild", help="resource name prefix")
     args = parser.parse_args(argv)
@@ -576,6 +755,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         demo=args.demo,
         stack=args.stack_name,
         prefix=args.prefix,
+        codecommit_port=args.codecommit_port,
     )
     (options.state / "logs").mkdir(parents=True, exist_ok=True)
     detailed = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
