@@ -32,6 +32,9 @@ REGION = "eu-west-1"
 
 
 def free_port() -> int:
+    """A port that was free a moment ago: only for what cannot bind port 0 and report its
+    own (LocalStack, and `make run`'s command line in tests/test_localstack.py). moto, the git
+    host and the service bind port 0 and report theirs."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -20,7 +21,6 @@ import pytest
 from service.admin.builds import render, to_run, with_outcomes
 from service.cli import main as cli_main
 from service.events import Push, RefChange, codecommit_event, parse_event
-from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
     AwsResources,
@@ -353,8 +353,13 @@ async def test_status_shows_the_backlog_of_every_queue(aws: AwsResources, tmp_pa
 async def test_status_of_an_unreachable_queue_is_one_line_and_exit_1(
     aws: AwsResources, tmp_path: Path
 ) -> None:
-    env = admin_env(aws, tmp_path, AWS_ENDPOINT_URL=f"http://127.0.0.1:{free_port()}")
-    result = await branchbuild(env, "status")
+    # A port held (bound, never listening) for the test: connecting is refused, and no other
+    # process can take it meanwhile.
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        endpoint = f"http://127.0.0.1:{held.getsockname()[1]}"
+        env = admin_env(aws, tmp_path, AWS_ENDPOINT_URL=endpoint)
+        result = await branchbuild(env, "status")
     assert result.code == 1
     assert result.err.startswith("branchbuild status: cannot read attributes of the intake queue:")
     assert "Could not connect to the endpoint URL" in result.err

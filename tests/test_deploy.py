@@ -8,38 +8,13 @@ from __future__ import annotations
 
 import re
 import tomllib
-from pathlib import Path
 from typing import Any
-
-import yaml
 
 from service.cli import main as cli_main
 from service.settings import Settings
+from tests.cfn import DEPLOY, ROOT, load
 
-ROOT = Path(__file__).resolve().parent.parent
-DEPLOY = ROOT / "deploy"
-
-
-class CfnLoader(yaml.SafeLoader):
-    """YAML with CloudFormation's short-form tags (!Ref, !Sub, ...) kept as {tag: value}."""
-
-
-def _tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    return {suffix: value}
-
-
-CfnLoader.add_multi_constructor("!", _tag)
-
-
-def template(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = yaml.load((DEPLOY / name).read_text(), Loader=CfnLoader)  # noqa: S506
-    return data
+template = load  # deploy/<name>, CloudFormation's short-form tags kept (tests/cfn.py)
 
 
 def resources(name: str, kind: str) -> dict[str, dict[str, Any]]:
