@@ -25,7 +25,7 @@ import json
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -38,7 +38,7 @@ from .intake import work_message
 from .job import object_key
 from .pipelines import Pipelines
 from .queue import Queue
-from .records import STATE_PREFIX
+from .records import STATE_PREFIX, Records
 from .settings import Settings
 from .storage import Storage
 
@@ -225,21 +225,12 @@ class Reconciler:
         return len(pushes)
 
     async def _read_state(self, key: str) -> dict[str, str] | None:
-        try:
-            with translated(f"read s3://{self.storage.bucket}/{key}", transient=StorageError):
-                reply = await self.storage.s3.get_object(Bucket=self.storage.bucket, Key=key)
-                body = await reply["Body"].read()
-        except StorageError as exc:
-            if error_code(exc.__cause__ or exc) in {"NoSuchKey", "404"}:
-                return None
-            raise
-        try:
-            data: Any = json.loads(body)
-        except ValueError:
+        """The heads recorded last time; None when there are none (or they are unreadable):
+        then this is a first contact, which records without building."""
+        recorded = await Records(self.storage.s3, self.storage.bucket).read(key)
+        if recorded is None or not recorded.data:
             return None
-        if not isinstance(data, dict):
-            return None
-        return {str(k): str(v) for k, v in data.items()}
+        return {str(k): str(v) for k, v in recorded.data.items()}
 
     async def _write_state(self, key: str, heads: dict[str, str]) -> None:
         with translated(f"write s3://{self.storage.bucket}/{key}", transient=StorageError):
