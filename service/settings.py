@@ -101,9 +101,15 @@ class Settings(LocalSettings):
     # CodeCommit's SSH endpoints offer only an ssh-rsa (SHA-1) host key and expect ssh-rsa
     # signatures from IAM's RSA keys; OpenSSH 8.8 and later refuse both by default. Enabled for
     # these hosts only, never globally.
+    # The regional and FIPS hosts, China's (.amazonaws.com.cn), and the names of interface VPC
+    # endpoints (vpce-<id>-<suffix>.git-codecommit.<region>.vpce.amazonaws.com).
     ssh_legacy_rsa_hosts: CommaList = (
         "git-codecommit.*.amazonaws.com",
         "git-codecommit-fips.*.amazonaws.com",
+        "git-codecommit.*.amazonaws.com.cn",
+        "*.git-codecommit.*.vpce.amazonaws.com",
+        "*.git-codecommit-fips.*.vpce.amazonaws.com",
+        "*.git-codecommit.*.vpce.amazonaws.com.cn",
     )
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
