@@ -83,6 +83,9 @@ class Settings(LocalSettings):
 
     key_template: str = "{repository}/{branch}/{commit}.zip"
     project_template: str = "{repository}"
+    # Every project name (this template, a rule's `project`) must begin with it: the task
+    # role may start only such projects (deploy/service.yaml sets it with the IAM grant).
+    project_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_-]*$")
     protected_branches: CommaList = ("test", "develop", "staging")
     include_branches: CommaList = ("*",)
     build_tags: bool = False
@@ -226,6 +229,18 @@ class Settings(LocalSettings):
         if self.known_hosts_file is not None and self.known_hosts is not None:
             raise ValueError(
                 "set BRANCHBUILD_KNOWN_HOSTS_FILE or BRANCHBUILD_KNOWN_HOSTS, not both"
+            )
+        if not self.project_template.startswith(self.project_prefix):
+            raise ValueError(
+                f"BRANCHBUILD_PROJECT_TEMPLATE {self.project_template!r} does not begin with "
+                f"BRANCHBUILD_PROJECT_PREFIX {self.project_prefix!r}: the service may start "
+                "only the projects whose name begins with it"
+            )
+        if self.pull_request_role_template and not self.allowed_accounts:
+            raise ValueError(
+                "BRANCHBUILD_ALLOWED_ACCOUNTS must list the repository accounts when "
+                "BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE is set: the role is assumed in the "
+                "account an event names"
             )
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError(

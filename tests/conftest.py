@@ -18,6 +18,8 @@ from service.events import RefChange
 from service.localdev.githost import GitHost
 from tests.helpers import (
     COLLECTED_MODULES,
+    DESELECTED,
+    IAM_NOTES,
     SERVICE_LOGS,
     AwsResources,
     GitWorld,
@@ -44,7 +46,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The IAM check of every recorded AWS call runs last, once every service has run."""
     last = [i for i in items if i.name.startswith("test_every_aws_call_is_allowed")]
     items[:] = [i for i in items if i not in last] + last
-    COLLECTED_MODULES.update(i.path.name for i in items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The modules whose tests run, after -k/-m deselection (which runs after the hook above):
+    the IAM proof that every grant is used needs the calls of every test."""
+    COLLECTED_MODULES.update(i.path.name for i in session.items)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    COLLECTED_MODULES.add(DESELECTED)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the IAM proof did not check in this run, where it is seen."""
+    for note in IAM_NOTES:
+        terminalreporter.write_line(note, yellow=True, bold=True)
 
 
 @pytest.fixture(autouse=True)

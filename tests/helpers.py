@@ -332,6 +332,10 @@ SERVICE_LOGS: list[Path] = []
 # The test modules this pytest session collected (conftest): the IAM proof that every grant is
 # used needs the calls of the whole suite.
 COLLECTED_MODULES: set[str] = set()
+# Added to COLLECTED_MODULES when -k or -m deselected a test: then not every call was made.
+DESELECTED = "(deselected tests)"
+# What the IAM proof could not check in this run, printed in pytest's summary (conftest).
+IAM_NOTES: list[str] = []
 
 
 def service_env(
