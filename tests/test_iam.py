@@ -261,7 +261,7 @@ def resources_for(action: str, resources: dict[str, Any], account: str = ACCOUNT
 
 # -- the deployment -------------------------------------------------------------------------
 
-# The README's walkthrough (docs/deploying.md): prefix bb-, multi-account pull request feedback
+# The walkthrough of docs/deploying.md: prefix bb-, multi-account pull request feedback
 # with the role of deploy/multi-account/repository-account.yaml, the example rules file in S3.
 PREFIX = "bb-"
 REPOSITORY_ACCOUNT = "210987654321"

@@ -1,5 +1,6 @@
-"""Every template deployed into moto's CloudFormation (over HTTP), in the order README.md's
-"Deploying" gives, wiring itself through exports: nothing is copied between stacks.
+"""Every template deployed into moto's CloudFormation (over HTTP), in the order
+docs/deploying.md gives (the projects before the service, its first consumer), wiring itself
+through exports: nothing is copied between stacks.
 
 moto creates the VPC, subnets, security groups, queues, bucket, rules, roles, managed policy,
 log groups and the ECS cluster, task definition and service; it accepts but does not create
@@ -67,6 +68,13 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         WorkVisibilityTimeout="300",
         IntakeVisibilityTimeout="7",
     )
+    project = deploy(
+        moto,
+        "branchbuild-project-app",
+        "codebuild-project.yaml",
+        RepositoryName="app",
+        ProjectNamePrefix="bb-",
+    )
     # moto keeps AWS::NoValue in a managed policy's statement list (AWS drops it), so the
     # service stack is deployed with a KMS key, which fills that slot.
     service = deploy(
@@ -81,13 +89,6 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         RepositoryAccountIds=f"{ACCOUNT},222222222222",
         PullRequestRoleName="branchbuild-pull-requests",
         PipelineConfig="s3://branchbuild-config/branchbuild/pipelines.yaml",
-    )
-    project = deploy(
-        moto,
-        "branchbuild-project-app",
-        "codebuild-project.yaml",
-        RepositoryName="app",
-        ProjectNamePrefix="bb-",
     )
 
     exports = {
