@@ -937,16 +937,13 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     d = walkthrough()
     pairs = requests_for(calls, d)
     assert any(r.role == "pull-requests" for _, r in pairs), "no call with an assumed role seen"
-    results = simulate([request for _, request in pairs])
-    denied = sorted(
-        {
-            f"{request.role}: {request.action} on {request.resource} "
-            f"({call.service}:{call.operation}): {result}"
-            for (call, request), result in zip(pairs, results, strict=True)
-            if result != "Allowed"
-        }
-    )
+    denied = denials(pairs)
     assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
+    # ...and at the defaults (only the required prefix): every call of the features that need
+    # no parameter (all but pull request feedback) is allowed there too.
+    plain = {c for c in calls if c.service not in ("codecommit", "sts")}
+    denied = denials(requests_for(plain, deployment()))
+    assert not denied, "calls the default deployment does not allow:\n" + "\n".join(denied)
 
     suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
     if not suite <= COLLECTED_MODULES or DESELECTED in COLLECTED_MODULES:
@@ -962,6 +959,19 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     unused, broad = unproven_grants(d, [request for _, request in pairs])
     assert not unused, "granted but never called (remove, or give a reason):\n" + "\n".join(unused)
     assert not broad, "wildcard resources without a reason:\n" + "\n".join(broad)
+
+
+def denials(pairs: list[tuple[Call, Request]]) -> list[str]:
+    """The calls among ``pairs`` that the evaluator does not allow, described."""
+    results = simulate([request for _, request in pairs])
+    return sorted(
+        {
+            f"{request.role}: {request.action} on {request.resource} "
+            f"({call.service}:{call.operation}): {result}"
+            for (call, request), result in zip(pairs, results, strict=True)
+            if result != "Allowed"
+        }
+    )
 
 
 def every_grant(d: Deployment) -> set[Grant]:
