@@ -165,14 +165,17 @@ class AccountClients:
                 with translated(f"assume {role}"):
                     reply = await sts.assume_role(RoleArn=role, RoleSessionName="branchbuild")
             credentials = reply["Credentials"]
+            # Its own session, so that its calls are recorded as made with the assumed role
+            # (tests/test_iam.py evaluates them against that role's policy, not ours).
+            assumed = aioboto3.Session(
+                region_name=region(),
+                aws_access_key_id=credentials["AccessKeyId"],
+                aws_secret_access_key=credentials["SecretAccessKey"],
+                aws_session_token=credentials["SessionToken"],
+            )
+            watch_calls(assumed, role="service", assumed_role=role)
             client = await self.stack.enter_async_context(
-                self.clients.session.client(
-                    "codecommit",
-                    config=self.clients.config,
-                    aws_access_key_id=credentials["AccessKeyId"],
-                    aws_secret_access_key=credentials["SecretAccessKey"],
-                    aws_session_token=credentials["SessionToken"],
-                )
+                assumed.client("codecommit", config=self.clients.config)
             )
             # (a replaced client stays open until shutdown: one per hour per account)
             self._assumed[account] = (client, credentials["Expiration"])
@@ -203,11 +206,12 @@ def naming(**names: str) -> Iterator[None]:
         _NAMED.reset(token)
 
 
-def watch_calls(session: aioboto3.Session, *, role: str) -> None:
+def watch_calls(session: aioboto3.Session, *, role: str, assumed_role: str = "") -> None:
     """Log every AWS call of the clients ``session`` makes, at DEBUG, as one ``aws_call``
-    record once it is answered: the ``role`` making it (``service`` or ``admin``), the service,
-    the operation, the parameters naming its resources (never bodies or other values) and the
-    error code, if any.
+    record once it is answered: the ``role`` making it (``service`` or ``admin``), the role ARN
+    whose credentials it used if they are an ``assumed_role``'s, the service, the operation,
+    the parameters naming its resources (never bodies or other values) and the error code,
+    if any.
 
     Registered on the session, so every client and every operation is seen, including ones
     added later; tests/test_iam.py checks each recorded call against the IAM policies in
@@ -231,6 +235,8 @@ def watch_calls(session: aioboto3.Session, *, role: str) -> None:
             "resources": context["branchbuild_resources"],
             "error": error,
         }
+        if assumed_role:
+            call["assumed_role"] = assumed_role
         calls_log.debug(
             "aws call %s:%s", call["service"], call["operation"], extra={"aws_call": call}
         )

@@ -56,9 +56,21 @@ def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
+def check_account(account: str, settings: Settings) -> None:
+    """Refuse an event of an account not in ``BRANCHBUILD_ALLOWED_ACCOUNTS`` (pull request
+    events too: the service assumes its feedback role in the account the event names).
+
+    Raises:
+        RejectedEvent: the account is not allowed.
+    """
+    allowed = settings.allowed_accounts
+    if allowed and not _matches(account, allowed):
+        raise RejectedEvent(f"account {account!r} is not in BRANCHBUILD_ALLOWED_ACCOUNTS")
+
+
 def _check_allowed(push: Push, settings: Settings) -> None:
+    check_account(push.account, settings)
     for value, allowed, what, variable in (
-        (push.account, settings.allowed_accounts, "account", "BRANCHBUILD_ALLOWED_ACCOUNTS"),
         (push.region, settings.allowed_regions, "region", "BRANCHBUILD_ALLOWED_REGIONS"),
         (
             push.repository,

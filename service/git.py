@@ -145,10 +145,13 @@ class Git:
         if s.ssh_legacy_rsa_hosts:
             # Appended (+) to OpenSSH's defaults, for these hosts only: rsa-sha2 and ed25519
             # stay preferred wherever the host offers them. Pinning is unchanged.
+            # PubkeyAcceptedKeyTypes, not its 8.5 rename PubkeyAcceptedAlgorithms: every
+            # OpenSSH since 7.0 reads the old name (later ones as an alias); older ones stop
+            # at the new name with "Bad configuration option".
             legacy = (
                 f"Host {' '.join(s.ssh_legacy_rsa_hosts)}\n"
                 "  HostKeyAlgorithms +ssh-rsa\n"
-                "  PubkeyAcceptedAlgorithms +ssh-rsa\n\n"
+                "  PubkeyAcceptedKeyTypes +ssh-rsa\n\n"
             )
         config.write_text(
             legacy + "Host *\n"

@@ -272,6 +272,14 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
     rules = tuple(
         (rule.repository, rule.resolve(defaults, index)) for index, rule in enumerate(model.rules)
     )
+    for index, rule in enumerate(model.rules):
+        if rule.project is not None and not rule.project.startswith(settings.project_prefix):
+            line = _lines(node).get(("rules", index, "project"), 1)
+            raise ConfigurationError(
+                f"{source}:{line}: rules[{index}].project: {rule.project!r} does not begin with "
+                f"BRANCHBUILD_PROJECT_PREFIX {settings.project_prefix!r} (the service may start "
+                "only the projects whose name begins with it)"
+            )
     return PipelineConfig(
         source=source,
         defaults=defaults,

@@ -27,6 +27,7 @@ from botocore.exceptions import ClientError
 
 from .aws import AccountClients, error_code, naming, translated
 from .builds import StartedBuild
+from .decide import check_account
 from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
 from .job import object_key
@@ -145,6 +146,7 @@ class PullRequests:
 
         Raises:
             MalformedEvent: not such an event, or unusable fields.
+            RejectedEvent: its account is not in BRANCHBUILD_ALLOWED_ACCOUNTS.
             TransientError: CodeCommit or S3 failed.
         """
         detail = _pull_request_detail(body)
@@ -155,6 +157,7 @@ class PullRequests:
         reference = str(detail["sourceReference"])
         if not reference.startswith("refs/heads/"):
             return "ignored"
+        check_account(str(detail["account"]), self.settings)
         repositories = detail.get("repositoryNames")
         if not isinstance(repositories, list) or len(repositories) != 1:
             raise MalformedEvent("repositoryNames is not a list of one repository")

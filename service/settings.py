@@ -83,6 +83,9 @@ class Settings(LocalSettings):
 
     key_template: str = "{repository}/{branch}/{commit}.zip"
     project_template: str = "{repository}"
+    # Every project name (this template, a rule's `project`) must begin with it: the task
+    # role may start only such projects (deploy/service.yaml sets it with the IAM grant).
+    project_prefix: str = Field(default="", pattern=r"^[A-Za-z0-9_-]*$")
     protected_branches: CommaList = ("test", "develop", "staging")
     include_branches: CommaList = ("*",)
     build_tags: bool = False
@@ -101,9 +104,15 @@ class Settings(LocalSettings):
     # CodeCommit's SSH endpoints offer only an ssh-rsa (SHA-1) host key and expect ssh-rsa
     # signatures from IAM's RSA keys; OpenSSH 8.8 and later refuse both by default. Enabled for
     # these hosts only, never globally.
+    # The regional and FIPS hosts, China's (.amazonaws.com.cn), and the names of interface VPC
+    # endpoints (vpce-<id>-<suffix>.git-codecommit.<region>.vpce.amazonaws.com).
     ssh_legacy_rsa_hosts: CommaList = (
         "git-codecommit.*.amazonaws.com",
         "git-codecommit-fips.*.amazonaws.com",
+        "git-codecommit.*.amazonaws.com.cn",
+        "*.git-codecommit.*.vpce.amazonaws.com",
+        "*.git-codecommit-fips.*.vpce.amazonaws.com",
+        "*.git-codecommit.*.vpce.amazonaws.com.cn",
     )
     ssh_connect_timeout: int = Field(default=15, ge=1, le=300)
     git_timeout: float = Field(default=900.0, gt=0)
@@ -220,6 +229,18 @@ class Settings(LocalSettings):
         if self.known_hosts_file is not None and self.known_hosts is not None:
             raise ValueError(
                 "set BRANCHBUILD_KNOWN_HOSTS_FILE or BRANCHBUILD_KNOWN_HOSTS, not both"
+            )
+        if not self.project_template.startswith(self.project_prefix):
+            raise ValueError(
+                f"BRANCHBUILD_PROJECT_TEMPLATE {self.project_template!r} does not begin with "
+                f"BRANCHBUILD_PROJECT_PREFIX {self.project_prefix!r}: the service may start "
+                "only the projects whose name begins with it"
+            )
+        if self.pull_request_role_template and not self.allowed_accounts:
+            raise ValueError(
+                "BRANCHBUILD_ALLOWED_ACCOUNTS must list the repository accounts when "
+                "BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE is set: the role is assumed in the "
+                "account an event names"
             )
         if self.retry_max_delay < self.retry_base_delay:
             raise ValueError(

@@ -45,6 +45,24 @@ def load(name: str) -> dict[str, Any]:
     return data
 
 
+class ParameterRefused(ValueError):
+    """CloudFormation refuses the stack: a parameter breaks its constraints."""
+
+
+def _check_parameter(template: str, key: str, spec: dict[str, Any], value: Any) -> None:
+    """The constraints CloudFormation checks before it creates anything."""
+    text = str(value)
+    problems = []
+    if "AllowedPattern" in spec and not re.fullmatch(spec["AllowedPattern"], text):
+        problems.append(f"does not match {spec['AllowedPattern']}")
+    if "AllowedValues" in spec and text not in [str(v) for v in spec["AllowedValues"]]:
+        problems.append(f"is not one of {spec['AllowedValues']}")
+    if "MinLength" in spec and len(text) < int(spec["MinLength"]):
+        problems.append(f"is shorter than {spec['MinLength']}")
+    if problems:
+        raise ParameterRefused(f"{template}: {key}={text!r} {' and '.join(problems)}")
+
+
 class _NoValue:
     """AWS::NoValue: the property or list item is removed."""
 
@@ -123,6 +141,8 @@ class Stack:
                 raise KeyError(f"{self.template_name}: parameter {key} has no value")
             if spec["Type"] in ("CommaDelimitedList",) or spec["Type"].startswith("List<"):
                 value = value.split(",") if isinstance(value, str) else list(value)
+            else:
+                _check_parameter(self.template_name, key, spec, value)
             self.parameters[key] = value
         if given:
             raise KeyError(f"{self.template_name}: unknown parameters {sorted(given)}")
@@ -167,7 +187,8 @@ class Stack:
         if kind == "AWS::S3::Bucket":
             return f"arn:aws:s3:::{name}"
         if kind == "AWS::IAM::Role":
-            return f"arn:aws:iam::{self.account}:role/{name}"
+            path = self.resolve(self.resource(logical).get("Properties", {}).get("Path", "/"))
+            return f"arn:aws:iam::{self.account}:role{path}{name}"
         if kind == "AWS::IAM::ManagedPolicy":
             return f"arn:aws:iam::{self.account}:policy/{name}"
         if kind == "AWS::Events::Rule":

@@ -18,12 +18,15 @@ from service.events import RefChange
 from service.localdev.githost import GitHost
 from tests.helpers import (
     COLLECTED_MODULES,
-    SERVICE_LOGS,
+    DESELECTED,
+    IAM_NOTES,
     AwsResources,
     GitWorld,
     ServiceProcess,
     StartService,
+    calls_directory,
     create_resources,
+    record_calls_of,
     server_process,
     service_env,
 )
@@ -44,7 +47,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The IAM check of every recorded AWS call runs last, once every service has run."""
     last = [i for i in items if i.name.startswith("test_every_aws_call_is_allowed")]
     items[:] = [i for i in items if i not in last] + last
-    COLLECTED_MODULES.update(i.path.name for i in items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The modules whose tests run, after -k/-m deselection (which runs after the hook above):
+    the IAM proof that every grant is used needs the calls of every test."""
+    COLLECTED_MODULES.update(i.path.name for i in session.items)
+
+
+def pytest_deselected(items: list[pytest.Item]) -> None:
+    COLLECTED_MODULES.add(DESELECTED)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the IAM proof did not check in this run, where it is seen."""
+    for note in IAM_NOTES:
+        terminalreporter.write_line(note, yellow=True, bold=True)
 
 
 @pytest.fixture(autouse=True)
@@ -139,9 +157,15 @@ async def git_world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIter
         yield world
 
 
+@pytest.fixture(scope="session")
+def calls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's list of service logs whose AWS calls the IAM proof evaluates."""
+    return calls_directory(tmp_path_factory.getbasetemp())
+
+
 @pytest.fixture
 async def start_service(
-    aws: AwsResources, git_world: GitWorld, tmp_path: Path
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, calls_dir: Path
 ) -> AsyncIterator[StartService]:
     started: list[ServiceProcess] = []
     cache = tmp_path / "cache"
@@ -165,7 +189,7 @@ async def start_service(
         )
         service = ServiceProcess(env, tmp_path / f"service-{len(started)}.log")
         started.append(service)
-        SERVICE_LOGS.append(service.log)
+        record_calls_of(calls_dir, service.log)
         await service.start()
         return service
 

@@ -326,12 +326,32 @@ def push_for(repository: str, branch: str, commit: str | None = None, **fields: 
 # -- the service as a real process ------------------------------------------------------------
 
 
-# The log of every service process the start_service fixture started in this session: their
-# aws_call records are what tests/test_iam.py checks against the IAM policies.
-SERVICE_LOGS: list[Path] = []
+def calls_directory(basetemp: Path) -> Path:
+    """Where the log of every service process the session starts is listed (one file each,
+    naming it): their aws_call records are what tests/test_iam.py evaluates against the IAM
+    policies. One directory for the session, shared by pytest-xdist's workers (whose
+    basetemps are siblings), so the calls are evaluated in one place."""
+    root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
+    directory = root / "aws-calls"
+    directory.mkdir(exist_ok=True)
+    return directory
+
+
+def record_calls_of(directory: Path, log: Path) -> None:
+    (directory / f"{uuid.uuid4().hex}.log-path").write_text(str(log))
+
+
+def recorded_logs(directory: Path) -> list[Path]:
+    return [Path(f.read_text()) for f in sorted(directory.glob("*.log-path"))]
+
+
 # The test modules this pytest session collected (conftest): the IAM proof that every grant is
 # used needs the calls of the whole suite.
 COLLECTED_MODULES: set[str] = set()
+# Added to COLLECTED_MODULES when -k or -m deselected a test: then not every call was made.
+DESELECTED = "(deselected tests)"
+# What the IAM proof could not check in this run, printed in pytest's summary (conftest).
+IAM_NOTES: list[str] = []
 
 
 def service_env(

@@ -125,7 +125,11 @@ def test_task_role_grants_pull_request_calls_on_repositories_and_one_role_only()
     rendered = template_entry["Value"]["Sub"].replace("${AWS::Partition}", "aws")
     rendered = rendered.replace("${PullRequestRoleName}", "branchbuild-pull-requests")
     settings = Settings(
-        queue_url="q", work_queue_url="w", bucket="bucket", pull_request_role_template=rendered
+        queue_url="q",
+        work_queue_url="w",
+        bucket="bucket",
+        pull_request_role_template=rendered,
+        allowed_accounts=("210987654321",),
     )
     assert settings.pull_request_role_template.format(account="210987654321") == (
         "arn:aws:iam::210987654321:role/branchbuild-pull-requests"

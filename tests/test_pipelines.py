@@ -45,7 +45,7 @@ def push(repository: str, branch: str) -> Push:
 def test_the_shipped_example_loads_and_resolves() -> None:
     config = parse_config(EXAMPLE.read_bytes(), str(EXAMPLE), settings())
     mono = config.rule_for("platform-monorepo")
-    assert mono.project_template == "monorepo-payments"
+    assert mono.project_template == "bb-monorepo-payments"
     assert mono.include_branches == ("feature/*", "bugfix/*")
     assert mono.exclude_branches == ("feature/experimental-*",)
     assert mono.include_paths == ("services/payments/*", "libs/money/*")

@@ -228,6 +228,7 @@ async def test_no_pull_request_nothing_posted_then_one_opened_gets_the_result_at
     service = await start_service(
         BRANCHBUILD_PULL_REQUEST_FEEDBACK="comment+approval",
         BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE="arn:aws:iam::{account}:role/branchbuild-pr",
+        BRANCHBUILD_ALLOWED_ACCOUNTS="123456789012",
     )
     await world.repo.checkout("feature/pay")
     commit = await world.push("feature/pay", 1)
@@ -253,26 +254,50 @@ async def test_no_pull_request_nothing_posted_then_one_opened_gets_the_result_at
     assert state == "APPROVE" and approver != SERVICE and "/ASIA" in approver
     assert [c.author for c in world.standin.comments_on(pr)] == [approver]
 
+    async def send(account: str, detail: dict[str, Any]) -> None:
+        await world.aws.sqs.send_message(
+            QueueUrl=world.aws.intake_url,
+            MessageBody=json.dumps(
+                {
+                    "detail-type": "CodeCommit Pull Request State Change",
+                    "source": "aws.codecommit",
+                    "account": account,
+                    "detail": detail,
+                }
+            ),
+            MessageGroupId="pullrequest",
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
+
     # A malformed pull request event is dead-lettered with its reason.
-    await world.aws.sqs.send_message(
-        QueueUrl=world.aws.intake_url,
-        MessageBody=json.dumps(
-            {
-                "detail-type": "CodeCommit Pull Request State Change",
-                "source": "aws.codecommit",
-                "account": "123456789012",
-                "detail": {"event": "pullRequestCreated", "pullRequestId": "1"},
-            }
-        ),
-        MessageGroupId="pullrequest",
-        MessageDeduplicationId=uuid.uuid4().hex,
+    await send("123456789012", {"event": "pullRequestCreated", "pullRequestId": "1"})
+    # A well-formed one naming an account not in BRANCHBUILD_ALLOWED_ACCOUNTS: refused with
+    # its reason, no role assumed there (anyone who may send to the intake queue could).
+    assumed = len(world.standin.calls("ListPullRequests"))
+    await send(
+        "999999999999",
+        {
+            "event": "pullRequestCreated",
+            "pullRequestId": "1",
+            "pullRequestStatus": "OPEN",
+            "sourceReference": "refs/heads/feature/pay",
+            "sourceCommit": commit,
+            "repositoryNames": [world.repo.repository],
+        },
     )
 
     async def dead_lettered() -> list[tuple[str, dict[str, str]]] | None:
-        return await world.aws.dlq_messages(world.aws.intake_dlq_url) or None
+        found = await world.aws.dlq_messages(world.aws.intake_dlq_url)
+        return found if len(found) == 2 else None
 
-    [(_, attributes)] = await wait_for(dead_lettered, within=60, what="the DLQ")
-    assert attributes["branchbuild.reason"] == "sourceReference is missing or not a string"
+    reasons = {
+        a["branchbuild.reason"] for _, a in await wait_for(dead_lettered, within=60, what="DLQ")
+    }
+    assert reasons == {
+        "sourceReference is missing or not a string",
+        "account '999999999999' is not in BRANCHBUILD_ALLOWED_ACCOUNTS",
+    }
+    assert len(world.standin.calls("ListPullRequests")) == assumed
 
 
 async def test_the_stand_in_refuses_what_codecommit_would_refuse(world: World) -> None:

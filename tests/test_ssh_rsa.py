@@ -57,10 +57,13 @@ def test_the_generated_ssh_config_enables_ssh_rsa_for_codecommit_hosts_only(
     Git(settings)
     config = (tmp_path / "cache" / "ssh" / "config").read_text()
     legacy, rest = config.split("Host *\n")
-    assert legacy.splitlines()[0] == (
+    assert legacy.splitlines()[0].startswith(
         "Host git-codecommit.*.amazonaws.com git-codecommit-fips.*.amazonaws.com"
     )
-    assert "HostKeyAlgorithms +ssh-rsa" in legacy and "PubkeyAcceptedAlgorithms +ssh-rsa" in legacy
+    # PubkeyAcceptedKeyTypes: read by every OpenSSH since 7.0; PubkeyAcceptedAlgorithms stops
+    # any before 8.5 with "Bad configuration option".
+    assert "HostKeyAlgorithms +ssh-rsa" in legacy and "PubkeyAcceptedKeyTypes +ssh-rsa" in legacy
+    assert "PubkeyAcceptedAlgorithms" not in config
     assert "ssh-rsa" not in rest and "StrictHostKeyChecking yes" in rest
 
     # What OpenSSH itself makes of it: ssh-rsa for CodeCommit, not for any other host.
@@ -72,11 +75,21 @@ def test_the_generated_ssh_config_enables_ssh_rsa_for_codecommit_hosts_only(
             check=True,
         ).stdout
 
-    codecommit = resolved("git-codecommit.eu-west-1.amazonaws.com")
     other = resolved("git.example.com")
+    for host in (
+        "git-codecommit.eu-west-1.amazonaws.com",
+        "git-codecommit-fips.us-east-1.amazonaws.com",
+        "git-codecommit.cn-north-1.amazonaws.com.cn",
+        "vpce-0a1b2c3d4e5f60718-abcdefgh.git-codecommit.eu-west-1.vpce.amazonaws.com",
+        "vpce-0a1b2c3d4e5f60718-abcdefgh-eu-west-1a.git-codecommit.eu-west-1.vpce.amazonaws.com",
+        "vpce-0a1b2c3d4e5f60718-abcdefgh.git-codecommit-fips.us-east-1.vpce.amazonaws.com",
+        "vpce-0a1b2c3d4e5f60718-abcdefgh.git-codecommit.cn-north-1.vpce.amazonaws.com.cn",
+    ):
+        codecommit = resolved(host)
+        for line in ("hostkeyalgorithms", "pubkeyacceptedalgorithms"):
+            [value] = [entry for entry in codecommit.splitlines() if entry.startswith(line + " ")]
+            assert "ssh-rsa" in value.split()[1].split(","), (host, value)
     for line in ("hostkeyalgorithms", "pubkeyacceptedalgorithms"):
-        [value] = [entry for entry in codecommit.splitlines() if entry.startswith(line + " ")]
-        assert "ssh-rsa" in value.split()[1].split(","), value
         [value] = [entry for entry in other.splitlines() if entry.startswith(line + " ")]
         assert "ssh-rsa" not in value.split()[1].split(","), value
 

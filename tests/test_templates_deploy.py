@@ -1,5 +1,6 @@
-"""Every template deployed into moto's CloudFormation (over HTTP), in the order README.md's
-"Deploying" gives, wiring itself through exports: nothing is copied between stacks.
+"""Every template deployed into moto's CloudFormation (over HTTP), in the order
+docs/deploying.md gives (the projects before the service, its first consumer), wiring itself
+through exports: nothing is copied between stacks.
 
 moto creates the VPC, subnets, security groups, queues, bucket, rules, roles, managed policy,
 log groups and the ECS cluster, task definition and service; it accepts but does not create
@@ -67,6 +68,13 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         WorkVisibilityTimeout="300",
         IntakeVisibilityTimeout="7",
     )
+    project = deploy(
+        moto,
+        "branchbuild-project-app",
+        "codebuild-project.yaml",
+        RepositoryName="app",
+        ProjectNamePrefix="bb-",
+    )
     # moto keeps AWS::NoValue in a managed policy's statement list (AWS drops it), so the
     # service stack is deployed with a KMS key, which fills that slot.
     service = deploy(
@@ -77,9 +85,10 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
         NetworkStackName="branchbuild-network",
         SshSecretArn=SECRET,
         KmsKeyArn=KEY,
-    )
-    project = deploy(
-        moto, "branchbuild-project-app", "codebuild-project.yaml", RepositoryName="app"
+        CodeBuildProjectNamePrefix="bb-",
+        RepositoryAccountIds=f"{ACCOUNT},222222222222",
+        PullRequestRoleName="branchbuild-pull-requests",
+        PipelineConfig="s3://branchbuild-config/branchbuild/pipelines.yaml",
     )
 
     exports = {
@@ -117,6 +126,9 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
     assert env["BRANCHBUILD_QUEUE_URL"] == pipeline["IntakeQueueUrl"]
     assert env["BRANCHBUILD_WORK_QUEUE_URL"] == pipeline["WorkQueueUrl"]
     assert env["BRANCHBUILD_BUCKET"] == pipeline["BucketName"]
+    assert env["BRANCHBUILD_PROJECT_PREFIX"] == "bb-"
+    assert env["BRANCHBUILD_ALLOWED_ACCOUNTS"] == f"{ACCOUNT},222222222222"
+    assert env["BRANCHBUILD_CONFIG"] == "s3://branchbuild-config/branchbuild/pipelines.yaml"
     secrets = {s["name"]: s["valueFrom"] for s in container["secrets"]}
     assert secrets["BRANCHBUILD_KNOWN_HOSTS"] == f"{SECRET}:known_hosts::"
 
@@ -145,6 +157,8 @@ def test_the_stacks_wire_themselves_through_exports(moto: str) -> None:
     document = json.dumps(iam.get_role_policy(RoleName=task_role, PolicyName=name))
     assert pipeline["WorkQueueArn"] in document and pipeline["BucketName"] in document
     assert "s3:ListBucketMultipartUploads" in document
+    assert "project/bb-*" in document and "arn:aws:s3:::branchbuild-config/" in document
+    assert service["TaskRoleArn"].split(":role", 1)[1].startswith("/branchbuild/task/")
     operator = iam.get_policy(PolicyArn=service["OperatorPolicyArn"])["Policy"]
     assert operator["PolicyName"] == "branchbuild-operator"
     role = project["ServiceRoleArn"].rsplit("/", 1)[-1]
@@ -168,7 +182,16 @@ def test_the_account_templates_deploy(moto: str) -> None:
         "multi-account/repository-account.yaml",
         PipelineEventBusArn=bus["PipelineEventBusArn"],
         RepositoryArns=repositories,
+        ServiceAccountId="111111111111",
     )
+    # The feedback role trusts the service account's roles under the task role's path.
+    iam = client(moto, "iam")
+    role = iam.get_role(RoleName="branchbuild-pull-requests")["Role"]
+    [statement] = role["AssumeRolePolicyDocument"]["Statement"]
+    assert statement["Principal"] == {"AWS": "arn:aws:iam::111111111111:root"}
+    assert statement["Condition"] == {
+        "ArnLike": {"aws:PrincipalArn": "arn:aws:iam::111111111111:role/branchbuild/task/*"}
+    }
     [rule] = client(moto, "events").list_targets_by_rule(Rule="branchbuild-codecommit-forward")[
         "Targets"
     ]
@@ -186,7 +209,7 @@ def test_service_imports_the_network_or_takes_given_subnets() -> None:
         {"RepositoryArns": f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app"},
         region=REGION,
     )
-    base = {"Image": "image", "SshSecretArn": SECRET}
+    base = {"Image": "image", "SshSecretArn": SECRET, "CodeBuildProjectNamePrefix": "bb-"}
     for parameters, subnets, groups in (
         (
             {"NetworkStackName": "branchbuild-network"},
@@ -208,3 +231,47 @@ def test_service_imports_the_network_or_takes_given_subnets() -> None:
         )
         vpc = service.properties("Service")["NetworkConfiguration"]["AwsvpcConfiguration"]
         assert (vpc["Subnets"], vpc["SecurityGroups"]) == (subnets, groups)
+
+
+def test_the_network_has_an_endpoint_for_every_service_the_tasks_call() -> None:
+    """Without NAT, a service with no endpoint is unreachable: every service the task and
+    execution roles are granted (pull request feedback and cross-account roles included)."""
+    network = Stack("branchbuild-network", "network.yaml", region=REGION)
+    endpoints = {
+        network.properties(e)["ServiceName"].removeprefix(f"com.amazonaws.{REGION}.")
+        for e in network.of_type("AWS::EC2::VPCEndpoint")
+    }
+    pipeline = Stack(
+        "branchbuild-pipeline",
+        "pipeline.yaml",
+        {"RepositoryArns": f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app"},
+        region=REGION,
+    )
+    service = Stack(
+        "branchbuild-service",
+        "service.yaml",
+        {
+            "Image": f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/branchbuild:1",
+            "EcrRepositoryArn": f"arn:aws:ecr:{REGION}:{ACCOUNT}:repository/branchbuild",
+            "NetworkStackName": "branchbuild-network",
+            "SshSecretArn": SECRET,
+            "CodeBuildProjectNamePrefix": "bb-",
+            "PullRequestRepositoryArns": f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app",
+            "PullRequestRoleName": "branchbuild-pull-requests",
+            "RepositoryAccountIds": "222222222222",
+        },
+        region=REGION,
+        imports=network.exports() | pipeline.exports(),
+    )
+    called = set()
+    for role in ("TaskRole", "ExecutionRole"):
+        for policy in service.properties(role)["Policies"]:
+            for statement in policy["PolicyDocument"]["Statement"]:
+                if statement["Effect"] == "Allow":
+                    actions = statement["Action"]
+                    for action in [actions] if isinstance(actions, str) else actions:
+                        called.add(action.split(":")[0])
+    # ECR is two endpoints; git fetches go to git-codecommit over SSH.
+    needed = (called - {"ecr"}) | {"ecr.api", "ecr.dkr", "git-codecommit"}
+    assert {"codecommit", "sts"} <= needed
+    assert needed <= endpoints, needed - endpoints
