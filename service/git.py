@@ -449,35 +449,39 @@ class Git:
         """
         async with AsyncExitStack() as stack:
             scratch = await self._scratch(stack)
-            treeish, env = fetched.commit, self._env
+            treeish, env, cwd, attributes = fetched.commit, self._env, None, []
             if extras.submodules:
-                treeish, env = await self._with_submodules(stack, fetched, scratch)
-                if treeish != fetched.commit:
+                composed = await self._with_submodules(stack, fetched, scratch)
+                if composed is not None:
+                    treeish, env, cwd = composed
                     await self.check_sizes(fetched, treeish, env)
+                    attributes = ["--work-tree=.", "--worktree-attributes"]
             added: list[str] = []
             if extras.git_metadata_ref is not None:
                 added = await self._git_metadata(fetched, extras.git_metadata_ref, scratch)
             args = [
                 "git",
                 f"--git-dir={fetched.git_dir}",
+                *attributes[:1],
                 *_CACHE,
                 *_CHECKOUT,
                 "archive",
+                *attributes[1:],
                 "--format=zip",
                 f"-{self.settings.zip_level}",
                 *added,
                 "--prefix=",
                 treeish,
             ]
-            async with self._stream(args, env) as stream:
+            async with self._stream(args, env, cwd) as stream:
                 yield stream
 
     @asynccontextmanager
     async def _stream(
-        self, args: list[str], env: dict[str, str]
+        self, args: list[str], env: dict[str, str], cwd: Path | None
     ) -> AsyncIterator[ByteReceiveStream]:
         stderr = bytearray()
-        async with await anyio.open_process(args, env=env, stdin=None) as process:
+        async with await anyio.open_process(args, env=env, stdin=None, cwd=cwd) as process:
             assert process.stdout is not None and process.stderr is not None
             with unwrap_group():
                 async with anyio.create_task_group() as tg:
@@ -548,24 +552,28 @@ class Git:
 
     async def _with_submodules(
         self, stack: AsyncExitStack, fetched: Fetched, scratch: Path
-    ) -> tuple[str, dict[str, str]]:
-        """The tree of the commit with every submodule's tree in place of its gitlink
-        (recursively, to BRANCHBUILD_SUBMODULE_DEPTH), and the environment that reads it:
-        new trees go to ``scratch``, the caches' objects are alternates, never changed.
+    ) -> tuple[str, dict[str, str], Path] | None:
+        """The commit's tree with every submodule's tree in place of its gitlink (recursively,
+        to BRANCHBUILD_SUBMODULE_DEPTH), the environment that reads it (new trees go to
+        ``scratch``; the caches' objects are alternates, never changed), and the directory
+        holding the attributes to archive it with; None when the commit has no gitlink.
+
+        In a checkout, a superproject's attributes never reach its submodules' files: each
+        submodule's root gets an attributes file that unsets them before its own lines.
 
         Raises:
             SubmoduleError: a submodule has no URL, a URL not allowed, or is not fetchable.
             GitError: a submodule's fetch failed in a way that may pass.
         """
-        objects = scratch / "objects"
+        objects, empty = scratch / "objects", scratch / "empty"
         objects.mkdir()
+        empty.mkdir()
         alternates: list[str] = [str(fetched.git_dir / "objects")]
         env = dict(self._env, GIT_OBJECT_DIRECTORY=str(objects))
+        boundaries: list[str] = []
 
         def with_alternates() -> dict[str, str]:
             return env | {"GIT_ALTERNATE_OBJECT_DIRECTORIES": os.pathsep.join(alternates)}
-
-        counter = [0]
 
         async def compose(git_dir: Path, commit: str, url: str, depth: int, where: str) -> str:
             listing = await self._git(git_dir, "ls-tree", "-r", "-z", commit, env=with_alternates())
@@ -581,41 +589,88 @@ class Git:
                 git_dir, "config", "-z", "--list", f"--blob={commit}:.gitmodules"
             )
             declared = submodules.parse_gitmodules(config if status == 0 else b"")
-            counter[0] += 1
-            index = scratch / f"index-{counter[0]}"
-            indexed = with_alternates() | {"GIT_INDEX_FILE": str(index)}
+            # update-index wants a work tree: an empty one, never read or written.
+            indexed = with_alternates() | {
+                "GIT_INDEX_FILE": str(scratch / f"index-{len(boundaries)}"),
+                "GIT_WORK_TREE": str(empty),
+            }
             await self._git(git_dir, "read-tree", commit, env=indexed)
             for path, wanted in links:
                 label = where + path
-                name, raw = declared.get(path, (path, None))
-                if raw is None:
-                    raise SubmoduleError(f"submodule {label}: no URL for it in .gitmodules")
-                sub_url = submodules.with_user(
-                    submodules.resolve_url(url, raw, self.settings.submodule_hosts, label),
-                    self.settings.ssh_key_id,
-                )
-                remote = Remote(
-                    sub_url, self.cache_dir_for(_readable(name), sub_url), "HEAD", label
-                )
-                try:
-                    sub = await stack.enter_async_context(
-                        self.fetched_from(remote, wanted, "submodule\0" + sub_url)
-                    )
-                except (GitAccessDenied, CommitNotFound, HostKeyMismatch) as exc:
-                    raise SubmoduleError(
-                        f"submodule {label} ({sub_url}) at {wanted} cannot be fetched: {exc}"
-                    ) from None
-                except GitError as exc:
-                    raise GitError(f"submodule {label} ({sub_url}): {exc}") from None
+                boundaries.append(label)
+                sub = await self._fetch_submodule(stack, declared, path, wanted, url, label)
                 alternates.append(str(sub.git_dir / "objects"))
-                tree = await compose(sub.git_dir, wanted, sub_url, depth + 1, label + "/")
+                tree = await compose(sub.git_dir, wanted, sub.url, depth + 1, label + "/")
                 indexed["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = os.pathsep.join(alternates)
                 await self._git(git_dir, "update-index", "--force-remove", "--", path, env=indexed)
                 await self._git(git_dir, "read-tree", f"--prefix={path}/", tree, env=indexed)
             return (await self._git(git_dir, "write-tree", env=indexed)).decode().strip()
 
         tree = await compose(fetched.git_dir, fetched.commit, fetched.url, 0, "")
-        return tree, with_alternates()
+        if not boundaries:
+            return None
+        env = with_alternates()
+        attributes = scratch / "attributes"
+        listing = await self._git(fetched.git_dir, "ls-tree", "-r", "-z", tree, env=env)
+        found: dict[str, bytes] = {}
+        for entry in listing.split(b"\0"):
+            meta, _, raw = entry.partition(b"\t")
+            path = raw.decode("utf-8", "surrogateescape")
+            fields = meta.split()
+            if fields[:2] in ([b"100644", b"blob"], [b"100755", b"blob"]) and (
+                path == ".gitattributes" or path.endswith("/.gitattributes")
+            ):
+                found[path] = await self._git(
+                    fetched.git_dir, "cat-file", "blob", fields[2].decode(), env=env
+                )
+        for boundary in boundaries:
+            key = f"{boundary}/.gitattributes"
+            found[key] = _UNSET_CHECKOUT_ATTRIBUTES + b"\n" + found.get(key, b"")
+
+        def write() -> None:
+            for path, content in found.items():
+                target = attributes / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+
+        attributes.mkdir()
+        await anyio.to_thread.run_sync(write)
+        return tree, env, attributes
+
+    async def _fetch_submodule(
+        self,
+        stack: AsyncExitStack,
+        declared: dict[str, tuple[str, str | None]],
+        path: str,
+        commit: str,
+        url: str,
+        label: str,
+    ) -> Fetched:
+        """Fetch a gitlink's commit into its repository's own cache (in use until ``stack``
+        exits), from the URL .gitmodules gives it resolved against ``url``.
+
+        Raises:
+            SubmoduleError: no URL, a URL not allowed, refused or gone at the server.
+            GitError: the fetch failed in a way that may pass.
+        """
+        name, raw = declared.get(path, (path, None))
+        if raw is None:
+            raise SubmoduleError(f"submodule {label}: no URL for it in .gitmodules")
+        sub_url = submodules.with_user(
+            submodules.resolve_url(url, raw, self.settings.submodule_hosts, label),
+            self.settings.ssh_key_id,
+        )
+        remote = Remote(sub_url, self.cache_dir_for(_readable(name), sub_url), "HEAD", label)
+        try:
+            return await stack.enter_async_context(
+                self.fetched_from(remote, commit, "submodule\0" + sub_url)
+            )
+        except (GitAccessDenied, CommitNotFound, HostKeyMismatch) as exc:
+            raise SubmoduleError(
+                f"submodule {label} ({sub_url}) at {commit} cannot be fetched: {exc}"
+            ) from None
+        except GitError as exc:
+            raise GitError(f"submodule {label} ({sub_url}): {exc}") from None
 
     # -- for service.changes (skip markers, path filters): read-only queries, one base commit --
 
@@ -688,6 +743,10 @@ _CHECKOUT = (
 # The cache's info/attributes, the attribute file of highest precedence: git archive applies
 # the tree's export-ignore and export-subst, a checkout never does.
 _ARCHIVE_ATTRIBUTES = b"* -export-ignore -export-subst\n"
+
+# First line of each submodule root's attributes in a composed tree: the superproject's
+# checkout attributes do not reach into a submodule (the submodule's own lines follow).
+_UNSET_CHECKOUT_ATTRIBUTES = b"* !text !eol !crlf !ident !filter !working-tree-encoding"
 
 # Incoming objects stay packed, one pack per fetch: no loose-object pile-up. git's own
 # housekeeping (`gc --auto`, run by the fetch) merges the small packs once there are 50

@@ -13,7 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from service.errors import ConfigurationError
 from service.git import Extras, Git
+from service.job import extras
+from service.pipelines import parse_config
+from service.settings import load_settings
 from tests.helpers import GitWorld, WorkCopy, push_for
 from tests.test_git import make_settings
 from tests.trees import (
@@ -165,8 +169,12 @@ _attribute_lines = st.sampled_from(
 )
 
 
+Files = dict[str, tuple[bytes, bool]]
+Drawn = tuple[Files, dict[str, str], str]
+
+
 @st.composite
-def trees(draw: st.DrawFn) -> tuple[dict[str, tuple[bytes, bool]], dict[str, str], str]:
+def trees(draw: st.DrawFn) -> Drawn:
     files = draw(
         st.dictionaries(
             st.tuples(_dirs, _names).map("".join), st.tuples(_bodies, st.booleans()), max_size=8
@@ -188,23 +196,10 @@ def trees(draw: st.DrawFn) -> tuple[dict[str, tuple[bytes, bool]], dict[str, str
     return files, links, attributes
 
 
-_counter = itertools.count()
-
-
-@settings(
-    max_examples=12,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
-@given(trees())
-async def test_any_tree_archives_as_its_checkout(
-    git_world: GitWorld,
-    tmp_path: Path,
-    tree: tuple[dict[str, tuple[bytes, bool]], dict[str, str], str],
-) -> None:
-    files, links, attributes = tree
-    n = next(_counter)
-    repo = await WorkCopy.create(git_world, tmp_path, f"prop{n}")
+async def commit_tree(repo: WorkCopy, drawn: Drawn) -> None:
+    """Stage a drawn tree exactly: core.autocrlf off, so the blobs hold the bytes drawn
+    (attributes are for the checkout to apply, not for this commit)."""
+    files, links, attributes = drawn
     for path, (body, executable) in files.items():
         target = repo.path / path
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -215,15 +210,50 @@ async def test_any_tree_archives_as_its_checkout(
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(target_name)
     (repo.path / ".gitattributes").write_text(attributes + "\n")
-    # Committed without conversion (core.autocrlf off, attributes read only at checkout):
-    # the blobs hold exactly the bytes drawn.
     await repo.git("-c", "core.autocrlf=false", "add", "--all")
+
+
+_counter = itertools.count()
+
+
+@settings(
+    max_examples=15,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(trees(), st.one_of(st.none(), st.tuples(st.sampled_from(["mod", "deep/mod"]), trees())))
+async def test_any_tree_archives_as_its_checkout(
+    git_world: GitWorld,
+    tmp_path: Path,
+    tree: Drawn,
+    submodule: tuple[str, Drawn] | None,
+) -> None:
+    """Any tree (attributes, symlinks, executable bits, odd names, a submodule with its
+    own attributes) archives as `git clone` + checkout + `submodule update` leaves it."""
+    n = next(_counter)
+    repo = await WorkCopy.create(git_world, tmp_path, f"prop{n}")
+    await commit_tree(repo, tree)
+    if submodule is not None:
+        path, sub_tree = submodule
+        sub = await WorkCopy.create(git_world, tmp_path, f"propsub{n}")
+        await commit_tree(sub, sub_tree)
+        await sub.git("commit", "--quiet", "--allow-empty", "-m", "sub")
+        await sub.push("main")
+        sub_commit = await sub.git("rev-parse", "HEAD")
+        (repo.path / ".gitmodules").write_text(
+            f'[submodule "m"]\n\tpath = {path}\n\turl = ../propsub{n}\n'
+        )
+        await repo.git("add", ".gitmodules")
+        await repo.git("update-index", "--add", "--cacheinfo", f"160000,{sub_commit},{path}")
     await repo.git("commit", "--quiet", "--allow-empty", "-m", "tree")
     commit = await repo.git("rev-parse", "HEAD")
     await repo.push("main")
     git = Git(make_settings(git_world, tmp_path, cache_dir=tmp_path / f"cache{n}"))
-    data = await archive_bytes(git, await git.fetch(push_for(repo.repository, "main", commit)))
-    cloned = await checkout(git_world, repo.repository, commit, tmp_path / f"checkout{n}")
+    fetched = await git.fetch(push_for(repo.repository, "main", commit))
+    data = await archive_bytes(git, fetched, Extras(submodules=True))
+    cloned = await checkout(
+        git_world, repo.repository, commit, tmp_path / f"checkout{n}", submodules=True
+    )
     assert differences(tree_of_zip(data), tree_of_checkout(cloned)) == []
 
 
@@ -302,3 +332,26 @@ async def test_git_metadata_of_a_tag_is_a_detached_head_with_the_tag(
     assert await run(build, "git", "rev-parse", "HEAD") == commit
     assert await run(build, "git", "describe", "--tags") == "v1.2.3"
     assert await run(build, "git", "status", "--porcelain") == ""
+
+
+# -- the rule fields ---------------------------------------------------------------------------
+
+
+def test_rule_fields_choose_the_extras(tmp_path: Path) -> None:
+    settings = load_settings(queue_url="q", work_queue_url="w", bucket="bucket", submodules=True)
+    config = parse_config(
+        "version: 1\nrules:\n"
+        "  - repository: meta\n    git_metadata: true\n    submodules: false\n"
+        "  - repository: '*'\n",
+        "pipelines.yaml",
+        settings,
+    )
+    push = push_for("meta", "feature/x")
+    assert extras(config.rule_for("meta"), push) == Extras(
+        git_metadata_ref="refs/heads/feature/x", submodules=False
+    )
+    assert extras(config.rule_for("other"), push) == Extras(submodules=True)  # the setting
+    with pytest.raises(ConfigurationError, match="git_metadata"):
+        parse_config(
+            "version: 1\nrules:\n  - repository: x\n    git_metadata: maybe\n", "p.yaml", settings
+        )
