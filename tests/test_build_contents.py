@@ -10,7 +10,7 @@ from pathlib import Path
 
 import anyio
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from service.errors import ConfigurationError
@@ -216,20 +216,40 @@ async def commit_tree(repo: WorkCopy, drawn: Drawn) -> None:
 _counter = itertools.count()
 
 
+class World:
+    """The git world under a short name: hypothesis prints a failing example's arguments, and
+    the world's repr (every ref change of every example) would drown it."""
+
+    def __init__(self, world: GitWorld) -> None:
+        self.world = world
+
+    def __repr__(self) -> str:
+        return "git_world"
+
+
+@pytest.fixture
+def world(git_world: GitWorld) -> World:
+    return World(git_world)
+
+
+# No shrinking: each example pushes to and clones from the SSH git host, so shrinking a
+# failure would take minutes; the examples are small enough to read as they are.
 @settings(
     max_examples=15,
     deadline=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(trees(), st.one_of(st.none(), st.tuples(st.sampled_from(["mod", "deep/mod"]), trees())))
 async def test_any_tree_archives_as_its_checkout(
-    git_world: GitWorld,
+    world: World,
     tmp_path: Path,
     tree: Drawn,
     submodule: tuple[str, Drawn] | None,
 ) -> None:
     """Any tree (attributes, symlinks, executable bits, odd names, a submodule with its
     own attributes) archives as `git clone` + checkout + `submodule update` leaves it."""
+    git_world = world.world
     n = next(_counter)
     repo = await WorkCopy.create(git_world, tmp_path, f"prop{n}")
     await commit_tree(repo, tree)
