@@ -448,8 +448,10 @@ class Git:
             GitError: git archive failed.
         """
         async with AsyncExitStack() as stack:
-            scratch = await self._scratch(stack)
             treeish, env, cwd, attributes = fetched.commit, self._env, None, []
+            scratch = self.root  # a private directory only when an extra needs one
+            if extras != NO_EXTRAS:
+                scratch = await self._scratch(stack)
             if extras.submodules:
                 composed = await self._with_submodules(stack, fetched, scratch)
                 if composed is not None:

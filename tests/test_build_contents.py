@@ -14,11 +14,20 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from service.errors import ConfigurationError
+from service.events import codecommit_event
 from service.git import Extras, Git
 from service.job import extras
 from service.pipelines import parse_config
 from service.settings import load_settings
-from tests.helpers import GitWorld, WorkCopy, push_for
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    StartService,
+    WorkCopy,
+    create_project,
+    push_for,
+    wait_for,
+)
 from tests.test_git import make_settings
 from tests.trees import (
     archive_bytes,
@@ -375,3 +384,45 @@ def test_rule_fields_choose_the_extras(tmp_path: Path) -> None:
         parse_config(
             "version: 1\nrules:\n  - repository: x\n    git_metadata: maybe\n", "p.yaml", settings
         )
+
+
+# -- through the service -----------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+async def test_the_rule_fields_reach_the_uploaded_archive(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    """The service as a real process: a rule with submodules and git_metadata uploads a zip
+    that unpacks into a clean checkout of the branch with its submodule."""
+    await create_project(aws, "app")
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit({"lib.txt": "lib\n"})
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    await app.commit(
+        {"app.txt": "app\n", ".gitmodules": '[submodule "lib"]\n\tpath = lib\n\turl = ../lib\n'}
+    )
+    await app.git("update-index", "--add", "--cacheinfo", f"160000,{lib_commit},lib")
+    await app.git("commit", "--quiet", "-m", "the submodule")
+    commit = await app.git("rev-parse", "HEAD")
+    config = tmp_path / "pipelines.yaml"
+    config.write_text(
+        "version: 1\nrules:\n  - repository: app\n    submodules: true\n    git_metadata: true\n"
+    )
+    service = await start_service(BRANCHBUILD_CONFIG=str(config))
+    await app.push("main:feature/x")
+    await aws.send_event(codecommit_event(git_world.changes[-1]))
+
+    async def built() -> bool:
+        return await service.metric("branchbuild_jobs_total", outcome="built") == 1
+
+    await wait_for(built, within=60, what="the build")
+    [request] = await aws.start_builds()
+    key = request["sourceLocationOverride"].removeprefix(f"{aws.bucket}/")
+    build = tmp_path / "build"
+    unpack(await aws.object(key), build)
+    assert (build / "lib" / "lib.txt").read_text() == "lib\n"
+    assert await run(build, "git", "rev-parse", "HEAD") == commit
+    assert await run(build, "git", "symbolic-ref", "--short", "HEAD") == "feature/x"
+    assert await run(build, "git", "status", "--porcelain") == ""

@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
-from service.errors import ArchiveTooLarge, SubmoduleError
+from service.errors import ArchiveTooLarge, ConfigurationError, SubmoduleError
 from service.git import Extras, Git
+from service.settings import load_settings
 from service.submodules import resolve_url
 from tests.helpers import GitWorld, WorkCopy, push_for
 from tests.test_git import make_settings
@@ -190,3 +191,15 @@ async def test_size_limits_count_the_submodules_files(git_world: GitWorld, tmp_p
     git = Git(make_settings(git_world, tmp_path, max_file_bytes=10_000))
     with pytest.raises(ArchiveTooLarge, match="vendor/lib/big.bin"):
         await archive_bytes(git, fetched, WITH_SUBMODULES)
+
+
+def test_the_host_list_takes_host_patterns_only() -> None:
+    base = {"queue_url": "q", "work_queue_url": "w", "bucket": "bucket"}
+    assert load_settings(
+        **base, submodule_hosts="git.example.com, *.internal:2222"
+    ).submodule_hosts == (
+        "git.example.com",
+        "*.internal:2222",
+    )
+    with pytest.raises(ConfigurationError, match="BRANCHBUILD_SUBMODULE_HOSTS"):
+        load_settings(**base, submodule_hosts="host\n  ProxyCommand touch pwned")
