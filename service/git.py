@@ -671,8 +671,8 @@ class Git:
             raise SubmoduleError(
                 f"submodule {label} ({sub_url}) at {commit} cannot be fetched: {exc}"
             ) from None
-        except GitError as exc:
-            raise GitError(f"submodule {label} ({sub_url}): {exc}") from None
+        except GitError as exc:  # transient (a network failure, a full disk): retried
+            raise type(exc)(f"submodule {label} ({sub_url}): {exc}") from None
 
     # -- for service.changes (skip markers, path filters): read-only queries, one base commit --
 

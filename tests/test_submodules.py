@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.errors import ArchiveTooLarge, ConfigurationError, SubmoduleError
+from service.errors import (
+    ArchiveTooLarge,
+    ConfigurationError,
+    GitError,
+    PermanentError,
+    SubmoduleError,
+)
 from service.git import Extras, Git
 from service.settings import load_settings
 from service.submodules import resolve_url
@@ -203,3 +210,23 @@ def test_the_host_list_takes_host_patterns_only() -> None:
     )
     with pytest.raises(ConfigurationError, match="BRANCHBUILD_SUBMODULE_HOSTS"):
         load_settings(**base, submodule_hosts="host\n  ProxyCommand touch pwned")
+
+
+async def test_a_dropped_submodule_fetch_is_transient_and_names_it(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit({"big.bin": os.urandom(300_000)})
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    commit = await with_gitlink(app, "vendor/lib", "../lib", lib_commit)
+    await app.push("main")
+    git = Git(make_settings(git_world, tmp_path))
+    fetched = await git.fetch(push_for("app", "main", commit))
+    git_world.host.drop_after_bytes = 2000
+    with pytest.raises(GitError, match="submodule vendor/lib") as info:
+        await archive_bytes(git, fetched, WITH_SUBMODULES)
+    assert not isinstance(info.value, PermanentError)  # retried through the queue
+    git_world.host.drop_after_bytes = None
+    data = await archive_bytes(git, fetched, WITH_SUBMODULES)
+    assert tree_of_zip(data)["vendor/lib/big.bin"][:2] == ("file", False)
