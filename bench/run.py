@@ -10,6 +10,7 @@ charts (with .venv-bench's matplotlib) to PNG files beside them.
     python -m bench.run --sizes small --quick # a quick subset
     python -m bench.run --smoke               # B and F on a tiny repository (the test suite)
     python -m bench.run --sections cold-start # only fresh instances on the history-heavy repo
+    python -m bench.run --sections archive-extras --sizes small,medium  # git_metadata, submodules
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-from . import procstat, report
+from . import extras, procstat, report
 from .coldstart import COLD_PLANS, measure_cold_start
 from .core import Bench, Plan, Size, _mb
 from .infra import ROOT, Aws, BuildRecorder, aws_env, git_host, moto_server
@@ -112,6 +113,20 @@ def measure_f(bench: Bench, size: Size) -> None:
             run_f(bench, size, "F floor", "single-cold", bench.push(size, 1, 1), mode="cold")
 
 
+def measure_size(bench: Bench, args: argparse.Namespace, size: Size) -> dict[str, Any] | None:
+    """A, B and F on one size; the py-spy profiles for the small one."""
+    if not args.no_a:
+        measure_a(bench, size)
+    if "B" in args.variant_set:
+        measure_b(bench, size)
+    if "F" in args.variant_set:
+        measure_f(bench, size)
+    if size.name == "small" and not args.no_profile:
+        bench.log("small: profiling the service and the git host with py-spy")
+        return profile(bench, size, best_concurrency(bench, size))
+    return None
+
+
 def best_concurrency(bench: Bench, size: Size) -> int:
     """The sweep's concurrency with the highest median burst throughput (8 without a sweep)."""
     by: dict[int, list[float]] = {}
@@ -137,9 +152,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="fewer events, one repeat")
     parser.add_argument(
         "--sections",
-        default="sizes,cold-start",
+        default="sizes,cold-start,archive-extras",
         help="comma-separated: sizes (A, B and F per --sizes), cold-start (fresh instances on "
-        "the history-heavy repository); default: both",
+        "the history-heavy repository), archive-extras (the cost of git_metadata and "
+        "submodules per --sizes); default: all three",
     )
     parser.add_argument(
         "--smoke",
@@ -182,9 +198,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         )
     args.size_list = wanted
     args.section_set = {x for x in args.sections.split(",") if x}
-    if args.section_set - {"sizes", "cold-start"}:
-        parser.error(f"unknown section(s) {sorted(args.section_set - {'sizes', 'cold-start'})}")
-    if "sizes" not in args.section_set:
+    known = {"sizes", "cold-start", "archive-extras"}
+    if args.section_set - known:
+        parser.error(f"unknown section(s) {sorted(args.section_set - known)}")
+    if not args.section_set & {"sizes", "archive-extras"}:
         args.size_list = []
     args.variant_set = set(args.variants.upper().split(","))
     if "A" not in args.variant_set:
@@ -260,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             profiles: dict[str, Any] = {}
             plans: dict[str, Plan] = {}
             cold_start: dict[str, Any] = {}
+            archive_extras: list[dict[str, Any]] = []
             for name in args.size_list:
                 plan = PLANS[args.mode][name]
                 if args.repeats:
@@ -272,15 +290,11 @@ def main(argv: list[str] | None = None) -> int:
                     plan = replace(plan, sweep=tuple(int(c) for c in args.sweep.split(",")))
                 plans[name] = plan
                 size = bench.prepare(name, plan)
-                if not args.no_a:
-                    measure_a(bench, size)
-                if "B" in args.variant_set:
-                    measure_b(bench, size)
-                if "F" in args.variant_set:
-                    measure_f(bench, size)
-                if name == "small" and not args.no_profile:
-                    bench.log("small: profiling the service and the git host with py-spy")
-                    profiles = profile(bench, size, best_concurrency(bench, size))
+                if "archive-extras" in args.section_set:
+                    bench.log(f"{name}: archive-extras")
+                    archive_extras.append(extras.measure_archive_extras(bench, size, plan.repeats))
+                if "sizes" in args.section_set:
+                    profiles = measure_size(bench, args, size) or profiles
             if "cold-start" in args.section_set:
                 cold_plan = COLD_PLANS[args.mode]
                 cold_start = asdict(cold_plan)
@@ -294,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                 "plans": {n: asdict(p) for n, p in plans.items()},
                 "sections": sorted(args.section_set),
                 "cold_start_plan": cold_start,
+                "archive_extras": archive_extras,
                 "load_before": load_before,
                 "repositories": bench.repos,
                 "runs": bench.runs,
@@ -304,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     document["summary"] = report.summarize(document)
     (args.out / "results.json").write_text(json.dumps(document, indent=1))
-    (args.out / "summary.md").write_text(report.markdown(document))
-    sys.stdout.write(report.table(document) + "\n")
+    summary = report.markdown(document) + "\n" + extras.markdown(document["archive_extras"])
+    (args.out / "summary.md").write_text(summary)
+    sys.stdout.write(report.table(document) + "\n" + extras.markdown(document["archive_extras"]))
     if not args.no_charts:
         charts(args.out)
     return 0

@@ -79,6 +79,13 @@ class ArchiveTooLarge(PermanentError):
     kind = "archive_too_large"
 
 
+class SubmoduleError(PermanentError):
+    """Raised when a submodule cannot be included: no URL in .gitmodules, a URL on a host not
+    allowed, refused or gone at the server, or nested deeper than allowed."""
+
+    kind = "submodule"
+
+
 class StorageError(TransientError):
     """Raised when S3 fails in a way that may pass (throttling, 5xx, network)."""
 

@@ -17,6 +17,10 @@
 * Fetches of one repository are serialised by a lock; different repositories fetch in
   parallel. Jobs that wait for the same repository's lock are served together: the holder
   fetches every commit wanted at that moment in one ``git fetch``, one SSH connection, one pack.
+* The archive is what a checkout leaves (docs/build-contents.md): the tree's ``export-ignore``
+  and ``export-subst`` are overridden, no filter driver is ever configured, line endings are
+  converted as a default Linux checkout converts them. Opt-in extras (:class:`Extras`):
+  submodules (:mod:`service.submodules`) and a shallow ``.git``.
 """
 
 from __future__ import annotations
@@ -27,14 +31,16 @@ import logging
 import os
 import shlex
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
 from anyio.abc import ByteReceiveStream
 
+from . import submodules
 from .cache import RepoCache
 from .errors import (
     ArchiveTooLarge,
@@ -44,6 +50,7 @@ from .errors import (
     GitAccessDenied,
     GitError,
     HostKeyMismatch,
+    SubmoduleError,
     unwrap_group,
 )
 from .events import Push, check_repository
@@ -76,6 +83,30 @@ class Fetched:
     git_dir: Path
     commit: str
     cache_hit: bool
+    url: str = ""  # where it was fetched from: submodules' relative URLs resolve against it
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What a rule adds to the checkout of the pushed commit (docs/build-contents.md)."""
+
+    # The pushed ref (refs/heads/<b> or refs/tags/<t>): add a shallow .git with it checked out.
+    git_metadata_ref: str | None = None
+    submodules: bool = False
+
+
+NO_EXTRAS = Extras()
+
+
+@dataclass(frozen=True)
+class Remote:
+    """A repository to fetch from: its URL, its cache, the branch to deepen if the host
+    refuses commits by id, and its name for messages."""
+
+    url: str
+    git_dir: Path
+    branch: str
+    name: str
 
 
 class Git:
@@ -201,9 +232,15 @@ class Git:
         return len(listing.splitlines())
 
     def git_dir(self, push: Push) -> Path:
-        url = self.url(push)
+        return self.cache_dir_for(push.repository, self.url(push))
+
+    def cache_dir_for(self, name: str, url: str) -> Path:
+        """The bare cache of the repository at ``url`` (``name``: a readable prefix)."""
         digest = hashlib.sha256(url.encode()).hexdigest()[:12]
-        return self.repos / f"{push.repository}-{digest}.git"
+        return self.repos / f"{name}-{digest}.git"
+
+    def _remote(self, push: Push) -> Remote:
+        return Remote(self.url(push), self.git_dir(push), push.ref, push.repository)
 
     # -- fetch ------------------------------------------------------------------------------
 
@@ -213,15 +250,27 @@ class Git:
 
         Raises: as :meth:`fetch`.
         """
-        git_dir = self.git_dir(push)
-        async with self.cache.use(git_dir):
+        assert push.commit is not None
+        async with self.fetched_from(self._remote(push), push.commit, push.ref) as fetched:
+            yield fetched
+
+    @asynccontextmanager
+    async def fetched_from(
+        self, remote: Remote, commit: str, ref_name: str
+    ) -> AsyncIterator[Fetched]:
+        """Fetch ``commit`` of ``remote`` (kept under a ref named for ``ref_name``) and keep
+        its cache in use until exit.
+
+        Raises: as :meth:`fetch`.
+        """
+        async with self.cache.use(remote.git_dir):
             try:
-                fetched = await self.fetch(push)
+                fetched = await self._fetch_commit(remote, commit, _cache_ref(ref_name))
             except DiskFull:
                 await self.cache.enforce(target=0)  # evict every idle repository
                 raise
             if not fetched.cache_hit:
-                await self.cache.enforce(changed=git_dir)
+                await self.cache.enforce(changed=remote.git_dir)
             yield fetched
 
     async def fetch(self, push: Push) -> Fetched:
@@ -235,7 +284,7 @@ class Git:
             GitError: transient (network, SSH drop, timeout).
         """
         assert push.commit is not None
-        return await self._fetch_commit(push, push.commit, _cache_ref(push.ref))
+        return await self._fetch_commit(self._remote(push), push.commit, _cache_ref(push.ref))
 
     async def changed_paths(self, push: Push, base: str) -> list[str]:
         """The paths that differ between commit ``base`` and ``push.commit``. Both commits are
@@ -244,10 +293,11 @@ class Git:
         Raises: as :meth:`fetch` (for either commit).
         """
         assert push.commit is not None
-        async with self.cache.use(self.git_dir(push)):
-            fetched = await self._fetch_commit(push, push.commit, _cache_ref(push.ref))
+        remote = self._remote(push)
+        async with self.cache.use(remote.git_dir):
+            fetched = await self._fetch_commit(remote, push.commit, _cache_ref(push.ref))
             # The base is kept under a ref of its own: the branch's ref stays at its tip.
-            await self._fetch_commit(push, base, _cache_ref(push.ref + "\0base"))
+            await self._fetch_commit(remote, base, _cache_ref(push.ref + "\0base"))
             listing = await self._git(
                 fetched.git_dir,
                 "diff-tree",
@@ -260,10 +310,10 @@ class Git:
             )
         return [p.decode("utf-8", "surrogateescape") for p in listing.split(b"\0") if p]
 
-    async def _fetch_commit(self, push: Push, commit: str, ref: str) -> Fetched:
+    async def _fetch_commit(self, remote: Remote, commit: str, ref: str) -> Fetched:
         """Make ``commit`` present and keep it under ``ref``: the next fetch sends it as a
         have, so it transfers only new objects (the ref name is a hash, never the branch)."""
-        git_dir = self.git_dir(push)
+        git_dir = remote.git_dir
         lock = self._locks.setdefault(git_dir, anyio.Lock())
         wanted = self._wanted.setdefault(git_dir, {})
         wanted.setdefault(commit, ref)
@@ -271,23 +321,24 @@ class Git:
             async with lock:
                 if not git_dir.exists():
                     await self._git(None, "init", "--bare", "--quiet", str(git_dir))
-                elif await self._has_commit(git_dir, commit):
-                    return Fetched(git_dir, commit, cache_hit=True)
+                await anyio.to_thread.run_sync(_pin_attributes, git_dir)
+                if await self._has_commit(git_dir, commit):
+                    return Fetched(git_dir, commit, cache_hit=True, url=remote.url)
                 try:
-                    await self._fetch_wanted(git_dir, push, commit, ref, wanted)
+                    await self._fetch_wanted(remote, commit, ref, wanted)
                 except DiskFull:
                     await anyio.to_thread.run_sync(_remove_partial_packs, git_dir)
                     raise
-                return Fetched(git_dir, commit, cache_hit=False)
+                return Fetched(git_dir, commit, cache_hit=False, url=remote.url)
         finally:
             if wanted.get(commit) == ref:
                 del wanted[commit]
 
     async def _fetch_wanted(
-        self, git_dir: Path, push: Push, commit: str, ref: str, wanted: dict[str, str]
+        self, remote: Remote, commit: str, ref: str, wanted: dict[str, str]
     ) -> None:
         """Fetch ``commit`` and, in the same request, every other commit jobs are waiting for."""
-        url = self.url(push)
+        git_dir, url = remote.git_dir, remote.url
         batch = {ref: commit}
         for other, other_ref in wanted.items():
             batch.setdefault(other_ref, other)  # one commit per ref: a refspec can't share one
@@ -315,9 +366,9 @@ class Git:
             )
         except _NotOurRef:
             log.info(
-                "fetch by commit id refused; deepening %s of %s to it", push.ref, push.repository
+                "fetch by commit id refused; deepening %s of %s to it", remote.branch, remote.name
             )
-            await self._deepen_to(git_dir, url, push.ref, commit, ref)
+            await self._deepen_to(git_dir, url, remote.branch, commit, ref)
 
     async def _deepen_to(self, git_dir: Path, url: str, branch: str, commit: str, ref: str) -> None:
         """Fetch ``branch`` at depth 1, then deepen it (1, 2, 4, ... more commits) until
@@ -353,13 +404,18 @@ class Git:
 
     # -- archive ----------------------------------------------------------------------------
 
-    async def check_sizes(self, fetched: Fetched) -> int:
-        """Return the total size of the commit's files.
+    async def check_sizes(
+        self, fetched: Fetched, treeish: str | None = None, env: dict[str, str] | None = None
+    ) -> int:
+        """Return the total size of the commit's files (or of ``treeish``, the commit with
+        its submodules, read with ``env``).
 
         Raises:
             ArchiveTooLarge: a file or the sum exceeds the configured limits.
         """
-        listing = await self._git(fetched.git_dir, "ls-tree", "-r", "-l", "-z", fetched.commit)
+        listing = await self._git(
+            fetched.git_dir, "ls-tree", "-r", "-l", "-z", treeish or fetched.commit, env=env
+        )
         total = 0
         for entry in listing.split(b"\0"):
             if not entry:
@@ -382,23 +438,55 @@ class Git:
         return total
 
     @asynccontextmanager
-    async def archive(self, fetched: Fetched) -> AsyncIterator[ByteReceiveStream]:
-        """Stream a zip of the commit's tree: no ``.git``, symlinks stored as links.
+    async def archive(
+        self, fetched: Fetched, extras: Extras = NO_EXTRAS
+    ) -> AsyncIterator[ByteReceiveStream]:
+        """Stream a zip of what a checkout of the commit leaves: symlinks stored as links,
+        line endings converted as a Linux checkout does, export-ignore and export-subst never
+        applied; with ``extras``, submodules checked out and a shallow ``.git``.
 
         Raises:
+            SubmoduleError: a submodule cannot be included (permanent).
+            ArchiveTooLarge: with its submodules, the tree exceeds the size limits.
             GitError: git archive failed.
         """
-        args = [
-            "git",
-            f"--git-dir={fetched.git_dir}",
-            *_CACHE,
-            "archive",
-            "--format=zip",
-            f"-{self.settings.zip_level}",
-            fetched.commit,
-        ]
+        async with AsyncExitStack() as stack:
+            treeish, env, cwd, attributes = fetched.commit, self._env, None, []
+            scratch = self.root  # a private directory only when an extra needs one
+            if extras != NO_EXTRAS:
+                scratch = await self._scratch(stack)
+            if extras.submodules:
+                composed = await self._with_submodules(stack, fetched, scratch)
+                if composed is not None:
+                    treeish, env, cwd = composed
+                    await self.check_sizes(fetched, treeish, env)
+                    attributes = ["--work-tree=.", "--worktree-attributes"]
+            added: list[str] = []
+            if extras.git_metadata_ref is not None:
+                added = await self._git_metadata(fetched, extras.git_metadata_ref, scratch)
+            args = [
+                "git",
+                f"--git-dir={fetched.git_dir}",
+                *attributes[:1],
+                *_CACHE,
+                *_CHECKOUT,
+                "archive",
+                *attributes[1:],
+                "--format=zip",
+                f"-{self.settings.zip_level}",
+                *added,
+                "--prefix=",
+                treeish,
+            ]
+            async with self._stream(args, env, cwd) as stream:
+                yield stream
+
+    @asynccontextmanager
+    async def _stream(
+        self, args: list[str], env: dict[str, str], cwd: Path | None
+    ) -> AsyncIterator[ByteReceiveStream]:
         stderr = bytearray()
-        async with await anyio.open_process(args, env=self._env, stdin=None) as process:
+        async with await anyio.open_process(args, env=env, stdin=None, cwd=cwd) as process:
             assert process.stdout is not None and process.stderr is not None
             with unwrap_group():
                 async with anyio.create_task_group() as tg:
@@ -416,6 +504,178 @@ class Git:
                     returncode = await process.wait()
         if returncode != 0:
             raise GitError(f"git archive failed: {_tail(stderr)}")
+
+    async def _scratch(self, stack: AsyncExitStack) -> Path:
+        """A private directory for one archive, removed (shielded) when ``stack`` exits."""
+        parent = self.root / "scratch"
+        parent.mkdir(exist_ok=True)
+        path = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(dir=parent)))
+
+        async def remove() -> None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lambda: shutil.rmtree(path, ignore_errors=True))
+
+        stack.push_async_callback(remove)
+        return path
+
+    async def _git_metadata(self, fetched: Fetched, ref: str, scratch: Path) -> list[str]:
+        """Build a shallow ``.git`` with ``ref`` at the commit checked out (its index written,
+        so the unzipped tree is clean) and return git archive's arguments that add it."""
+        meta = scratch / "dot-git"
+        await self._git(None, "init", "--bare", "--quiet", "--template=", str(meta))
+        local = ref if ref.startswith(("refs/heads/", "refs/tags/")) else "refs/branchbuild/head"
+        await self._git(
+            meta,
+            *_CACHE,
+            "-c",
+            "protocol.version=2",
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--depth=1",
+            "--end-of-options",
+            str(fetched.git_dir),
+            f"+{fetched.commit}:{local}",
+        )
+        if local.startswith("refs/heads/"):
+            await self._git(meta, "symbolic-ref", "HEAD", local)
+        else:  # a tag: CodeBuild's clone of a tag is a detached HEAD too
+            await self._git(meta, "update-ref", "--no-deref", "HEAD", fetched.commit)
+        await self._git(meta, "read-tree", fetched.commit)
+        await self._git(meta, "config", "core.bare", "false")
+
+        def listing() -> list[str]:
+            args: list[str] = []
+            for path in sorted(p for p in meta.rglob("*") if p.is_file()):
+                folder = path.parent.relative_to(meta).as_posix()
+                prefix = ".git/" if folder == "." else f".git/{folder}/"
+                args += [f"--prefix={prefix}", f"--add-file={path}"]
+            return args
+
+        return await anyio.to_thread.run_sync(listing)
+
+    async def _with_submodules(
+        self, stack: AsyncExitStack, fetched: Fetched, scratch: Path
+    ) -> tuple[str, dict[str, str], Path] | None:
+        """The commit's tree with every submodule's tree in place of its gitlink (recursively,
+        to BRANCHBUILD_SUBMODULE_DEPTH), the environment that reads it (new trees go to
+        ``scratch``; the caches' objects are alternates, never changed), and the directory
+        holding the attributes to archive it with; None when the commit has no gitlink.
+
+        In a checkout, a superproject's attributes never reach its submodules' files: each
+        submodule's root gets an attributes file that unsets them before its own lines.
+
+        Raises:
+            SubmoduleError: a submodule has no URL, a URL not allowed, or is not fetchable.
+            GitError: a submodule's fetch failed in a way that may pass.
+        """
+        objects, empty = scratch / "objects", scratch / "empty"
+        objects.mkdir()
+        empty.mkdir()
+        alternates: list[str] = [str(fetched.git_dir / "objects")]
+        env = dict(self._env, GIT_OBJECT_DIRECTORY=str(objects))
+        boundaries: list[str] = []
+
+        def with_alternates() -> dict[str, str]:
+            return env | {"GIT_ALTERNATE_OBJECT_DIRECTORIES": os.pathsep.join(alternates)}
+
+        async def compose(git_dir: Path, commit: str, url: str, depth: int, where: str) -> str:
+            listing = await self._git(git_dir, "ls-tree", "-r", "-z", commit, env=with_alternates())
+            links = submodules.gitlinks(listing)
+            if not links:
+                return f"{commit}^{{tree}}"
+            if depth >= self.settings.submodule_depth:
+                raise SubmoduleError(
+                    f"submodule {where}{links[0][0]}: nested deeper than "
+                    f"BRANCHBUILD_SUBMODULE_DEPTH={self.settings.submodule_depth}"
+                )
+            status, config = await self.query(
+                git_dir, "config", "-z", "--list", f"--blob={commit}:.gitmodules"
+            )
+            declared = submodules.parse_gitmodules(config if status == 0 else b"")
+            # update-index wants a work tree: an empty one, never read or written.
+            indexed = with_alternates() | {
+                "GIT_INDEX_FILE": str(scratch / f"index-{len(boundaries)}"),
+                "GIT_WORK_TREE": str(empty),
+            }
+            await self._git(git_dir, "read-tree", commit, env=indexed)
+            for path, wanted in links:
+                label = where + path
+                boundaries.append(label)
+                sub = await self._fetch_submodule(stack, declared, path, wanted, url, label)
+                alternates.append(str(sub.git_dir / "objects"))
+                tree = await compose(sub.git_dir, wanted, sub.url, depth + 1, label + "/")
+                indexed["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = os.pathsep.join(alternates)
+                await self._git(git_dir, "update-index", "--force-remove", "--", path, env=indexed)
+                await self._git(git_dir, "read-tree", f"--prefix={path}/", tree, env=indexed)
+            return (await self._git(git_dir, "write-tree", env=indexed)).decode().strip()
+
+        tree = await compose(fetched.git_dir, fetched.commit, fetched.url, 0, "")
+        if not boundaries:
+            return None
+        env = with_alternates()
+        attributes = scratch / "attributes"
+        listing = await self._git(fetched.git_dir, "ls-tree", "-r", "-z", tree, env=env)
+        found: dict[str, bytes] = {}
+        for entry in listing.split(b"\0"):
+            meta, _, raw = entry.partition(b"\t")
+            path = raw.decode("utf-8", "surrogateescape")
+            fields = meta.split()
+            if fields[:2] in ([b"100644", b"blob"], [b"100755", b"blob"]) and (
+                path == ".gitattributes" or path.endswith("/.gitattributes")
+            ):
+                found[path] = await self._git(
+                    fetched.git_dir, "cat-file", "blob", fields[2].decode(), env=env
+                )
+        for boundary in boundaries:
+            key = f"{boundary}/.gitattributes"
+            found[key] = _UNSET_CHECKOUT_ATTRIBUTES + b"\n" + found.get(key, b"")
+
+        def write() -> None:
+            for path, content in found.items():
+                target = attributes / path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+
+        attributes.mkdir()
+        await anyio.to_thread.run_sync(write)
+        return tree, env, attributes
+
+    async def _fetch_submodule(
+        self,
+        stack: AsyncExitStack,
+        declared: dict[str, tuple[str, str | None]],
+        path: str,
+        commit: str,
+        url: str,
+        label: str,
+    ) -> Fetched:
+        """Fetch a gitlink's commit into its repository's own cache (in use until ``stack``
+        exits), from the URL .gitmodules gives it resolved against ``url``.
+
+        Raises:
+            SubmoduleError: no URL, a URL not allowed, refused or gone at the server.
+            GitError: the fetch failed in a way that may pass.
+        """
+        name, raw = declared.get(path, (path, None))
+        if raw is None:
+            raise SubmoduleError(f"submodule {label}: no URL for it in .gitmodules")
+        sub_url = submodules.with_user(
+            submodules.resolve_url(url, raw, self.settings.submodule_hosts, label),
+            self.settings.ssh_key_id,
+        )
+        remote = Remote(sub_url, self.cache_dir_for(_readable(name), sub_url), "HEAD", label)
+        try:
+            return await stack.enter_async_context(
+                self.fetched_from(remote, commit, "submodule\0" + sub_url)
+            )
+        except (GitAccessDenied, CommitNotFound, HostKeyMismatch) as exc:
+            raise SubmoduleError(
+                f"submodule {label} ({sub_url}) at {commit} cannot be fetched: {exc}"
+            ) from None
+        except GitError as exc:  # transient (a network failure, a full disk): retried
+            raise type(exc)(f"submodule {label} ({sub_url}): {exc}") from None
 
     # -- for service.changes (skip markers, path filters): read-only queries, one base commit --
 
@@ -452,12 +712,14 @@ class Git:
 
     # -- running git ------------------------------------------------------------------------
 
-    async def _git(self, git_dir: Path | None, *args: str) -> bytes:
+    async def _git(
+        self, git_dir: Path | None, *args: str, env: dict[str, str] | None = None
+    ) -> bytes:
         command = ["git"] + ([f"--git-dir={git_dir}"] if git_dir else []) + list(args)
         name = next(a for a in args if not a.startswith("-") and "=" not in a)
         try:
             with anyio.fail_after(self.settings.git_timeout):
-                result = await anyio.run_process(command, env=self._env, check=False)
+                result = await anyio.run_process(command, env=env or self._env, check=False)
         except TimeoutError:
             raise GitError(f"git {name} timed out after {self.settings.git_timeout:g} s") from None
         if result.returncode != 0:
@@ -469,6 +731,27 @@ class Git:
 # gets them, however old). Blobs over 16 MiB are streamed, never held whole in memory (git
 # archive held a 250 MB blob otherwise: 250 MB per concurrent job).
 _CACHE = ("-c", "core.bigFileThreshold=16m")
+
+# What a checkout on Linux with git's defaults converts (docs/build-contents.md): only the
+# tree's own attributes (text, eol, ident, working-tree-encoding) decide, never a setting of
+# this machine. No filter driver is configured anywhere git looks (no system or global config,
+# the cache's own config is ours), so a `filter=` attribute never runs a command.
+_CHECKOUT = (
+    "-c",
+    "core.autocrlf=false",
+    "-c",
+    "core.eol=lf",
+    "-c",
+    f"core.attributesFile={os.devnull}",
+)
+
+# The cache's info/attributes, the attribute file of highest precedence: git archive applies
+# the tree's export-ignore and export-subst, a checkout never does.
+_ARCHIVE_ATTRIBUTES = b"* -export-ignore -export-subst\n"
+
+# First line of each submodule root's attributes in a composed tree: the superproject's
+# checkout attributes do not reach into a submodule (the submodule's own lines follow).
+_UNSET_CHECKOUT_ATTRIBUTES = b"* !text !eol !crlf !ident !filter !working-tree-encoding"
 
 # Incoming objects stay packed, one pack per fetch: no loose-object pile-up. git's own
 # housekeeping (`gc --auto`, run by the fetch) merges the small packs once there are 50
@@ -536,6 +819,26 @@ async def _drain(stream: ByteReceiveStream, into: bytearray, limit: int = 64 * 1
     async for chunk in stream:
         if len(into) < limit:
             into += chunk[: limit - len(into)]
+
+
+def _pin_attributes(git_dir: Path) -> None:
+    """Write the cache's info/attributes unless it holds ours already (atomically: archives
+    of the repository may be reading it)."""
+    path = git_dir / "info" / "attributes"
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_bytes() == _ARCHIVE_ATTRIBUTES:
+            return
+    path.parent.mkdir(exist_ok=True)
+    partial = path.with_name(f"attributes.{os.getpid()}.tmp")
+    partial.write_bytes(_ARCHIVE_ATTRIBUTES)
+    partial.replace(path)
+
+
+def _readable(name: str) -> str:
+    """A submodule's name as a cache directory prefix (the URL's digest keeps it unique)."""
+    return (
+        "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[-60:].lstrip(".-") or "sub"
+    )
 
 
 def _remove_partial_packs(git_dir: Path) -> None:

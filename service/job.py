@@ -15,7 +15,7 @@ from .changes import screen
 from .cleanup import clean_up_branch
 from .errors import PermanentError
 from .events import Action, Push, event_time
-from .git import Git
+from .git import Extras, Git
 from .metrics import Metrics
 from .outcome import Outcome
 from .pipelines import Pipelines, Rule, SourceMode
@@ -121,7 +121,7 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
                 with _timed(s.metrics, "archive"):
                     await s.git.check_sizes(fetched)
                 with _timed(s.metrics, "upload"):
-                    async with s.git.archive(fetched) as stream:
+                    async with s.git.archive(fetched, extras(rule, push)) as stream:
                         uploaded = await s.storage.upload(key, stream)
                 s.metrics.upload_bytes.inc(uploaded.size)
                 log.info(
@@ -151,6 +151,13 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     for hook in s.started_hooks:  # issue 13: supersede, pull request feedback
         await hook(push, started, key)
     return JobResult(Outcome.BUILT, started.build_id, key)
+
+
+def extras(rule: Rule, push: Push) -> Extras:
+    """What the rule adds to the archive (docs/build-contents.md)."""
+    return Extras(
+        git_metadata_ref=push.ref if rule.git_metadata else None, submodules=rule.submodules
+    )
 
 
 @contextmanager

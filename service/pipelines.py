@@ -73,6 +73,9 @@ class Rule:
     key_template: str
     source: SourceMode
     on_delete: OnDelete
+    # Archive contents (docs/build-contents.md).
+    submodules: bool = False
+    git_metadata: bool = False
 
     @property
     def filters_paths(self) -> bool:
@@ -100,6 +103,7 @@ class Rule:
             key_template=settings.key_template,
             source=SourceMode.ARCHIVE,
             on_delete=OnDelete.KEEP,
+            submodules=settings.submodules,
         )
 
 
@@ -135,6 +139,8 @@ class _RuleModel(_Model):
     key: str | None = None
     source: SourceMode = SourceMode.ARCHIVE
     on_delete: OnDelete = OnDelete.KEEP
+    submodules: bool | None = None
+    git_metadata: bool = False
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -186,6 +192,8 @@ class _RuleModel(_Model):
             key_template=self.key or defaults.key_template,
             source=self.source,
             on_delete=self.on_delete,
+            submodules=self.submodules if self.submodules is not None else defaults.submodules,
+            git_metadata=self.git_metadata,
         )
 
 

@@ -136,6 +136,12 @@ class Settings(LocalSettings):
     zip_level: int = Field(default=1, ge=0, le=9)
     max_archive_bytes: int = Field(default=5 * GiB, ge=1)
     max_file_bytes: int = Field(default=2 * GiB, ge=1)
+    # Archive contents (docs/build-contents.md): submodules by default for rules that don't
+    # say; the hosts an absolute submodule URL may name (ssh://, fnmatch globs); how deep
+    # submodules of submodules go.
+    submodules: bool = False
+    submodule_hosts: CommaList = ()
+    submodule_depth: int = Field(default=3, ge=1, le=20)
 
     # The pipeline configuration file (service/pipelines.py): a path or s3://bucket/key.
     config: str | None = None
@@ -163,6 +169,7 @@ class Settings(LocalSettings):
         "allowed_repositories",
         "ssh_legacy_rsa_hosts",
         "keep_running_branches",
+        "submodule_hosts",
         mode="before",
     )
     @classmethod
@@ -171,7 +178,7 @@ class Settings(LocalSettings):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
 
-    @field_validator("ssh_legacy_rsa_hosts")
+    @field_validator("ssh_legacy_rsa_hosts", "submodule_hosts")
     @classmethod
     def _ssh_host_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         # They are written into the generated SSH config: host patterns only, nothing else.

@@ -158,3 +158,12 @@ def test_summary_and_table(results: dict[str, Any]) -> None:
         assert group["throughput_eps"]["median"] > 0
     assert isinstance(results["summary"]["targets"], list)
     assert "throughput ev/s" in results["_stdout"]
+
+
+def test_archive_extras_measures_git_metadata_and_submodules(results: dict[str, Any]) -> None:
+    [row] = results["archive_extras"]
+    assert row["size"] == "tiny"
+    assert row["git_metadata_bytes"] > row["plain_bytes"] > 0  # the .git is in the zip
+    # The superproject's archive holds the submodule's files: at least the plain archive's.
+    assert row["submodules_bytes"] > row["superproject_plain_bytes"]
+    assert row["submodules_bytes"] >= row["plain_bytes"]
