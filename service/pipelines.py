@@ -73,6 +73,10 @@ class Rule:
     key_template: str
     source: SourceMode
     on_delete: OnDelete
+    # Capacity scheduling (service/scheduler.py): higher starts first; at most max_running of
+    # this rule's builds running at once (None: no limit of its own).
+    priority: int = 0
+    max_running: int | None = None
 
     @property
     def filters_paths(self) -> bool:
@@ -135,6 +139,8 @@ class _RuleModel(_Model):
     key: str | None = None
     source: SourceMode = SourceMode.ARCHIVE
     on_delete: OnDelete = OnDelete.KEEP
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    max_running: int | None = Field(default=None, ge=1)
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -186,6 +192,8 @@ class _RuleModel(_Model):
             key_template=self.key or defaults.key_template,
             source=self.source,
             on_delete=self.on_delete,
+            priority=self.priority,
+            max_running=self.max_running,
         )
 
 

@@ -132,13 +132,14 @@ class _Comment:
         }
 
 
-def validate(operation: str, params: Any) -> None:
-    """Check a request against botocore's model of CodeCommit, as the real service would.
+def validate(operation: str, params: Any, *, service: str = "codecommit") -> None:
+    """Check a request against botocore's model of ``service`` (CodeCommit here, CodeBuild in
+    :mod:`service.localdev.codebuild`), as the real service would.
 
     Raises:
         StandInError: unknown operation, or parameters the model does not allow.
     """
-    model = botocore.session.get_session().get_service_model("codecommit")
+    model = botocore.session.get_session().get_service_model(service)
     try:
         shape = model.operation_model(operation).input_shape
     except OperationNotFoundError:
