@@ -10,16 +10,31 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
-from service.builds import BuildRequest
-from service.events import codecommit_event
+from service.builds import BuildRequest, StartedBuild
+from service.errors import ConfigurationError
+from service.events import codecommit_event, parse_work
 from service.localdev.codebuild import CodeBuildStandIn
-from service.scheduler import WAITING_PREFIX, WaitingPush, dispatch_order
+from service.metrics import Metrics
+from service.outcome import Outcome
+from service.outcomes import Change
+from service.pipelines import Pipelines, Rule, parse_config
+from service.queue import Queue
+from service.records import Records
+from service.scheduler import (
+    WAITING_PREFIX,
+    Scheduler,
+    WaitingPush,
+    dispatch_order,
+    running_builds,
+)
+from service.settings import Settings
 from tests.helpers import (
     AwsResources,
     GitWorld,
@@ -292,3 +307,95 @@ def test_dispatch_order_is_priority_then_round_robin_across_repositories() -> No
         ("big", "b2"),
         ("big", "b3"),
     ]
+
+
+# -- in-process: the scheduler against moto's S3 and SQS ----------------------------------------
+
+
+def scheduler_for(aws: AwsResources, **overrides: Any) -> tuple[Scheduler, Metrics]:
+    settings = Settings(
+        queue_url=aws.intake_url, work_queue_url=aws.work_url, bucket=aws.bucket, **overrides
+    )
+    metrics = Metrics()
+    work = Queue(aws.sqs, aws.work_url, name="work")
+    work.dead_letter_url = aws.work_dlq_url
+    pipelines = Pipelines.from_settings(settings)
+    return Scheduler(Records(aws.s3, aws.bucket), settings, metrics, pipelines, work), metrics
+
+
+def request_for(
+    aws: AwsResources, repository: str, branch: str, commit: str | None = None
+) -> BuildRequest:
+    push = push_for(repository, branch, commit, time="2026-12-06T03:00:00Z")
+    return BuildRequest(push=push, project=repository, bucket=aws.bucket, key=f"{branch}.zip")
+
+
+async def test_a_rule_max_running_holds_its_own_builds_back_only(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    limited = replace(Rule.from_settings(scheduler.settings), name="limited", max_running=1)
+    free = Rule.from_settings(scheduler.settings)
+    first, second = request_for(aws, "a", "one"), request_for(aws, "a", "two")
+    assert await scheduler.admit(first, limited) is None  # a slot reserved
+    assert await scheduler.admit(second, limited) == "rule_limit"
+    assert await scheduler.admit(request_for(aws, "b", "x"), free) is None  # not counted
+    await scheduler.started(first, limited, StartedBuild("a:1", "a"))
+    assert [b["build_id"] for b in (await running_builds(scheduler.records)).values()] == ["a:1"]
+    await scheduler.build_changed(
+        Change(archive=first.key, before=None, after={"build_id": "a:1", "status": "FAILED"})
+    )
+    assert await running_builds(scheduler.records) == {}
+    assert await scheduler.admit(second, limited) is None
+
+
+async def test_a_push_waiting_longer_than_max_wait_is_dead_lettered_with_that_reason(
+    aws: AwsResources,
+) -> None:
+    scheduler, metrics = scheduler_for(aws, max_wait=0.01)
+    rule = Rule.from_settings(scheduler.settings)
+    request = request_for(aws, "shop", "feature/slow")
+    assert await scheduler.wait(request, rule, "account_queue_full") is Outcome.WAITING
+    await anyio.sleep(0.05)  # older than max_wait (0.01 s): the point of this test
+
+    async def never(request: BuildRequest) -> StartedBuild:
+        raise AssertionError("an expired push must not start")
+
+    assert await scheduler.dispatch(never) == 0
+    [(body, attributes)] = await aws.dlq_messages(aws.work_dlq_url)
+    assert parse_work(body) == request.push
+    assert attributes["branchbuild.error_kind"] == "capacity_timeout"
+    assert "waited longer than BRANCHBUILD_MAX_WAIT" in attributes["branchbuild.reason"]
+    assert "account_queue_full" in attributes["branchbuild.reason"]
+    assert await scheduler.listing() == []
+    sample = metrics.registry.get_sample_value
+    assert sample("branchbuild_jobs_total", {"outcome": "dead_lettered"}) == 1
+
+
+async def test_an_older_push_does_not_replace_a_newer_waiting_one(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    rule = Rule.from_settings(scheduler.settings)
+    newer = request_for(aws, "shop", "feature/x", "b" * 40)
+    older = BuildRequest(
+        push=replace(newer.push, commit="a" * 40, time="2026-12-06T02:00:00Z"),
+        project="shop",
+        bucket=aws.bucket,
+        key="old.zip",
+    )
+    assert await scheduler.wait(newer, rule, "account_queue_full") is Outcome.WAITING
+    assert await scheduler.wait(older, rule, "behind") is Outcome.SUPERSEDED  # a redriven one
+    assert await scheduler.wait(newer, rule, "behind") is Outcome.WAITING  # a redelivery
+    [waiting] = await scheduler.listing()
+    assert waiting.push.commit == "b" * 40
+    assert waiting.reason == "account_queue_full"
+
+
+def test_rules_take_a_priority_and_a_running_limit() -> None:
+    text = (
+        "version: 1\nrules:\n  - repository: app\n    priority: 10\n    max_running: 3\n"
+        "  - repository: other\n"
+    )
+    s = Settings(queue_url="q", work_queue_url="w", bucket="bucket")
+    config = parse_config(text, "p.yaml", s)
+    assert (config.rule_for("app").priority, config.rule_for("app").max_running) == (10, 3)
+    assert (config.rule_for("other").priority, config.rule_for("other").max_running) == (0, None)
+    with pytest.raises(ConfigurationError, match=r"p.yaml:5: rules\[0\].max_running"):
+        parse_config(text.replace("max_running: 3", "max_running: 0"), "p.yaml", s)
