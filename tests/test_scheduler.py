@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -123,19 +124,24 @@ def config(tmp_path: Path, text: str) -> str:
     return str(path)
 
 
-async def finish_one_at_a_time(world: World, expected: int) -> None:
+async def finish_one_at_a_time(world: World, expected: int) -> list[float]:
     """End the oldest active build, once at a time, until ``expected`` of branchbuild's builds
-    were accepted: each end frees one place, so each start is the scheduler's choice."""
+    were accepted: each end frees one place, so each start is the scheduler's choice. Returns
+    the seconds from each end to the start it allowed."""
     cb = world.codebuild
+    resumed = []
     while len(cb.started_by()) < expected:
         before = len(cb.started_by())
         oldest = min(cb.active, key=lambda b: b.requested)
+        freed = time.monotonic()
         await cb.finish(oldest.id)
 
         async def one_more(before: int = before) -> bool:
             return len(cb.started_by()) > before
 
         await wait_for(one_more, within=60, what=f"build {before + 1} of {expected}")
+        resumed.append(time.monotonic() - freed)
+    return resumed
 
 
 async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fairness(
@@ -147,6 +153,7 @@ async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fa
     while they wait, and the starts follow priority, then round robin across repositories."""
     cb = world.codebuild
     await cb.occupy(6)
+    full_since = time.monotonic()
     service = await start_service(BRANCHBUILD_CONFIG=config(tmp_path, PRIORITIES), **FAST)
     first_round = [
         ("web", "feature/a"),
@@ -189,7 +196,8 @@ async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fa
     assert await service.metric("branchbuild_waiting_pushes", reason="account_queue_full") == 7
     assert await service.metric("branchbuild_capacity_refusals_total") >= 60
 
-    await finish_one_at_a_time(world, expected=len(first_round))
+    full_for = time.monotonic() - full_since
+    resumed = await finish_one_at_a_time(world, expected=len(first_round))
     order = [(repository, branch) for repository, branch, _ in world.built()]
     assert order == [
         ("app", "feature/a"),  # priority 10 first
@@ -205,6 +213,27 @@ async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fa
     assert await service.metric("branchbuild_jobs_total", outcome="superseded") == 4
     await service.metric_reaches(0, "branchbuild_waiting_pushes")
     assert await service.metric("branchbuild_wait_duration_seconds_count") == len(first_round)
+    pushes = len(first_round) + 4
+    report(
+        "CodeBuild full (quota 1, queue 5 taken by others), a burst of pushes",
+        [
+            ("pushes (one StartBuild each without the scheduler)", str(pushes)),
+            ("builds started with the scheduler", str(len(world.built()))),
+            ("builds saved by superseding while waiting", str(pushes - len(world.built()))),
+            ("dead-lettered", str(await world.dead_letters())),
+            ("CodeBuild full for", f"{full_for:.1f} s"),
+            ("capacity back -> first start", f"{resumed[0]:.2f} s"),
+            ("capacity back -> start, longest", f"{max(resumed):.2f} s"),
+            ("probe interval (default 5 s)", f"{FAST['BRANCHBUILD_CAPACITY_PROBE_INTERVAL']} s"),
+        ],
+    )
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    """The figures `make chaos` prints (pytest -s); captured, and silent, otherwise."""
+    width = max(len(name) for name, _ in rows)
+    lines = [title] + [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    print("\n" + "\n".join(lines))  # noqa: T201
 
 
 async def test_three_instances_never_run_more_than_max_running(
