@@ -91,6 +91,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     s = services
     rule = s.rule_for(push)
     if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
+        if s.scheduler is not None:  # its archives go: a push of it must not wait to start
+            await s.scheduler.forget(push)
         await clean_up_branch(push, rule, s)
         return JobResult(Outcome.DELETED, None, "")
     assert push.commit is not None

@@ -283,6 +283,19 @@ class Scheduler:
         self._wake.set()
         return outcome
 
+    async def forget(self, push: Push) -> None:
+        """Drop the branch's waiting push (the branch was deleted and its archives go).
+
+        Raises:
+            StorageError: S3 failed (transient).
+        """
+
+        def change(current: Document | None) -> Document | None:
+            return {} if current and "push" in current else None
+
+        if await self.records.update(waiting_key(push), change) is not None:
+            log.info("the branch was deleted: its waiting push is dropped")
+
     # -- the dispatcher -------------------------------------------------------------------
 
     async def run(self, stopping: anyio.Event, start: StartWaiting) -> None:

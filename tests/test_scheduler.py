@@ -20,7 +20,7 @@ import pytest
 
 from service.builds import BuildRequest, StartedBuild
 from service.errors import ConfigurationError
-from service.events import codecommit_event, parse_work
+from service.events import Action, codecommit_event, parse_work
 from service.localdev.codebuild import CodeBuildStandIn
 from service.metrics import Metrics
 from service.outcome import Outcome
@@ -428,3 +428,13 @@ def test_rules_take_a_priority_and_a_running_limit() -> None:
     assert (config.rule_for("other").priority, config.rule_for("other").max_running) == (0, None)
     with pytest.raises(ConfigurationError, match=r"p.yaml:5: rules\[0\].max_running"):
         parse_config(text.replace("max_running: 3", "max_running: 0"), "p.yaml", s)
+
+
+async def test_a_deleted_branch_has_no_push_left_waiting(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    rule = Rule.from_settings(scheduler.settings)
+    request = request_for(aws, "shop", "feature/gone")
+    await scheduler.wait(request, rule, "account_queue_full")
+    await scheduler.wait(request_for(aws, "shop", "feature/kept"), rule, "behind")
+    await scheduler.forget(replace(request.push, action=Action.DELETED, commit=None))
+    assert [w.push.name for w in await scheduler.listing()] == ["feature/kept"]
