@@ -295,6 +295,28 @@ async def test_pushes_waiting_on_a_killed_instance_are_built_by_another(
     assert await world.dead_letters() == 0
 
 
+async def test_sigterm_stops_the_dispatcher_and_the_waiting_pushes_stay(
+    world: World, start_service: StartService
+) -> None:
+    await world.codebuild.occupy(6)
+    service = await start_service(**FAST)
+    for branch in ("feature/a", "feature/b"):
+        await world.push("term", branch, "1")
+
+    async def both_waiting() -> bool:
+        return len(await world.waiting()) == 2
+
+    await wait_for(both_waiting, what="both pushes waiting")
+    service.signal(signal.SIGTERM)
+    assert await service.wait(within=20) == 0
+    assert "dispatcher stopped" in service.logs()
+    assert {w["commit"] for w in (await world.waiting()).values()} == {
+        world.newest[("term", "feature/a")],
+        world.newest[("term", "feature/b")],
+    }
+    assert await world.dead_letters() == 0
+
+
 async def test_a_lost_final_event_frees_its_slot_through_batch_get_builds(
     world: World, start_service: StartService
 ) -> None:
