@@ -259,7 +259,11 @@ class Scheduler:
             nonlocal outcome, replaced
             outcome, replaced = Outcome.WAITING, None
             if current and "push" in current:
-                theirs = WaitingPush.from_document(key, current)
+                try:
+                    theirs = WaitingPush.from_document(key, current)
+                except MalformedEvent as exc:  # never let it block the branch: replace it
+                    log.warning("%s", exc)
+                    return mine.to_document()
                 if theirs.request.idempotency_token == request.idempotency_token:
                     return None  # a redelivery: it already waits
                 if _later(theirs.push, push):
