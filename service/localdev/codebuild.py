@@ -3,7 +3,7 @@
 moto starts every build at once and never refuses one; CodeBuild does not. This HTTP server
 speaks CodeBuild's JSON protocol (``X-Amz-Target: CodeBuild_20161006.<Op>``) for StartBuild,
 BatchGetBuilds and StopBuild, every request validated against botocore's model of CodeBuild
-(:func:`service.localdev.codecommit.validate`), and enforces:
+(:mod:`service.localdev.awsjson`), and enforces:
 
 * a **concurrency quota** (``quota`` builds run at once, account-wide); builds beyond it wait in
   CodeBuild's queue (``IN_PROGRESS``, phase ``QUEUED``), which holds at most ``queue_factor`` ×
@@ -24,9 +24,6 @@ Change`` event CodeBuild would put on EventBridge (tests put it on the intake qu
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import json
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -36,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .codecommit import StandInError, validate
+from .awsjson import JsonStandIn, StandInError
 
 __all__ = ["CodeBuildStandIn", "StandInBuild"]
 
@@ -66,9 +63,12 @@ class StandInBuild:
         return self.active and self.phase != "QUEUED"
 
 
-class CodeBuildStandIn:
+class CodeBuildStandIn(JsonStandIn):
     """The server; ``async with`` it, then point ``AWS_ENDPOINT_URL_CODEBUILD`` at
     :attr:`endpoint`."""
+
+    target_prefix = TARGET_PREFIX
+    service = "codebuild"
 
     def __init__(
         self,
@@ -82,14 +82,13 @@ class CodeBuildStandIn:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(host=host, port=port)
         self.quota = quota
         self.queue_factor = queue_factor
         self.project_limits = dict(project_limits or {})
         self.on_event = on_event
         self.account = account
         self.region = region
-        self.host = host
-        self._port = port
         self.builds: dict[str, StandInBuild] = {}
         self.order: list[str] = []  # build ids in the order StartBuild accepted them
         self.refusals: dict[str, int] = {}  # by error code
@@ -98,29 +97,6 @@ class CodeBuildStandIn:
         self.most_active = 0  # the most builds running or queued at once
         self._throttle = 0
         self._tokens: dict[str, tuple[str, float]] = {}
-        self._numbers = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self._site is not None, "not started"
-        server = self._site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        return f"http://{self.host}:{server.sockets[0].getsockname()[1]}"
-
-    async def __aenter__(self) -> CodeBuildStandIn:
-        app = web.Application()
-        app.router.add_post("/", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self._port)
-        await self._site.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     # -- what a test does -----------------------------------------------------------------
 
@@ -156,37 +132,23 @@ class CodeBuildStandIn:
 
     # -- the protocol ---------------------------------------------------------------------
 
-    async def _serve(self, request: web.Request) -> web.Response:
-        target = request.headers.get("X-Amz-Target", "")
-        try:
-            if not target.startswith(TARGET_PREFIX):
-                raise StandInError("UnknownOperationException", f"bad X-Amz-Target {target!r}")
-            operation = target.removeprefix(TARGET_PREFIX)
-            try:
-                params = json.loads(await request.read() or b"{}")
-            except ValueError:
-                raise StandInError("SerializationException", "the body is not JSON") from None
-            try:
-                validate(operation, params, service="codebuild")
-            except StandInError as exc:
-                raise StandInError("InvalidInputException", str(exc)) from None
-            self.requests.append((operation, params))
-            if operation == "StartBuild":
-                reply = await self._start(params)
-            elif operation == "BatchGetBuilds":
-                reply = self._batch_get(params)
-            elif operation == "StopBuild":
-                reply = await self._stop(params)
-            else:
-                raise StandInError("UnknownOperationException", f"{operation} is not served here")
-        except StandInError as exc:
-            self.refusals[exc.code] = self.refusals.get(exc.code, 0) + 1
-            return web.json_response(
-                {"__type": exc.code, "message": str(exc)},
-                status=400,
-                content_type="application/x-amz-json-1.1",
-            )
-        return web.json_response(reply, content_type="application/x-amz-json-1.1")
+    async def call(
+        self, operation: str, params: dict[str, Any], request: web.Request
+    ) -> dict[str, Any]:
+        self.requests.append((operation, params))
+        if operation == "StartBuild":
+            return await self._start(params)
+        if operation == "BatchGetBuilds":
+            return self._batch_get(params)
+        if operation == "StopBuild":
+            return await self._stop(params)
+        raise StandInError("UnknownOperationException", f"{operation} is not served here")
+
+    def refused(self, error: StandInError) -> StandInError:
+        return StandInError("InvalidInputException", str(error))
+
+    def answered_error(self, error: StandInError) -> None:
+        self.refusals[error.code] = self.refusals.get(error.code, 0) + 1
 
     async def _start(self, params: dict[str, Any]) -> dict[str, Any]:
         project = params["projectName"]
