@@ -46,7 +46,7 @@ from tests.helpers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
 # Fast enough for tests; the defaults are documented in docs/capacity.md.
 FAST = {
@@ -164,13 +164,15 @@ async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fa
         ("lib", "feature/b"),
         ("app", "feature/b"),
     ]
-    for repository, branch in first_round:
+    for n, (repository, branch) in enumerate(first_round, 1):
         await world.push(repository, branch, "1")
 
-    async def all_settled() -> bool:  # waiting, or (the old code) dead-lettered
-        return len(await world.waiting()) + await world.dead_letters() == len(first_round)
+        # One at a time, so that the branches' places in line are the order of the pushes
+        # (jobs of different branches run in parallel and may end in any order).
+        async def settled(n: int = n) -> bool:  # waiting, or (the old code) dead-lettered
+            return len(await world.waiting()) + await world.dead_letters() == n
 
-    await wait_for(all_settled, within=120, what="every push waiting or dead-lettered")
+        await wait_for(settled, within=120, what=f"push {n} waiting or dead-lettered")
     assert await world.dead_letters() == 0
 
     # Newer pushes of waiting branches replace the waiting ones, one after the other.
