@@ -122,9 +122,12 @@ test: lint typecheck lint-deploy pytest
 
 # The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures; then
 # three instances under a steady stream of pushes, one SIGKILLed and one SIGTERMed: the
-# push-to-StartBuild latency after each (median, p90, longest stall).
+# push-to-StartBuild latency after each (median, p90, longest stall). Then a burst while
+# CodeBuild is full (docs/capacity.md): builds started with and without the scheduler, and
+# the time from capacity returning to the first start.
 chaos: venv system-deps
 	CHAOS=long $(BIN)/pytest tests/test_chaos.py -s -p no:cacheprovider --timeout 900
+	$(BIN)/pytest tests/test_scheduler.py -k burst -s -p no:cacheprovider --timeout 900
 
 $(BENCH_STAMP):
 	$(PYTHON) -m venv $(BENCH_VENV)

@@ -11,11 +11,11 @@ import anyio
 import anyio.abc
 
 from .aws import AccountClients, Clients, open_clients, region
-from .builds import BuildBackend, CodeBuild
+from .builds import BuildBackend, BuildRequest, CodeBuild, StartedBuild
 from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
-from .job import Services
+from .job import Services, start_recorded
 from .metrics import Metrics
 from .outcomes import Outcomes
 from .pipelines import Pipelines, Watcher
@@ -23,6 +23,7 @@ from .pullrequests import PullRequests
 from .queue import Leases, Queue
 from .reconcile import Reconciler
 from .records import Records
+from .scheduler import Scheduler
 from .settings import BuildBackend as BackendName
 from .settings import Settings
 from .storage import Storage
@@ -97,15 +98,24 @@ class App:
             records = Records(clients.s3, s.bucket)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
             pull_requests = PullRequests(accounts, records, s, self.metrics)
+            codebuild = CodeBuild(clients.codebuild)
+            scheduler = Scheduler(
+                records,
+                s,
+                self.metrics,
+                pipelines,
+                work_queue,
+                statuses=codebuild.statuses if s.build_backend is BackendName.CODEBUILD else None,
+            )
             outcomes = Outcomes(
                 records,
                 s,
                 self.metrics,
-                listeners=(pull_requests.changed,),
+                listeners=(pull_requests.changed, scheduler.build_changed),
                 pull_requests=pull_requests.event,
             )
             async with anyio.create_task_group() as background:
-                backend = await self._backend(clients, background, stack)
+                backend = await self._backend(codebuild, clients, background, stack)
                 if s.build_backend is BackendName.CODEBUILD:
                     supersede = Supersede(records, clients.codebuild, s, self.metrics, pipelines)
                 else:  # the local backend stops its own builds
@@ -121,6 +131,7 @@ class App:
                     pipelines=pipelines,
                     started_hooks=(supersede.started, pull_requests.started),
                     on_branch_deleted=supersede.branch_deleted,
+                    scheduler=scheduler,
                 )
                 intake = Intake(
                     intake_queue,
@@ -142,6 +153,13 @@ class App:
                 )
                 background.start_soon(self._watch_signals, name="signals")
                 background.start_soon(intake_leases.run, name="intake heartbeat")
+
+                async def start_waiting(request: BuildRequest) -> StartedBuild:
+                    return await start_recorded(request, services)
+
+                background.start_soon(
+                    scheduler.run, self.stopping, start_waiting, name="dispatcher"
+                )
                 background.start_soon(work_leases.run, name="work heartbeat")
                 if watcher is not None:
                     background.start_soon(watcher.run, self.stopping, name="config")
@@ -157,7 +175,11 @@ class App:
         log.info("stopped")
 
     async def _backend(
-        self, clients: Clients, background: anyio.abc.TaskGroup, stack: AsyncExitStack
+        self,
+        codebuild: CodeBuild,
+        clients: Clients,
+        background: anyio.abc.TaskGroup,
+        stack: AsyncExitStack,
     ) -> BuildBackend:
         if self.settings.build_backend is BackendName.LOCAL:
             log.warning(
@@ -179,7 +201,7 @@ class App:
                 task_group=background,
                 events=events,
             )
-        return CodeBuild(clients.codebuild)
+        return codebuild
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -8,15 +8,10 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_random_exponential,
-)
+from botocore.exceptions import ClientError
 
 from .aws import error_code, translated
-from .errors import BuildError, PermanentError
+from .errors import BuildError, CapacityRefused, PermanentError
 from .events import Push, RefType
 
 if TYPE_CHECKING:
@@ -26,9 +21,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("branchbuild.builds")
 
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,254}")
-# Codes worth a few in-process retries while the message stays leased; botocore's own retries
-# already covered ThrottlingException once the call gets here.
-_RETRY_CODES = {"AccountLimitExceededException", "ThrottlingException"}
+# CodeBuild full: the push waits (service.scheduler) instead of retrying here; botocore's own
+# retries already covered ThrottlingException once the call gets here.
+_CAPACITY_CODES = {"AccountLimitExceededException", "ThrottlingException"}
+# BatchGetBuilds takes at most 100 ids.
+_BATCH = 100
 
 
 @dataclass(frozen=True)
@@ -92,31 +89,59 @@ def project_name(template: str, push: Push) -> str:
     return name
 
 
+def capacity_reason(error: BaseException | None) -> str:
+    """The ``reason`` label of a capacity refusal: ``throttled``, ``project_limit`` (a
+    project's concurrentBuildLimit) or ``account_queue_full`` (the account's queue)."""
+    code = error_code(error) if error is not None else ""
+    if code == "ThrottlingException":
+        return "throttled"
+    message = ""
+    if isinstance(error, ClientError):
+        message = str(error.response.get("Error", {}).get("Message", "")).lower()
+    return "project_limit" if "project" in message else "account_queue_full"
+
+
 class CodeBuild:
     """The production backend: AWS CodeBuild's StartBuild with the source overridden."""
 
-    def __init__(self, client: CodeBuildClient, *, attempts: int = 5, max_wait: float = 30) -> None:
+    def __init__(self, client: CodeBuildClient) -> None:
         self.client = client
-        self.attempts = attempts
-        self.max_wait = max_wait
 
     async def start(self, request: BuildRequest) -> StartedBuild:
-        """Start the build.
+        """Start the build (once: a refusal for capacity is the scheduler's to retry, with the
+        same idempotency token).
 
         Raises:
-            BuildError: throttled or over the account's build limit after retries (transient).
+            CapacityRefused: the account's queue is full, the project's concurrent build
+                limit is reached, or StartBuild is throttled beyond botocore's retries.
+            BuildError: another failure that may pass (transient).
             AccessDenied: the project does not exist or may not be started (permanent).
         """
-        retrying = AsyncRetrying(
-            retry=retry_if_exception(lambda e: error_code(e.__cause__ or e) in _RETRY_CODES),
-            stop=stop_after_attempt(self.attempts),
-            wait=wait_random_exponential(multiplier=1, max=self.max_wait),
-            reraise=True,
-        )
-        async for attempt in retrying:
-            with attempt:
-                return await self._start_once(request)
-        raise AssertionError("unreachable")  # pragma: no cover
+        try:
+            return await self._start_once(request)
+        except BuildError as exc:
+            cause = exc.__cause__
+            code = error_code(cause) if cause is not None else ""
+            if code not in _CAPACITY_CODES:
+                raise
+            raise CapacityRefused(str(exc), reason=capacity_reason(cause)) from cause
+
+    async def statuses(self, build_ids: list[str]) -> dict[str, str]:
+        """``buildStatus`` of each build CodeBuild knows (a missing id is left out).
+
+        Raises:
+            BuildError: BatchGetBuilds failed (transient).
+            AccessDenied: not allowed (permanent).
+        """
+        found: dict[str, str] = {}
+        for start in range(0, len(build_ids), _BATCH):
+            chunk = build_ids[start : start + _BATCH]
+            with translated("read the status of builds", transient=BuildError):
+                reply = await self.client.batch_get_builds(ids=chunk)
+            for build in reply.get("builds", []):
+                if "id" in build and "buildStatus" in build:
+                    found[build["id"]] = build["buildStatus"]
+        return found
 
     async def _start_once(self, request: BuildRequest) -> StartedBuild:
         variables: list[EnvironmentVariableTypeDef] = [

@@ -73,7 +73,9 @@ def _parser() -> _Parser:
     check.add_argument("--region", help="the repositories' region (default: AWS_REGION)")
     check.add_argument("--json", action="store_true", help="one JSON object")
 
-    status = command("status", "backlog of the intake and work queues and their DLQs")
+    status = command(
+        "status", "backlog of the queues and their DLQs, and pushes waiting for CodeBuild"
+    )
     status.add_argument("--json", action="store_true", help="one JSON object")
 
     dlq = command("dlq", "inspect and redrive the dead-letter queues")
@@ -324,13 +326,19 @@ async def _status(args: argparse.Namespace, settings: Settings, clients: AwsClie
     import json
     from dataclasses import asdict
 
-    from .admin.status import queue_status, render_status
+    from .admin.status import capacity_status, queue_status, render_capacity, render_status
 
     rows = await queue_status(settings, clients)
+    waiting, running = await capacity_status(settings, clients)
     if args.json:
-        sys.stdout.write(json.dumps({"queues": [asdict(r) for r in rows]}) + "\n")
+        document = {
+            "queues": [asdict(r) for r in rows],
+            "waiting": [asdict(w) for w in waiting],
+            "running": running,
+        }
+        sys.stdout.write(json.dumps(document) + "\n")
     else:
-        sys.stdout.write(render_status(rows))
+        sys.stdout.write(render_status(rows) + render_capacity(waiting, running))
     return 0
 
 

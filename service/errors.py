@@ -98,6 +98,18 @@ class BuildError(TransientError):
     kind = "build"
 
 
+class CapacityRefused(BuildError):
+    """Raised when CodeBuild refuses a build for lack of capacity (queue full, a project's
+    concurrent build limit, throttling): the push waits (service.scheduler), never a failure."""
+
+    kind = "capacity"
+
+    def __init__(self, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        #: account_queue_full, project_limit or throttled (the metrics' ``reason`` label)
+        self.reason = reason
+
+
 class AccessDenied(PermanentError):
     """Raised when AWS refuses an action for lack of permission or a missing resource."""
 

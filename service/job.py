@@ -13,12 +13,13 @@ from datetime import UTC, datetime
 from .builds import BuildBackend, BuildRequest, StartedBuild, codecommit_url, project_name
 from .changes import screen
 from .cleanup import clean_up_branch
-from .errors import PermanentError
+from .errors import CapacityRefused, PermanentError
 from .events import Action, Push, event_time
 from .git import Extras, Git
 from .metrics import Metrics
 from .outcome import Outcome
 from .pipelines import Pipelines, Rule, SourceMode
+from .scheduler import Scheduler
 from .settings import Settings
 from .storage import LedgerEntry, Storage
 
@@ -43,6 +44,8 @@ class Services:
     # Hook for the build-outcomes work: stop a deleted branch's running build (service.cleanup).
     on_branch_deleted: Callable[[Push, Rule], Awaitable[None]] | None = None
     started_hooks: tuple[StartedHook, ...] = ()
+    # Capacity scheduling (service.scheduler): None starts every build at once, as before.
+    scheduler: Scheduler | None = None
 
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:
@@ -88,6 +91,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     s = services
     rule = s.rule_for(push)
     if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
+        if s.scheduler is not None:  # its archives go: a push of it must not wait to start
+            await s.scheduler.forget(push)
         await clean_up_branch(push, rule, s)
         return JobResult(Outcome.DELETED, None, "")
     assert push.commit is not None
@@ -136,8 +141,59 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         extra_environment=rule.environment,
         codecommit_url=codecommit_url(push) if direct else None,
     )
+    return await _start_or_wait(request, rule, s)
+
+
+async def _start_or_wait(request: BuildRequest, rule: Rule, s: Services) -> JobResult:
+    """Start the build now, or (CodeBuild full, a running limit reached, others waiting
+    ahead) leave the push to the scheduler's waiting store; either way the message is done."""
+    scheduler = s.scheduler
+    if scheduler is None:
+        started = await start_recorded(request, s, checked=True)
+        return JobResult(Outcome.BUILT, started.build_id, request.key)
+    waits = await scheduler.admit(request, rule)
+    if waits is not None:
+        return JobResult(await scheduler.wait(request, rule, waits), None, request.key)
+    try:
+        started = await start_recorded(request, s, checked=True)
+    except CapacityRefused as exc:  # CodeBuild is full: the push waits, its message is done
+        s.metrics.capacity_refusals.labels(reason=exc.reason).inc()
+        await scheduler.release(request, rule)
+        return JobResult(await scheduler.wait(request, rule, exc.reason), None, request.key)
+    # Another failure keeps the reserved slot: the retry finds it its own (same token), and
+    # reconciliation frees it should the push never start.
+    return JobResult(Outcome.BUILT, started.build_id, request.key)
+
+
+async def start_recorded(
+    request: BuildRequest, services: Services, *, checked: bool = False
+) -> StartedBuild:
+    """StartBuild, then the ledger and the started hooks (supersede, pull requests); what a
+    job does once its archive is uploaded, and what the scheduler does for a waiting push.
+
+    Unless ``checked`` (the job read the ledger already), a build the ledger names for this
+    commit is not started again: its hooks are finished and it is returned (a dispatcher that
+    crashed after StartBuild).
+
+    Raises:
+        CapacityRefused: CodeBuild is full (the push should wait).
+        BranchbuildError: as :func:`run_job`.
+    """
+    s = services
+    push = request.push
+    if not checked:
+        previous = await s.storage.read_ledger(request.key)
+        if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
+            already = StartedBuild(previous.build_id, previous.project)
+            if s.scheduler is not None:
+                await s.scheduler.started(request, s.rule_for(push), already)
+            for hook in s.started_hooks:
+                await hook(push, already, request.key)
+            return already
     with _timed(s.metrics, "start_build"):
         started = await s.backend.start(request)
+    if s.scheduler is not None:
+        await s.scheduler.started(request, s.rule_for(push), started)
     s.metrics.builds.labels(backend=s.backend_name).inc()
     pushed_at = event_time(push)
     if pushed_at is not None:
@@ -145,12 +201,17 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     log.info("started build %s", started.build_id, extra={"build_id": started.build_id})
 
     await s.storage.write_ledger(
-        key,
-        LedgerEntry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project),
+        request.key,
+        LedgerEntry(
+            commit=request.commit,
+            ref=push.ref,
+            build_id=started.build_id,
+            project=request.project,
+        ),
     )
     for hook in s.started_hooks:  # issue 13: supersede, pull request feedback
-        await hook(push, started, key)
-    return JobResult(Outcome.BUILT, started.build_id, key)
+        await hook(push, started, request.key)
+    return started
 
 
 def extras(rule: Rule, push: Push) -> Extras:

@@ -20,6 +20,7 @@ disable_created_metrics()  # type: ignore[no-untyped-call]
 
 STAGE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 BUILD_BUCKETS = (30, 60, 120, 300, 600, 900, 1200, 1800, 2700, 3600, 5400, 7200, 14400, 28800)
+WAIT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
 
 
@@ -138,6 +139,25 @@ class Metrics:
             "branchbuild_pull_request_updates",
             "Changes made on CodeCommit pull requests, by action.",
             ["action"],
+            registry=r,
+        )
+        # Capacity scheduling (service/scheduler.py).
+        self.waiting = Gauge(
+            "branchbuild_waiting_pushes",
+            "Pushes waiting to start (fleet-wide, as this instance last listed them), by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.wait_seconds = Histogram(
+            "branchbuild_wait_duration_seconds",
+            "From a push starting to wait to its build starting (or its dead-lettering).",
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.capacity_refusals = Counter(
+            "branchbuild_capacity_refusals",
+            "StartBuild calls CodeBuild refused for lack of capacity, by reason.",
+            ["reason"],
             registry=r,
         )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)

@@ -21,5 +21,6 @@ class Outcome(StrEnum):
     FAILED = "failed"
     RELEASED = "released"
     DEAD_LETTERED = "dead_lettered"
+    WAITING = "waiting"  # CodeBuild full or a running limit reached: held by service.scheduler
     SKIPPED = "skipped"  # a skip marker in the pushed commit's message (pipeline rules)
     FILTERED = "filtered"  # no changed path matches the rule's path filters

@@ -76,6 +76,10 @@ class Rule:
     # Archive contents (docs/build-contents.md).
     submodules: bool = False
     git_metadata: bool = False
+    # Capacity scheduling (service/scheduler.py): higher starts first; at most max_running of
+    # this rule's builds running at once (None: no limit of its own).
+    priority: int = 0
+    max_running: int | None = None
 
     @property
     def filters_paths(self) -> bool:
@@ -141,6 +145,8 @@ class _RuleModel(_Model):
     on_delete: OnDelete = OnDelete.KEEP
     submodules: bool | None = None
     git_metadata: bool = False
+    priority: int = Field(default=0, ge=-1000, le=1000)
+    max_running: int | None = Field(default=None, ge=1)
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -194,6 +200,8 @@ class _RuleModel(_Model):
             on_delete=self.on_delete,
             submodules=self.submodules if self.submodules is not None else defaults.submodules,
             git_metadata=self.git_metadata,
+            priority=self.priority,
+            max_running=self.max_running,
         )
 
 

@@ -127,9 +127,12 @@ class Queue:
             for m in reply.get("Messages", [])
         ]
 
-    async def dead_letter(self, message: Message, *, reason: str, kind: str) -> bool:
+    async def dead_letter(
+        self, message: Message, *, reason: str, kind: str, delete: bool = True
+    ) -> bool:
         """Move a message that failed its last allowed receive to the dead-letter queue, with
-        why it failed in its attributes (``branchbuild.*``), then delete it here.
+        why it failed in its attributes (``branchbuild.*``), then delete it here (``delete``
+        False: a push that waited too long, whose message was deleted when it began waiting).
 
         Returns False when that is not possible; SQS's redrive policy then moves the message
         (without the reason) at its next receive, so nothing is lost either way.
@@ -162,7 +165,7 @@ class Queue:
         except BranchbuildError as exc:
             log.warning("could not dead-letter message %s itself: %s", message.id, exc)
             return False
-        if await self.delete([message]):
+        if delete and await self.delete([message]):
             log.warning("dead-lettered message %s but could not delete it here", message.id)
         return True
 

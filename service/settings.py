@@ -157,6 +157,16 @@ class Settings(LocalSettings):
     pull_request_feedback: PullRequestFeedback = PullRequestFeedback.OFF
     pull_request_role_template: str = ""
 
+    # Capacity scheduling (service/scheduler.py, docs/capacity.md): at most this many builds
+    # started by branchbuild running at once across the fleet (None: no limit); a waiting push
+    # is dead-lettered after max_wait seconds; a refused start is tried again every
+    # capacity_probe_interval seconds; the running set is checked with BatchGetBuilds every
+    # running_reconcile_interval seconds.
+    max_running: int | None = Field(default=None, ge=1)
+    max_wait: float = Field(default=6 * 3600.0, gt=0)
+    capacity_probe_interval: float = Field(default=5.0, gt=0, le=300)
+    running_reconcile_interval: float = Field(default=60.0, gt=0)
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     liveness_timeout: float = Field(default=90.0, gt=0)

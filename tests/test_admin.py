@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -19,8 +19,16 @@ import anyio
 import pytest
 
 from service.admin.builds import render, to_run, with_outcomes
+from service.builds import BuildRequest, StartedBuild
 from service.cli import main as cli_main
 from service.events import Push, RefChange, codecommit_event, parse_event
+from service.metrics import Metrics
+from service.outcome import Outcome
+from service.pipelines import Pipelines
+from service.queue import Queue
+from service.records import Records
+from service.scheduler import Scheduler
+from service.settings import Settings
 from tests.helpers import (
     ROOT,
     AwsResources,
@@ -338,7 +346,9 @@ async def test_status_shows_the_backlog_of_every_queue(aws: AwsResources, tmp_pa
             row("intake-dlq", aws.intake_dlq_url, 0, 0),
             row("work", aws.work_url, 0, 0),
             row("work-dlq", aws.work_dlq_url, 1, 0),
-        ]
+        ],
+        "waiting": [],
+        "running": 0,
     }
     text = await branchbuild(env, "status")
     assert text.out.splitlines() == [
@@ -347,7 +357,41 @@ async def test_status_shows_the_backlog_of_every_queue(aws: AwsResources, tmp_pa
         f"intake-dlq  0        0          0        unknown  {aws.intake_dlq_url}",
         f"work        0        0          0        unknown  {aws.work_url}",
         f"work-dlq    1        0          0        unknown  {aws.work_dlq_url}",
+        "",
+        "nothing waits for CodeBuild capacity; 0 build(s) hold a running slot",
     ]
+
+
+async def test_status_shows_what_waits_for_codebuild_and_why(
+    aws: AwsResources, tmp_path: Path
+) -> None:
+    settings = Settings(
+        queue_url=aws.intake_url, work_queue_url=aws.work_url, bucket=aws.bucket, max_running=1
+    )
+    work = Queue(aws.sqs, aws.work_url, name="work")
+    pipelines = Pipelines.from_settings(settings)
+    scheduler = Scheduler(Records(aws.s3, aws.bucket), settings, Metrics(), pipelines, work)
+    rule = replace(pipelines.rule_for("shop"), priority=5)
+    for branch, reason in (("feature/a", "account_queue_full"), ("feature/b", "behind")):
+        push = push_for("shop", branch)
+        request = BuildRequest(push=push, project="shop", bucket=aws.bucket, key=f"{branch}.zip")
+        assert await scheduler.wait(request, rule, reason) is Outcome.WAITING
+    running = BuildRequest(
+        push=push_for("shop", "main"), project="shop", bucket=aws.bucket, key="main.zip"
+    )
+    assert await scheduler.admit(running, rule) == "behind"  # others wait: it takes its turn
+    await scheduler.started(running, rule, StartedBuild("shop:1", "shop"))
+
+    result = await branchbuild(admin_env(aws, tmp_path), "status", "--json")
+    report = json.loads(result.out)
+    assert report["running"] == 1
+    assert sorted((w["branch"], w["reason"], w["priority"]) for w in report["waiting"]) == [
+        ("feature/a", "account_queue_full", 5),
+        ("feature/b", "behind", 5),
+    ]
+    text = (await branchbuild(admin_env(aws, tmp_path), "status")).out
+    assert "2 push(es) wait for CodeBuild capacity; 1 build(s) hold a running slot" in text
+    assert re.search(r"^shop\s+feature/a\s+[0-9a-f]{12}\s+5\s+account_queue_full\s", text, re.M)
 
 
 async def test_status_of_an_unreachable_queue_is_one_line_and_exit_1(

@@ -1,8 +1,8 @@
-"""StartBuild: parameters, idempotency token, and in-process retries of throttling.
+"""StartBuild: parameters, idempotency token, and capacity refusals told apart from failures.
 
-The retry test uses a stand-in client because no emulator can be told to throttle
-StartBuild (moto and LocalStack community never do); the end-to-end tests check the real
-request against moto.
+The refusal tests use a stand-in client because moto never throttles StartBuild; the
+CodeBuild stand-in (service/localdev/codebuild.py, tests/test_scheduler.py) refuses as
+CodeBuild does, over HTTP.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from botocore.exceptions import ClientError
 
 from service.builds import BuildRequest, CodeBuild, project_name
-from service.errors import AccessDenied, BuildError, PermanentError
+from service.errors import AccessDenied, BuildError, CapacityRefused, PermanentError
 from service.events import RefType
 from tests.helpers import push_for
 
@@ -24,12 +24,13 @@ class FlakyCodeBuild:
     def __init__(self, *codes: str) -> None:
         self.codes = list(codes)
         self.calls: list[dict[str, Any]] = []
+        self.message = "slow down"
 
     async def start_build(self, **kwargs: Any) -> dict[str, Any]:
         self.calls.append(kwargs)
         if self.codes:
             code = self.codes.pop(0)
-            raise ClientError({"Error": {"Code": code, "Message": "slow down"}}, "StartBuild")
+            raise ClientError({"Error": {"Code": code, "Message": self.message}}, "StartBuild")
         return {"build": {"id": "shop:1234"}}
 
 
@@ -37,26 +38,38 @@ def request() -> BuildRequest:
     return BuildRequest(push=PUSH, project="shop", bucket="b", key="shop/feature/x/a.zip")
 
 
-async def test_throttling_and_account_limit_are_retried_with_the_same_token() -> None:
-    client = FlakyCodeBuild("ThrottlingException", "AccountLimitExceededException")
-    backend = CodeBuild(client, attempts=5, max_wait=0.01)  # type: ignore[arg-type]
-    started = await backend.start(request())
-    assert started.build_id == "shop:1234"
-    assert len(client.calls) == 3
-    assert len({call["idempotencyToken"] for call in client.calls}) == 1
-
-
-async def test_persistent_throttling_becomes_transient() -> None:
-    client = FlakyCodeBuild(*["AccountLimitExceededException"] * 5)
-    backend = CodeBuild(client, attempts=3, max_wait=0.01)  # type: ignore[arg-type]
-    with pytest.raises(BuildError, match="AccountLimitExceededException"):
+@pytest.mark.parametrize(
+    ("code", "message", "reason"),
+    [
+        ("ThrottlingException", "Rate exceeded", "throttled"),
+        (
+            "AccountLimitExceededException",
+            "Cannot have more than 5 builds in queue for the account",
+            "account_queue_full",
+        ),
+        (
+            "AccountLimitExceededException",
+            "Cannot have more than 1 active builds for the project",
+            "project_limit",
+        ),
+    ],
+)
+async def test_a_capacity_refusal_is_raised_at_once_with_its_reason(
+    code: str, message: str, reason: str
+) -> None:
+    client = FlakyCodeBuild(code)
+    client.message = message
+    backend = CodeBuild(client)  # type: ignore[arg-type]
+    with pytest.raises(CapacityRefused) as refused:
         await backend.start(request())
-    assert len(client.calls) == 3
+    assert refused.value.reason == reason
+    assert isinstance(refused.value, BuildError)  # still transient for a caller without a scheduler
+    assert len(client.calls) == 1  # the scheduler retries it, with the same token
 
 
 async def test_missing_project_is_permanent_and_not_retried() -> None:
     client = FlakyCodeBuild("ResourceNotFoundException")
-    backend = CodeBuild(client, attempts=5, max_wait=0.01)  # type: ignore[arg-type]
+    backend = CodeBuild(client)  # type: ignore[arg-type]
     with pytest.raises(AccessDenied):
         await backend.start(request())
     assert len(client.calls) == 1

@@ -51,8 +51,8 @@ async def push_branch(
 async def built(aws: AwsResources, service: ServiceProcess) -> list[str]:
     async def done() -> list[str] | None:
         commits = [r["environmentVariablesOverride"][0]["value"] for r in await aws.start_builds()]
-        jobs = await service.metric("branchbuild_jobs_total", outcome="built")
-        return commits if commits and jobs >= 1 else None
+        started = await service.metric("branchbuild_builds_started_total")
+        return commits if commits and started >= 1 else None
 
     found = await wait_for(done, within=90, what="a build")
     assert (await service.get("/healthz"))[0] == 200
@@ -120,11 +120,17 @@ async def test_codebuild_throttling_and_account_limit_end_in_one_build(
     limited = proxy.add(
         json_error("AccountLimitExceededException", match=target(".StartBuild"), times=2)
     )
-    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint)
+    service = await start_service(
+        AWS_ENDPOINT_URL=proxy.endpoint, BRANCHBUILD_CAPACITY_PROBE_INTERVAL="0.5"
+    )
     commit = await push_branch(aws, git_world, tmp_path, "limits", {"a.txt": "x"})
     assert await built(aws, service) == [commit]  # exactly one StartBuild reached CodeBuild
     assert throttled.hits == 2 and limited.hits == 2
+    # botocore retried the throttling; the account limit made the push wait, not fail
     assert await service.metric("branchbuild_aws_retries_total", service="codebuild") >= 2
+    assert await service.metric("branchbuild_capacity_refusals_total") == 2
+    assert await service.metric("branchbuild_jobs_total", outcome="waiting") == 1
+    assert await service.metric("branchbuild_jobs_total", outcome="retried") == 0
     assert await aws.dlq_bodies(aws.work_dlq_url) == []
 
 

@@ -1,4 +1,5 @@
-"""``branchbuild status``: the backlog of the queues and their dead-letter queues."""
+"""``branchbuild status``: the backlog of the queues and their dead-letter queues, and the
+pushes waiting for CodeBuild capacity (service.scheduler)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING
 from ..aws import translated
 from ..errors import BranchbuildError
 from ..queue import Queue
+from ..records import Records
+from ..scheduler import running_builds, waiting_pushes
 from ..settings import Settings
 from .common import AwsClients, table
 
@@ -95,6 +98,59 @@ async def oldest_age(cloudwatch: CloudWatchClient, name: str) -> float | None:
         return None
     newest = max(points, key=lambda p: p.get("Timestamp", now - timedelta(days=1)))
     return float(newest["Maximum"])
+
+
+@dataclass(frozen=True)
+class WaitingStatus:
+    """One branch's push waiting to start, and why."""
+
+    repository: str
+    branch: str
+    commit: str
+    priority: int
+    reason: str
+    waited_seconds: float
+    claimed: bool  # an instance is starting it now
+
+
+async def capacity_status(
+    settings: Settings, clients: AwsClients
+) -> tuple[list[WaitingStatus], int]:
+    """The waiting pushes, in no particular order, and how many builds hold a running slot.
+
+    Raises:
+        StorageError: S3 could not be reached or read.
+    """
+    records = Records(await clients.s3(), settings.bucket)
+    now = datetime.now(UTC).timestamp()
+    waiting = [
+        WaitingStatus(
+            repository=w.push.repository,
+            branch=w.push.name,
+            commit=str(w.push.commit),
+            priority=w.priority,
+            reason=w.reason,
+            waited_seconds=round(max(0.0, now - w.since), 1),
+            claimed=w.claim_owner is not None and w.claim_until > now,
+        )
+        for w in await waiting_pushes(records)
+    ]
+    waiting.sort(key=lambda w: (-w.priority, -w.waited_seconds))
+    return waiting, len(await running_builds(records))
+
+
+def render_capacity(waiting: Sequence[WaitingStatus], running: int) -> str:
+    if not waiting:
+        return f"\nnothing waits for CodeBuild capacity; {running} build(s) hold a running slot\n"
+    header = ("WAITING", "BRANCH", "COMMIT", "PRIORITY", "REASON", "FOR")
+    rows = [
+        (w.repository, w.branch, w.commit[:12], str(w.priority), w.reason, age(w.waited_seconds))
+        for w in waiting
+    ]
+    return (
+        f"\n{len(waiting)} push(es) wait for CodeBuild capacity; "
+        f"{running} build(s) hold a running slot\n" + table([header, *rows])
+    )
 
 
 def queue_name(url: str) -> str:

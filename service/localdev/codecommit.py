@@ -20,7 +20,6 @@ events (``CodeCommit Pull Request State Change``) are handed to ``on_event``.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import hashlib
 import itertools
 import json
@@ -35,12 +34,10 @@ from typing import Any
 
 import aioboto3
 import anyio
-import botocore.session
 from aiohttp import web
 from botocore.exceptions import BotoCoreError, ClientError
-from botocore.model import OperationNotFoundError, Shape, StringShape
-from botocore.validate import ParamValidator
 
+from .awsjson import JsonStandIn, StandInError
 from .githost import GitHost, RefChange
 
 __all__ = [
@@ -58,14 +55,6 @@ _CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
 Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 Resolve = Callable[[str, str], Awaitable[str | None]]
 OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-class StandInError(Exception):
-    """An error answered the way CodeCommit answers it (``__type`` and ``message``)."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass
@@ -132,67 +121,12 @@ class _Comment:
         }
 
 
-def validate(operation: str, params: Any) -> None:
-    """Check a request against botocore's model of CodeCommit, as the real service would.
-
-    Raises:
-        StandInError: unknown operation, or parameters the model does not allow.
-    """
-    model = botocore.session.get_session().get_service_model("codecommit")
-    try:
-        shape = model.operation_model(operation).input_shape
-    except OperationNotFoundError:
-        raise StandInError("UnknownOperationException", f"unknown operation {operation}") from None
-    if not isinstance(params, dict):
-        raise StandInError("SerializationException", "the request body is not a JSON object")
-    if shape is None:
-        if params:
-            raise StandInError("ValidationException", f"{operation} takes no parameters")
-        return
-    report = ParamValidator().validate(params, shape)
-    problems = [report.generate_report()] if report.has_errors() else []
-    problems += _beyond_botocore(params, shape, operation)
-    if problems:
-        raise StandInError("ValidationException", "; ".join(problems))
-
-
-def _beyond_botocore(value: Any, shape: Shape | None, path: str) -> list[str]:
-    """What ParamValidator leaves out: maximum lengths and enums (AWS checks both)."""
-    if shape is None:
-        return []
-    problems: list[str] = []
-    if shape.type_name == "structure" and isinstance(value, dict):
-        for name, member in shape.members.items():  # type: ignore[attr-defined]
-            if name in value:
-                problems += _beyond_botocore(value[name], member, f"{path}.{name}")
-    elif shape.type_name == "list" and isinstance(value, list):
-        for i, item in enumerate(value):
-            problems += _beyond_botocore(item, shape.member, f"{path}[{i}]")  # type: ignore[attr-defined]
-    elif isinstance(shape, StringShape) and isinstance(value, str):
-        problems += _string_problems(value, shape, path)
-    elif shape.type_name == "integer" and isinstance(value, int):
-        limit = shape.metadata.get("max")
-        if limit is not None and value > limit:
-            problems.append(f"{path}: more than {limit}")
-    return problems
-
-
-def _string_problems(value: str, shape: StringShape, path: str) -> list[str]:
-    problems: list[str] = []
-    limit = shape.metadata.get("max")
-    if limit is not None and len(value) > limit:
-        problems.append(f"{path}: longer than {limit}")
-    pattern = shape.metadata.get("pattern")
-    if pattern and not re.fullmatch(pattern, value):
-        problems.append(f"{path}: does not match {pattern}")
-    if shape.enum and value not in shape.enum:
-        problems.append(f"{path}: {value!r} is not one of {', '.join(shape.enum)}")
-    return problems
-
-
-class CodeCommitStandIn:
+class CodeCommitStandIn(JsonStandIn):
     """The server; ``async with`` it, then point ``AWS_ENDPOINT_URL_CODECOMMIT`` at
     :attr:`endpoint`."""
+
+    target_prefix = TARGET_PREFIX
+    service = "codecommit"
 
     def __init__(
         self,
@@ -204,12 +138,11 @@ class CodeCommitStandIn:
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
+        super().__init__(host=host, port=port)
         self.resolve = resolve
         self.on_event = on_event
         self.account = account
         self.region = region
-        self.host = host
-        self._port = port
         self.pull_requests: dict[str, _PullRequest] = {}
         self.comments: dict[str, _Comment] = {}
         self.requests: list[tuple[str, dict[str, Any]]] = []  # every valid request, in order
@@ -217,8 +150,6 @@ class CodeCommitStandIn:
         # pull request between two calls of the service).
         self.before: dict[str, Callable[[dict[str, Any]], Awaitable[None]]] = {}
         self._ids = itertools.count(1)
-        self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
         self._handlers: dict[str, Handler] = {
             "CreatePullRequest": self._create_pull_request,
             "ListPullRequests": self._list_pull_requests,
@@ -229,30 +160,6 @@ class CodeCommitStandIn:
             "UpdatePullRequestApprovalState": self._update_approval,
             "GetPullRequestApprovalStates": self._get_approvals,
         }
-
-    @property
-    def port(self) -> int:
-        assert self._site is not None, "not started"
-        server = self._site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        return int(server.sockets[0].getsockname()[1])
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
-
-    async def __aenter__(self) -> CodeCommitStandIn:
-        app = web.Application()
-        app.router.add_post("/", self._serve)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self._port)
-        await self._site.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
 
     def calls(self, operation: str) -> list[dict[str, Any]]:
         return [params for name, params in self.requests if name == operation]
@@ -283,32 +190,16 @@ class CodeCommitStandIn:
 
     # -- the protocol ---------------------------------------------------------------------
 
-    async def _serve(self, request: web.Request) -> web.Response:
-        target = request.headers.get("X-Amz-Target", "")
-        caller = self._caller(request.headers.get("Authorization", ""))
-        try:
-            if not target.startswith(TARGET_PREFIX):
-                raise StandInError("UnknownOperationException", f"bad X-Amz-Target {target!r}")
-            operation = target.removeprefix(TARGET_PREFIX)
-            try:
-                params = json.loads(await request.read() or b"{}")
-            except ValueError:
-                raise StandInError("SerializationException", "the body is not JSON") from None
-            validate(operation, params)
-            handler = self._handlers.get(operation)
-            if handler is None:
-                raise StandInError("UnknownOperationException", f"{operation} is not served here")
-            self.requests.append((operation, params))
-            if operation in self.before:
-                await self.before.pop(operation)(params)
-            reply = await handler(params, caller)
-        except StandInError as exc:
-            return web.json_response(
-                {"__type": exc.code, "message": str(exc)},
-                status=400,
-                content_type="application/x-amz-json-1.1",
-            )
-        return web.json_response(reply, content_type="application/x-amz-json-1.1")
+    async def call(
+        self, operation: str, params: dict[str, Any], request: web.Request
+    ) -> dict[str, Any]:
+        handler = self._handlers.get(operation)
+        if handler is None:
+            raise StandInError("UnknownOperationException", f"{operation} is not served here")
+        self.requests.append((operation, params))
+        if operation in self.before:
+            await self.before.pop(operation)(params)
+        return await handler(params, self._caller(request.headers.get("Authorization", "")))
 
     def _caller(self, authorization: str) -> str:
         match = _CREDENTIAL.search(authorization)

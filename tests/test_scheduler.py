@@ -1,0 +1,468 @@
+"""Capacity scheduling end to end: the service as real processes, moto's SQS and S3, the real
+git host, and the CodeBuild stand-in (service/localdev/codebuild.py) that runs out of capacity
+as CodeBuild does: a concurrency quota, a queue of 5× the quota, then
+``AccountLimitExceededException``; its builds end when the test says so, and their state
+events go to the intake queue as EventBridge would put them.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from service.builds import BuildRequest, StartedBuild
+from service.errors import ConfigurationError
+from service.events import Action, codecommit_event, parse_work
+from service.localdev.codebuild import CodeBuildStandIn
+from service.metrics import Metrics
+from service.outcome import Outcome
+from service.outcomes import Change
+from service.pipelines import Pipelines, Rule, parse_config
+from service.queue import Queue
+from service.records import Records
+from service.scheduler import (
+    WAITING_PREFIX,
+    Scheduler,
+    WaitingPush,
+    dispatch_order,
+    running_builds,
+)
+from service.settings import Settings
+from tests.helpers import (
+    AwsResources,
+    GitWorld,
+    ServiceProcess,
+    StartService,
+    WorkCopy,
+    push_for,
+    wait_for,
+)
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
+
+# Fast enough for tests; the defaults are documented in docs/capacity.md.
+FAST = {
+    "BRANCHBUILD_CAPACITY_PROBE_INTERVAL": "0.3",
+    "BRANCHBUILD_RUNNING_RECONCILE_INTERVAL": "1",
+}
+
+PRIORITIES = """
+version: 1
+rules:
+  - repository: app
+    priority: 10
+"""
+
+
+@dataclass
+class World:
+    aws: AwsResources
+    git: GitWorld
+    tmp: Path
+    codebuild: CodeBuildStandIn
+    repos: dict[str, WorkCopy] = field(default_factory=dict)
+    newest: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    async def push(self, repository: str, branch: str, content: str) -> str:
+        """Commit on ``branch`` and push it; its event goes to the intake queue."""
+        if repository not in self.repos:
+            self.repos[repository] = await WorkCopy.create(self.git, self.tmp, repository)
+        repo = self.repos[repository]
+        commit = await repo.commit({f"{branch}.txt": content}, message=f"{branch} {content}")
+        await repo.push(f"HEAD:refs/heads/{branch}")
+        await self.aws.send_event(codecommit_event(self.git.changes[-1]))
+        self.newest[(repository, branch)] = commit
+        return commit
+
+    async def waiting(self) -> dict[tuple[str, str], dict[str, Any]]:
+        """The waiting store, by (repository, branch)."""
+        reply = await self.aws.s3.list_objects_v2(Bucket=self.aws.bucket, Prefix=WAITING_PREFIX)
+        found = {}
+        for item in reply.get("Contents", []):
+            data = json.loads(await self.aws.object(item["Key"]))
+            if "push" in data:
+                push = json.loads(data["push"])
+                found[(push["repository"], push["name"])] = data | {"commit": push["commit"]}
+        return found
+
+    def built(self) -> list[tuple[str, str, str]]:
+        """(repository, branch, commit) of each build branchbuild started, in order."""
+        return [
+            (b.variables["REPOSITORY_NAME"], b.variables["BRANCH_NAME"], b.variables["COMMIT_ID"])
+            for b in self.codebuild.started_by()
+        ]
+
+    async def dead_letters(self) -> int:
+        return await self.aws.count(self.aws.work_dlq_url) + await self.aws.count(
+            self.aws.intake_dlq_url
+        )
+
+
+@pytest.fixture
+async def world(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[World]:
+    async def forward(event: dict[str, Any]) -> None:  # EventBridge's BuildStateRule
+        await aws.send_event(event)
+
+    async with CodeBuildStandIn(quota=1, on_event=forward) as codebuild:
+        monkeypatch.setenv("AWS_ENDPOINT_URL_CODEBUILD", codebuild.endpoint)
+        yield World(aws, git_world, tmp_path, codebuild)
+
+
+def config(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+async def finish_one_at_a_time(world: World, expected: int) -> list[float]:
+    """End the oldest active build, once at a time, until ``expected`` of branchbuild's builds
+    were accepted: each end frees one place, so each start is the scheduler's choice. Returns
+    the seconds from each end to the start it allowed."""
+    cb = world.codebuild
+    resumed = []
+    while len(cb.started_by()) < expected:
+        before = len(cb.started_by())
+        oldest = min(cb.active, key=lambda b: b.requested)
+        freed = time.monotonic()
+        await cb.finish(oldest.id)
+
+        async def one_more(before: int = before) -> bool:
+            return len(cb.started_by()) > before
+
+        await wait_for(one_more, within=60, what=f"build {before + 1} of {expected}")
+        resumed.append(time.monotonic() - freed)
+    return resumed
+
+
+async def test_a_burst_at_quota_1_waits_supersedes_and_starts_by_priority_and_fairness(
+    world: World, start_service: StartService, tmp_path: Path
+) -> None:
+    """The account's queue is full (quota 1: one running, five queued, all someone else's)
+    for longer than several visibility timeouts and redeliveries: nothing is dead-lettered,
+    each branch's newest push is built exactly once, the intermediate ones are superseded
+    while they wait, and the starts follow priority, then round robin across repositories."""
+    cb = world.codebuild
+    await cb.occupy(6)
+    full_since = time.monotonic()
+    service = await start_service(BRANCHBUILD_CONFIG=config(tmp_path, PRIORITIES), **FAST)
+    first_round = [
+        ("web", "feature/a"),
+        ("web", "feature/b"),
+        ("web", "feature/c"),
+        ("lib", "feature/a"),
+        ("app", "feature/a"),
+        ("lib", "feature/b"),
+        ("app", "feature/b"),
+    ]
+    for n, (repository, branch) in enumerate(first_round, 1):
+        await world.push(repository, branch, "1")
+
+        # One at a time, so that the branches' places in line are the order of the pushes
+        # (jobs of different branches run in parallel and may end in any order).
+        async def settled(n: int = n) -> bool:  # waiting, or (the old code) dead-lettered
+            return len(await world.waiting()) + await world.dead_letters() == n
+
+        await wait_for(settled, within=120, what=f"push {n} waiting or dead-lettered")
+    assert await world.dead_letters() == 0
+
+    # Newer pushes of waiting branches replace the waiting ones, one after the other.
+    for content in ("2", "3"):
+        for repository, branch in (("web", "feature/a"), ("lib", "feature/b")):
+            commit = await world.push(repository, branch, content)
+
+            async def replaced(
+                key: tuple[str, str] = (repository, branch), c: str = commit
+            ) -> bool:
+                return (await world.waiting()).get(key, {}).get("commit") == c
+
+            await wait_for(replaced, within=60, what=f"{repository} {branch} waiting at {commit}")
+
+    # Stay full for several visibility timeouts (6 s) and the redeliveries they would cause.
+    async def refused_long() -> bool:
+        return cb.refusals.get("AccountLimitExceededException", 0) >= 60  # probes 0.3 s apart
+
+    await wait_for(refused_long, within=120, what="CodeBuild refusing for over 18 s")
+    assert await world.dead_letters() == 0
+    assert await world.aws.count(world.aws.work_url) == 0  # nothing held in SQS while waiting
+    assert world.built() == []
+    assert await service.metric("branchbuild_waiting_pushes", reason="account_queue_full") == 7
+
+    async def counted() -> bool:  # (the last refusal's answer may still be on its way)
+        return await service.metric("branchbuild_capacity_refusals_total") >= 60
+
+    await wait_for(counted, what="the refusals counted")
+
+    full_for = time.monotonic() - full_since
+    resumed = await finish_one_at_a_time(world, expected=len(first_round))
+    order = [(repository, branch) for repository, branch, _ in world.built()]
+    assert order == [
+        ("app", "feature/a"),  # priority 10 first
+        ("app", "feature/b"),
+        ("web", "feature/a"),  # then one per repository in turn, each in its own order
+        ("lib", "feature/a"),
+        ("web", "feature/b"),
+        ("lib", "feature/b"),
+        ("web", "feature/c"),
+    ]
+    assert sorted(world.built()) == sorted((r, b, c) for (r, b), c in world.newest.items())
+    assert await world.dead_letters() == 0
+    assert await service.metric("branchbuild_jobs_total", outcome="superseded") == 4
+    await service.metric_reaches(0, "branchbuild_waiting_pushes")
+    assert await service.metric("branchbuild_wait_duration_seconds_count") == len(first_round)
+    pushes = len(first_round) + 4
+    report(
+        "CodeBuild full (quota 1, queue 5 taken by others), a burst of pushes",
+        [
+            ("pushes (one StartBuild each without the scheduler)", str(pushes)),
+            ("builds started with the scheduler", str(len(world.built()))),
+            ("builds saved by superseding while waiting", str(pushes - len(world.built()))),
+            ("dead-lettered", str(await world.dead_letters())),
+            ("CodeBuild full for", f"{full_for:.1f} s"),
+            ("capacity back -> first start", f"{resumed[0]:.2f} s"),
+            ("capacity back -> start, longest", f"{max(resumed):.2f} s"),
+            ("probe interval (default 5 s)", f"{FAST['BRANCHBUILD_CAPACITY_PROBE_INTERVAL']} s"),
+        ],
+    )
+
+
+def report(title: str, rows: list[tuple[str, str]]) -> None:
+    """The figures `make chaos` prints (pytest -s); captured, and silent, otherwise."""
+    width = max(len(name) for name, _ in rows)
+    lines = [title] + [f"  {name.ljust(width)}  {value}" for name, value in rows]
+    print("\n" + "\n".join(lines))  # noqa: T201
+
+
+async def test_three_instances_never_run_more_than_max_running(
+    world: World, start_service: StartService
+) -> None:
+    cb = world.codebuild
+    cb.quota = 20  # CodeBuild has room: only branchbuild's own limit holds builds back
+    services = [await start_service(BRANCHBUILD_MAX_RUNNING="2", **FAST) for _ in range(3)]
+    branches = [(f"repo{r}", f"feature/{b}") for r in range(3) for b in range(3)]
+    for repository, branch in branches:
+        await world.push(repository, branch, "1")
+
+    while len(cb.started_by()) < len(branches) or cb.active:
+
+        async def progress() -> bool:
+            return len(cb.active) == 2 or (len(cb.started_by()) == len(branches))
+
+        await wait_for(progress, within=60, what="two builds running, or all started")
+        assert cb.most_active <= 2
+        if cb.active:
+            await cb.finish(min(cb.active, key=lambda b: b.requested).id)
+    assert cb.most_active == 2
+    assert sorted(world.built()) == sorted((r, b, c) for (r, b), c in world.newest.items())
+    assert await world.dead_letters() == 0
+    for service in services:
+        assert (await service.get("/healthz"))[0] == 200
+
+
+async def test_pushes_waiting_on_a_killed_instance_are_built_by_another(
+    world: World, start_service: StartService
+) -> None:
+    cb = world.codebuild
+    await cb.occupy(6)
+    first = await start_service(**FAST)
+    branches = [("kill", f"feature/{n}") for n in range(3)] + [("other", "feature/x")]
+    for repository, branch in branches:
+        await world.push(repository, branch, "1")
+
+    async def all_waiting() -> bool:
+        return len(await world.waiting()) == len(branches)
+
+    await wait_for(all_waiting, within=60, what="every push waiting")
+    refused = cb.refusals.get("AccountLimitExceededException", 0)
+
+    async def probing() -> bool:  # killed while it probes (and holds a claim)
+        return cb.refusals.get("AccountLimitExceededException", 0) > refused + 2
+
+    await wait_for(probing, within=30, what="the first instance probing")
+    first.signal(signal.SIGKILL)
+    await first.wait()
+    await start_service(**FAST)
+    await finish_one_at_a_time(world, expected=len(branches))
+    assert sorted(world.built()) == sorted((r, b, c) for (r, b), c in world.newest.items())
+
+    async def store_empty() -> bool:  # (the last start is recorded just after StartBuild)
+        return await world.waiting() == {}
+
+    await wait_for(store_empty, what="the waiting store to empty")
+    assert await world.dead_letters() == 0
+
+
+async def test_sigterm_stops_the_dispatcher_and_the_waiting_pushes_stay(
+    world: World, start_service: StartService
+) -> None:
+    await world.codebuild.occupy(6)
+    service = await start_service(**FAST)
+    for branch in ("feature/a", "feature/b"):
+        await world.push("term", branch, "1")
+
+    async def both_waiting() -> bool:
+        return len(await world.waiting()) == 2
+
+    await wait_for(both_waiting, what="both pushes waiting")
+    service.signal(signal.SIGTERM)
+    assert await service.wait(within=20) == 0
+    assert "dispatcher stopped" in service.logs()
+    assert {w["commit"] for w in (await world.waiting()).values()} == {
+        world.newest[("term", "feature/a")],
+        world.newest[("term", "feature/b")],
+    }
+    assert await world.dead_letters() == 0
+
+
+async def test_a_lost_final_event_frees_its_slot_through_batch_get_builds(
+    world: World, start_service: StartService
+) -> None:
+    cb = world.codebuild
+    cb.quota = 5
+    service: ServiceProcess = await start_service(BRANCHBUILD_MAX_RUNNING="1", **FAST)
+    await world.push("lost", "feature/a", "1")
+    await wait_for(lambda: _count(cb, 1), what="the first build")
+    await cb.finish(cb.started_by()[0].id, emit=False)  # its SUCCEEDED event never comes
+    await world.push("lost", "feature/b", "1")
+    await wait_for(lambda: _count(cb, 2), what="the second build, once the slot is freed")
+    assert [p for op, p in cb.requests if op == "BatchGetBuilds"]
+    assert sorted(world.built()) == sorted((r, b, c) for (r, b), c in world.newest.items())
+    assert (await service.get("/healthz"))[0] == 200
+
+
+async def _count(cb: CodeBuildStandIn, n: int) -> bool:
+    return len(cb.started_by()) >= n
+
+
+def test_dispatch_order_is_priority_then_round_robin_across_repositories() -> None:
+    def entry(repository: str, branch: str, since: float, priority: int = 0) -> WaitingPush:
+        push = push_for(repository, branch)
+        request = BuildRequest(push=push, project=repository, bucket="b", key=f"{branch}.zip")
+        return WaitingPush("k", request, "rule", priority, "account_queue_full", since, None, 0)
+
+    entries = [
+        entry("big", "b1", 1),
+        entry("big", "b2", 2),
+        entry("big", "b3", 3),
+        entry("small", "s1", 4),
+        entry("urgent", "u1", 9, priority=5),
+    ]
+    order = [(e.push.repository, e.push.name) for e in dispatch_order(entries)]
+    assert order == [
+        ("urgent", "u1"),
+        ("big", "b1"),
+        ("small", "s1"),  # one burst of "big" does not starve "small"
+        ("big", "b2"),
+        ("big", "b3"),
+    ]
+
+
+# -- in-process: the scheduler against moto's S3 and SQS ----------------------------------------
+
+
+def scheduler_for(aws: AwsResources, **overrides: Any) -> tuple[Scheduler, Metrics]:
+    settings = Settings(
+        queue_url=aws.intake_url, work_queue_url=aws.work_url, bucket=aws.bucket, **overrides
+    )
+    metrics = Metrics()
+    work = Queue(aws.sqs, aws.work_url, name="work")
+    work.dead_letter_url = aws.work_dlq_url
+    pipelines = Pipelines.from_settings(settings)
+    return Scheduler(Records(aws.s3, aws.bucket), settings, metrics, pipelines, work), metrics
+
+
+def request_for(
+    aws: AwsResources, repository: str, branch: str, commit: str | None = None
+) -> BuildRequest:
+    push = push_for(repository, branch, commit, time="2026-12-06T03:00:00Z")
+    return BuildRequest(push=push, project=repository, bucket=aws.bucket, key=f"{branch}.zip")
+
+
+async def test_a_rule_max_running_holds_its_own_builds_back_only(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    limited = replace(Rule.from_settings(scheduler.settings), name="limited", max_running=1)
+    free = Rule.from_settings(scheduler.settings)
+    first, second = request_for(aws, "a", "one"), request_for(aws, "a", "two")
+    assert await scheduler.admit(first, limited) is None  # a slot reserved
+    assert await scheduler.admit(second, limited) == "rule_limit"
+    assert await scheduler.admit(request_for(aws, "b", "x"), free) is None  # not counted
+    await scheduler.started(first, limited, StartedBuild("a:1", "a"))
+    assert [b["build_id"] for b in (await running_builds(scheduler.records)).values()] == ["a:1"]
+    await scheduler.build_changed(
+        Change(archive=first.key, before=None, after={"build_id": "a:1", "status": "FAILED"})
+    )
+    assert await running_builds(scheduler.records) == {}
+    assert await scheduler.admit(second, limited) is None
+
+
+async def test_a_push_waiting_longer_than_max_wait_is_dead_lettered_with_that_reason(
+    aws: AwsResources,
+) -> None:
+    scheduler, metrics = scheduler_for(aws, max_wait=0.01)
+    rule = Rule.from_settings(scheduler.settings)
+    request = request_for(aws, "shop", "feature/slow")
+    assert await scheduler.wait(request, rule, "account_queue_full") is Outcome.WAITING
+    await anyio.sleep(0.05)  # older than max_wait (0.01 s): the point of this test
+
+    async def never(request: BuildRequest) -> StartedBuild:
+        raise AssertionError("an expired push must not start")
+
+    assert await scheduler.dispatch(never) == 0
+    [(body, attributes)] = await aws.dlq_messages(aws.work_dlq_url)
+    assert parse_work(body) == request.push
+    assert attributes["branchbuild.error_kind"] == "capacity_timeout"
+    assert "waited longer than BRANCHBUILD_MAX_WAIT" in attributes["branchbuild.reason"]
+    assert "account_queue_full" in attributes["branchbuild.reason"]
+    assert await scheduler.listing() == []
+    sample = metrics.registry.get_sample_value
+    assert sample("branchbuild_jobs_total", {"outcome": "dead_lettered"}) == 1
+
+
+async def test_an_older_push_does_not_replace_a_newer_waiting_one(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    rule = Rule.from_settings(scheduler.settings)
+    newer = request_for(aws, "shop", "feature/x", "b" * 40)
+    older = BuildRequest(
+        push=replace(newer.push, commit="a" * 40, time="2026-12-06T02:00:00Z"),
+        project="shop",
+        bucket=aws.bucket,
+        key="old.zip",
+    )
+    assert await scheduler.wait(newer, rule, "account_queue_full") is Outcome.WAITING
+    assert await scheduler.wait(older, rule, "behind") is Outcome.SUPERSEDED  # a redriven one
+    assert await scheduler.wait(newer, rule, "behind") is Outcome.WAITING  # a redelivery
+    [waiting] = await scheduler.listing()
+    assert waiting.push.commit == "b" * 40
+    assert waiting.reason == "account_queue_full"
+
+
+def test_rules_take_a_priority_and_a_running_limit() -> None:
+    text = (
+        "version: 1\nrules:\n  - repository: app\n    priority: 10\n    max_running: 3\n"
+        "  - repository: other\n"
+    )
+    s = Settings(queue_url="q", work_queue_url="w", bucket="bucket")
+    config = parse_config(text, "p.yaml", s)
+    assert (config.rule_for("app").priority, config.rule_for("app").max_running) == (10, 3)
+    assert (config.rule_for("other").priority, config.rule_for("other").max_running) == (0, None)
+    with pytest.raises(ConfigurationError, match=r"p.yaml:5: rules\[0\].max_running"):
+        parse_config(text.replace("max_running: 3", "max_running: 0"), "p.yaml", s)
+
+
+async def test_a_deleted_branch_has_no_push_left_waiting(aws: AwsResources) -> None:
+    scheduler, _ = scheduler_for(aws)
+    rule = Rule.from_settings(scheduler.settings)
+    request = request_for(aws, "shop", "feature/gone")
+    await scheduler.wait(request, rule, "account_queue_full")
+    await scheduler.wait(request_for(aws, "shop", "feature/kept"), rule, "behind")
+    await scheduler.forget(replace(request.push, action=Action.DELETED, commit=None))
+    assert [w.push.name for w in await scheduler.listing()] == ["feature/kept"]
