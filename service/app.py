@@ -96,7 +96,7 @@ class App:
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
-            pull_requests = PullRequests(accounts, records, s, self.metrics)
+            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines)
             outcomes = Outcomes(
                 records,
                 s,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -16,11 +15,13 @@ from .cleanup import clean_up_branch
 from .errors import PermanentError
 from .events import Action, Push, event_time
 from .git import Git
+from .ledger import Entry, Ledger, archive_key, branch_keys
 from .metrics import Metrics
 from .outcome import Outcome
 from .pipelines import Pipelines, Rule, SourceMode
+from .records import Records
 from .settings import Settings
-from .storage import LedgerEntry, Storage
+from .storage import Storage
 
 log = logging.getLogger("branchbuild.job")
 
@@ -44,6 +45,10 @@ class Services:
     on_branch_deleted: Callable[[Push, Rule], Awaitable[None]] | None = None
     started_hooks: tuple[StartedHook, ...] = ()
 
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(Records(self.storage.s3, self.storage.bucket))
+
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:
             return Rule.from_settings(self.settings)
@@ -55,21 +60,6 @@ class JobResult:
     outcome: Outcome
     build_id: str | None
     key: str
-
-
-def object_key(template: str, push: Push, commit: str | None = None) -> str:
-    """The S3 key for a push's archive; names were validated, so no '..' or leading '/'."""
-    return template.format(
-        repository=push.repository, branch=push.name, ref=push.ref, commit=commit or push.commit
-    )
-
-
-def branch_keys(template: str, push: Push) -> tuple[str, re.Pattern[str]]:
-    """The key prefix and pattern of every archive of the push's branch (any commit)."""
-    marker = "\0commit\0"
-    parts = object_key(template, push, commit=marker).split(marker)
-    pattern = "[0-9a-f]{40}".join(re.escape(part) for part in parts)
-    return parts[0], re.compile(pattern)
 
 
 async def run_job(push: Push, services: Services, *, recovering: bool = True) -> JobResult:
@@ -88,19 +78,19 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     s = services
     rule = s.rule_for(push)
     if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
-        await clean_up_branch(push, rule, s)
+        await clean_up_branch(push, rule, s.storage, s.ledger, s.on_branch_deleted)
         return JobResult(Outcome.DELETED, None, "")
     assert push.commit is not None
-    key = object_key(rule.key_template, push)
+    key = archive_key(rule.key_template, push)
     project = project_name(rule.project_template, push)
     direct = rule.source is SourceMode.CODECOMMIT
     if direct and s.backend_name != "codebuild":
         raise PermanentError(f"{rule.name} has source: codecommit, which needs CodeBuild")
 
-    prefix, pattern = branch_keys(rule.key_template, push)
-    if recovering and prefix and not direct:  # (an empty prefix would list the whole bucket)
-        await s.storage.abort_stale(prefix, pattern)
-    previous = await s.storage.read_ledger(key)
+    if recovering and not direct:
+        await s.storage.abort_stale(branch_keys(rule.key_template, push))
+    ledger = s.ledger
+    previous = await ledger.read(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
         for hook in s.started_hooks:  # issue 13: finish what an interrupted attempt began
@@ -144,9 +134,8 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         s.metrics.latency.observe(max(0.0, (datetime.now(UTC) - pushed_at).total_seconds()))
     log.info("started build %s", started.build_id, extra={"build_id": started.build_id})
 
-    await s.storage.write_ledger(
-        key,
-        LedgerEntry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project),
+    await ledger.started(
+        key, Entry(commit=push.commit, ref=push.ref, build_id=started.build_id, project=project)
     )
     for hook in s.started_hooks:  # issue 13: supersede, pull request feedback
         await hook(push, started, key)

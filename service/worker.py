@@ -33,7 +33,7 @@ from .job import JobResult, Services, run_job
 from .logs import bind
 from .metrics import Metrics
 from .outcome import Outcome
-from .queue import Deleter, Leases, Message, Queue, consume
+from .queue import Deleter, Leases, Message, Queue, consume, unexpected
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.worker")
@@ -248,7 +248,7 @@ class Worker:
             await self._fail(message, error)
         except Exception as exc:  # a bug: never let it kill the loop, retry like a transient
             log.exception("unexpected error in job")
-            await self._fail(message, TransientError(f"unexpected {type(exc).__name__}: {exc}"))
+            await self._fail(message, unexpected(exc))
         else:
             self.metrics.jobs.labels(outcome=result.outcome.value).inc()
             await self._acknowledge([message], "the job is done")
