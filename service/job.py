@@ -47,7 +47,7 @@ class Services:
 
     @property
     def ledger(self) -> Ledger:
-        return Ledger(Records(self.storage.s3, self.storage.bucket))
+        return Ledger(Records(self.storage.s3, self.storage.bucket, self.metrics))
 
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:

@@ -140,5 +140,12 @@ class Metrics:
             ["action"],
             registry=r,
         )
+        # Issue 21: what the service decided when something could not be known (bounded).
+        self.fallbacks = Counter(
+            "branchbuild_fallbacks",
+            "Stated decisions taken when something could not be read or known, by decision.",
+            ["decision"],
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})

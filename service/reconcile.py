@@ -109,7 +109,7 @@ class Reconciler:
         self.storage = storage
         self.work = work
         self.metrics = metrics
-        self.records = Records(storage.s3, storage.bucket)
+        self.records = Records(storage.s3, storage.bucket, metrics)
         self.ledger = Ledger(self.records)
         self.lease = Lease(self.records, duration=settings.reconcile_interval * 1.5)
 
