@@ -179,7 +179,7 @@ class Intake:
             log.exception("intake: unexpected error on message %s", message.id)
         self.metrics.errors.labels(kind=error.kind).inc()
         outcome = await self._fail(message, error)
-        self.metrics.events.labels(event=error.kind, outcome=outcome.value).inc()
+        self.metrics.events.labels(event=UNEXPECTED, outcome=outcome.value).inc()
 
     async def _fail(self, message: Message, error: BranchbuildError) -> Outcome:
         self.leases.drop([message])  # no heartbeat may undo the release
