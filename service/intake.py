@@ -15,14 +15,14 @@ import anyio
 import anyio.abc
 
 from .decide import Skip, decide
-from .errors import BranchbuildError, MalformedEvent, PermanentError
+from .errors import BranchbuildError, MalformedEvent, PermanentError, Unexpected, unexpected
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
 from .outcome import Outcome
 from .outcomes import Outcomes
 from .pipelines import Pipelines
-from .queue import UNEXPECTED, Leases, Message, Outgoing, Queue, consume, unexpected
+from .queue import Leases, Message, Outgoing, Queue, consume
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.intake")
@@ -89,7 +89,7 @@ class Intake:
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("intake: %s", exc)
             except Exception:  # a bug: never end the loop; unsettled messages come back
-                self.metrics.errors.labels(kind=UNEXPECTED).inc()
+                self.metrics.errors.labels(kind=Unexpected.kind).inc()
                 log.exception("intake: unexpected error; the batch comes back after its timeout")
             finally:
                 self.leases.drop(messages)
@@ -179,7 +179,7 @@ class Intake:
             log.exception("intake: unexpected error on message %s", message.id)
         self.metrics.errors.labels(kind=error.kind).inc()
         outcome = await self._fail(message, error)
-        self.metrics.events.labels(event=UNEXPECTED, outcome=outcome.value).inc()
+        self.metrics.events.labels(event=Unexpected.kind, outcome=outcome.value).inc()
 
     async def _fail(self, message: Message, error: BranchbuildError) -> Outcome:
         self.leases.drop([message])  # no heartbeat may undo the release

@@ -32,20 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("branchbuild.queue")
 
 BATCH = 10  # SQS's limit for ReceiveMessage and every *Batch call
-UNEXPECTED = "unexpected"  # the errors_total kind of an exception no code path expected
-
-
-class Unexpected(TransientError):
-    """Raised in place of an exception no code path expected while handling one message
-    (a bug, or a library failure not mapped to branchbuild's errors): the message is retried,
-    and dead-lettered with this as its reason after its last receive."""
-
-    kind = UNEXPECTED
-
-
-def unexpected(exc: Exception) -> Unexpected:
-    """``exc`` as the error a consumer settles its message with (never ends the consumer)."""
-    return Unexpected(f"unexpected {type(exc).__name__}: {exc}")
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,14 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 
-from .errors import BranchbuildError, PermanentError, TransientError
+from .errors import BranchbuildError, PermanentError, TransientError, unexpected
 from .events import Push, parse_work
 from .health import Health
 from .job import JobResult, Services, run_job
 from .logs import bind
 from .metrics import Metrics
 from .outcome import Outcome
-from .queue import Deleter, Leases, Message, Queue, consume, unexpected
+from .queue import Deleter, Leases, Message, Queue, consume
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.worker")
