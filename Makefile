@@ -21,7 +21,7 @@ BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 # The original design (A) uses the AWS CLI, as it did; charts and profiles need their tools.
 BENCH_PACKAGES := 'awscli==1.46.3' 'matplotlib==3.11.2' 'py-spy==0.4.3' 'psutil==7.2.2'
 
-.PHONY: help venv system-deps image-deps image image-test localstack run demo lint format typecheck pytest test lint-deploy chaos bench clean
+.PHONY: help venv system-deps image-deps image image-test localstack run demo lint format typecheck pytest test lint-deploy chaos bench soak clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
@@ -32,6 +32,7 @@ help:
 	@echo "make image-test   run that image as ECS does, against moto and the SSH git host"
 	@echo "make chaos        the long crash-safety run (random SIGKILLs) and recovery times"
 	@echo "make bench        the benchmark: the original design, branchbuild and the floor"
+	@echo "make soak         thousands of pushes through one service: memory, fds, tasks flat"
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -141,6 +142,12 @@ bench: venv system-deps $(BENCH_STAMP)
 	@command -v zip >/dev/null && command -v jq >/dev/null || \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq zip jq)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Not in `make test` (a few minutes): thousands of pushes across thousands of branches and
+# hundreds of repositories through one service process; RSS, open fds and asyncio tasks sampled
+# after every wave must be flat after the warm-up (docs/data-safety.md). SOAK_ARGS=--help.
+soak: venv system-deps
+	$(BIN)/python -m bench.soak $(SOAK_ARGS)
 
 lint-deploy: system-deps
 	bash deploy/lint.sh

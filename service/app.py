@@ -95,9 +95,9 @@ class App:
             )
             self.http_port = bound_port(runner)
             # issue 13: build outcomes, superseding, pull request feedback
-            records = Records(clients.s3, s.bucket)
+            records = Records(clients.s3, s.bucket, self.metrics)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
-            pull_requests = PullRequests(accounts, records, s, self.metrics)
+            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines)
             codebuild = CodeBuild(clients.codebuild)
             scheduler = Scheduler(
                 records,

@@ -140,33 +140,54 @@ async def open_clients(
     )
 
 
+@dataclass
+class _Assumed:
+    """A CodeCommit client with an assumed role's credentials, and what closes it."""
+
+    client: CodeCommitClient
+    expires: datetime
+    stack: AsyncExitStack
+
+
 class AccountClients:
     """CodeCommit clients per repository account: the service's own, or (multi-account) one
     with the credentials of a role assumed in that account (``sts:AssumeRole``), refreshed
-    before they expire."""
+    before they expire.
+
+    Each account has its own lock (one account's slow STS never holds up another's). A
+    replaced client is kept until the next refresh (a call may still be using it), then
+    closed: at most two clients per account are open, whatever the uptime.
+    """
 
     def __init__(self, clients: Clients, stack: AsyncExitStack, role_template: str) -> None:
         self.clients = clients
-        self.stack = stack
         self.role_template = role_template
-        self._assumed: dict[str, tuple[CodeCommitClient, datetime]] = {}
-        self._lock = anyio.Lock()
+        self._assumed: dict[str, _Assumed] = {}
+        self._retired: dict[str, _Assumed] = {}
+        self._locks: dict[str, anyio.Lock] = {}  # one per account seen (allow-listed)
+        self.closed = 0  # replaced clients closed so far
+        stack.push_async_callback(self.aclose)
+
+    def open_clients(self) -> int:
+        """How many assumed-role clients are open now."""
+        return len(self._assumed) + len(self._retired)
 
     async def codecommit(self, account: str) -> CodeCommitClient:
         """Raises: AccessDenied (the role may not be assumed), TransientError."""
         if not self.role_template:
             return self.clients.codecommit
-        async with self._lock:
+        async with self._locks.setdefault(account, anyio.Lock()):
             cached = self._assumed.get(account)
-            if cached and cached[1] - datetime.now(UTC) > timedelta(minutes=5):
-                return cached[0]
+            if cached and cached.expires - datetime.now(UTC) > timedelta(minutes=5):
+                return cached.client
             role = self.role_template.format(account=account)
             async with self.clients.session.client("sts", config=self.clients.config) as sts:
                 with translated(f"assume {role}"):
                     reply = await sts.assume_role(RoleArn=role, RoleSessionName="branchbuild")
             credentials = reply["Credentials"]
             # Its own session, so that its calls are recorded as made with the assumed role
-            # (tests/test_iam.py evaluates them against that role's policy, not ours).
+            # (tests/test_iam.py evaluates them against that role's policy, not ours); its own
+            # stack, so that the client is closed when a newer one has replaced it.
             assumed = aioboto3.Session(
                 region_name=region(),
                 aws_access_key_id=credentials["AccessKeyId"],
@@ -174,12 +195,29 @@ class AccountClients:
                 aws_session_token=credentials["SessionToken"],
             )
             watch_calls(assumed, role="service", assumed_role=role)
-            client = await self.stack.enter_async_context(
+            stack = AsyncExitStack()
+            client = await stack.enter_async_context(
                 assumed.client("codecommit", config=self.clients.config)
             )
-            # (a replaced client stays open until shutdown: one per hour per account)
-            self._assumed[account] = (client, credentials["Expiration"])
+            self._assumed[account] = _Assumed(client, credentials["Expiration"], stack)
+            retired = self._retired.pop(account, None)
+            if cached is not None:
+                self._retired[account] = cached
+            if retired is not None:
+                await self._close(retired)
             return client
+
+    async def aclose(self) -> None:
+        """Close every assumed-role client (at shutdown)."""
+        for assumed in [*self._assumed.values(), *self._retired.values()]:
+            await self._close(assumed)
+        self._assumed.clear()
+        self._retired.clear()
+
+    async def _close(self, assumed: _Assumed) -> None:
+        with anyio.CancelScope(shield=True):
+            await assumed.stack.aclose()
+        self.closed += 1
 
 
 def _retry_counter(service: str, on_retry: Callable[[str, int], None]) -> Callable[..., None]:

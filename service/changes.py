@@ -66,23 +66,34 @@ def matches_paths(path: str, rule: Rule) -> bool:
 
 
 async def commit_message(git: Git, fetched: Fetched) -> str:
-    """The full message of the fetched commit."""
+    """The full message of the fetched commit.
+
+    Raises:
+        GitError: git could not read it (transient: the commit was just fetched, so the job
+            is retried rather than built with its skip markers unchecked).
+    """
     status, body = await git.query(fetched.git_dir, "cat-file", "commit", fetched.commit)
     if status != 0:
-        return ""
+        raise GitError(f"git cat-file could not read commit {fetched.commit} (status {status})")
     _, _, message = body.partition(b"\n\n")
     return message.decode("utf-8", errors="replace")
 
 
 async def changed_paths(push: Push, git: Git) -> list[str] | None:
     """The paths changed from the push's old commit to its new one; None when they cannot
-    be known (then the push builds)."""
+    be known (then the push builds): a new branch, or an old commit the server no longer has.
+
+    Raises:
+        GitError: git failed in a way that may pass (the job is retried, never built blind).
+    """
     old = push.old_commit
     if old is None or old == _NO_COMMIT:
         log.info("a new branch: built without a path comparison")
         return None
     try:
         return await git.changed_paths(push, old)
-    except (CommitNotFound, GitError) as exc:
-        log.info("replaced commit %s: %s; built without a path comparison", old, exc)
+    except CommitNotFound as exc:
+        log.warning("replaced commit %s: %s; built without a path comparison", old, exc)
+        if git.metrics is not None:
+            git.metrics.fallbacks.labels(decision="paths_unknown_built").inc()
         return None

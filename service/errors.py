@@ -122,6 +122,18 @@ class LeaseLost(TransientError):
     kind = "lease_lost"
 
 
+class Unexpected(TransientError):
+    """Raised in place of what no code path expected while handling one message (a bug, or a
+    library failure not mapped here): retried, then dead-lettered with it as the reason."""
+
+    kind = "unexpected"
+
+
+def unexpected(exc: Exception) -> Unexpected:
+    """``exc`` as the error a consumer settles its message with (it never ends a consumer)."""
+    return Unexpected(f"unexpected {type(exc).__name__}: {exc}")
+
+
 @contextmanager
 def unwrap_group() -> Iterator[None]:
     """Re-raise the first real error of a task group's ExceptionGroup, so callers see the

@@ -114,11 +114,15 @@ class Git:
 
     def __init__(self, settings: Settings, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.root = settings.cache_dir
         self.repos = self.root / "repos"
+        # Per repository in use: its lock, the commits jobs are waiting for (commit -> the ref
+        # to keep it under), and how many fetches use them: removed with the last one, so the
+        # maps hold only the repositories being fetched, however many were ever pushed.
         self._locks: dict[Path, anyio.Lock] = {}
-        # Per repository: the commits jobs are waiting for (commit -> the ref to keep it under).
         self._wanted: dict[Path, dict[str, str]] = {}
+        self._users: dict[Path, int] = {}
         self._env = self._prepare()
 
         def report(size: int, evicted: int) -> None:
@@ -314,6 +318,7 @@ class Git:
         """Make ``commit`` present and keep it under ``ref``: the next fetch sends it as a
         have, so it transfers only new objects (the ref name is a hash, never the branch)."""
         git_dir = remote.git_dir
+        self._users[git_dir] = self._users.get(git_dir, 0) + 1
         lock = self._locks.setdefault(git_dir, anyio.Lock())
         wanted = self._wanted.setdefault(git_dir, {})
         wanted.setdefault(commit, ref)
@@ -333,6 +338,9 @@ class Git:
         finally:
             if wanted.get(commit) == ref:
                 del wanted[commit]
+            self._users[git_dir] -= 1
+            if not self._users[git_dir]:
+                del self._users[git_dir], self._locks[git_dir], self._wanted[git_dir]
 
     async def _fetch_wanted(
         self, remote: Remote, commit: str, ref: str, wanted: dict[str, str]
@@ -395,11 +403,20 @@ class Git:
         await self._git(git_dir, "update-ref", ref, commit)
 
     async def _has_commit(self, git_dir: Path, commit: str) -> bool:
-        result = await anyio.run_process(
-            ["git", f"--git-dir={git_dir}", "cat-file", "-e", f"{commit}^{{commit}}"],
-            env=self._env,
-            check=False,
-        )
+        """Whether ``commit`` is in the cache (run under the repository's lock, so within
+        ``BRANCHBUILD_GIT_TIMEOUT`` like every git command).
+
+        Raises:
+            GitError: git timed out.
+        """
+        command = ["git", f"--git-dir={git_dir}", "cat-file", "-e", f"{commit}^{{commit}}"]
+        try:
+            with anyio.fail_after(self.settings.git_timeout):
+                result = await anyio.run_process(command, env=self._env, check=False)
+        except TimeoutError:
+            raise GitError(
+                f"git cat-file timed out after {self.settings.git_timeout:g} s"
+            ) from None
         return result.returncode == 0
 
     # -- archive ----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import anyio
 import anyio.abc
 
 from .decide import Skip, decide
-from .errors import BranchbuildError, MalformedEvent, PermanentError
+from .errors import BranchbuildError, MalformedEvent, PermanentError, Unexpected, unexpected
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
@@ -88,6 +88,9 @@ class Intake:
             except BranchbuildError as exc:  # the batch comes back after its visibility
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("intake: %s", exc)
+            except Exception:  # a bug: never end the loop; unsettled messages come back
+                self.metrics.errors.labels(kind=Unexpected.kind).inc()
+                log.exception("intake: unexpected error; the batch comes back after its timeout")
             finally:
                 self.leases.drop(messages)
 
@@ -96,10 +99,10 @@ class Intake:
         forward: list[tuple[Message, Push]] = []
         skipped: list[Message] = []
         for message in messages:
-            if self.outcomes is not None and self.outcomes.claims(message.body):
-                await self.outcomes.handle(self.intake, message, self._fail)  # settles it
-                continue
             try:
+                if self.outcomes is not None and self.outcomes.claims(message.body):
+                    await self.outcomes.handle(self.intake, message, self._fail)  # settles it
+                    continue
                 event = parse_event(message.body)
                 rule = None
                 if isinstance(event, Push):
@@ -107,6 +110,9 @@ class Intake:
                 decision = decide(event, self.settings, rule)
             except PermanentError as exc:
                 await self._reject(message, exc)
+                continue
+            except Exception as exc:  # a bug or an unmapped failure: settle this one, go on
+                await self._unexpected(message, exc)
                 continue
             kind = _event_label(event)
             if isinstance(decision, Skip):
@@ -121,14 +127,15 @@ class Intake:
                 forward.append((message, decision))
         try:
             await self.work.send([work_message(push) for _, push in forward])
-        except BranchbuildError as exc:
-            self.metrics.errors.labels(kind=exc.kind).inc()
+        except Exception as exc:  # a BranchbuildError, or a bug: the pushes are retried
+            error = exc if isinstance(exc, BranchbuildError) else unexpected(exc)
+            self.metrics.errors.labels(kind=error.kind).inc()
             for message, push in forward:
-                outcome = await self._fail(message, exc)
+                outcome = await self._fail(message, error)
                 self.metrics.events.labels(event=_event_label(push), outcome=outcome.value).inc()
                 log.warning(
                     "could not queue the push: %s; %s",
-                    exc,
+                    error,
                     outcome.value,
                     extra={"message_id": message.id},
                 )
@@ -159,6 +166,20 @@ class Intake:
             outcome.value,
             extra={"message_id": message.id},
         )
+
+    async def _unexpected(self, message: Message, exc: Exception) -> None:
+        """Settle a message whose handling raised what no code path expected: retried like a
+        transient failure, dead-lettered with the exception as its reason after its last
+        receive. Counted as ``errors_total{kind="unexpected"}``."""
+        if isinstance(exc, BranchbuildError):  # e.g. an event's acknowledgement failed
+            error: BranchbuildError = exc
+            log.error("intake: message %s: %s", message.id, exc)
+        else:
+            error = unexpected(exc)
+            log.exception("intake: unexpected error on message %s", message.id)
+        self.metrics.errors.labels(kind=error.kind).inc()
+        outcome = await self._fail(message, error)
+        self.metrics.events.labels(event=Unexpected.kind, outcome=outcome.value).inc()
 
     async def _fail(self, message: Message, error: BranchbuildError) -> Outcome:
         self.leases.drop([message])  # no heartbeat may undo the release

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -16,12 +15,14 @@ from .cleanup import clean_up_branch
 from .errors import CapacityRefused, PermanentError
 from .events import Action, Push, event_time
 from .git import Extras, Git
+from .ledger import Entry, Ledger, archive_key, branch_keys
 from .metrics import Metrics
 from .outcome import Outcome
 from .pipelines import Pipelines, Rule, SourceMode
+from .records import Records
 from .scheduler import Scheduler
 from .settings import Settings
-from .storage import LedgerEntry, Storage
+from .storage import Storage
 
 log = logging.getLogger("branchbuild.job")
 
@@ -47,6 +48,10 @@ class Services:
     # Capacity scheduling (service.scheduler): None starts every build at once, as before.
     scheduler: Scheduler | None = None
 
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(Records(self.storage.s3, self.storage.bucket, self.metrics))
+
     def rule_for(self, push: Push) -> Rule:
         if self.pipelines is None:
             return Rule.from_settings(self.settings)
@@ -58,21 +63,6 @@ class JobResult:
     outcome: Outcome
     build_id: str | None
     key: str
-
-
-def object_key(template: str, push: Push, commit: str | None = None) -> str:
-    """The S3 key for a push's archive; names were validated, so no '..' or leading '/'."""
-    return template.format(
-        repository=push.repository, branch=push.name, ref=push.ref, commit=commit or push.commit
-    )
-
-
-def branch_keys(template: str, push: Push) -> tuple[str, re.Pattern[str]]:
-    """The key prefix and pattern of every archive of the push's branch (any commit)."""
-    marker = "\0commit\0"
-    parts = object_key(template, push, commit=marker).split(marker)
-    pattern = "[0-9a-f]{40}".join(re.escape(part) for part in parts)
-    return parts[0], re.compile(pattern)
 
 
 async def run_job(push: Push, services: Services, *, recovering: bool = True) -> JobResult:
@@ -93,19 +83,18 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
     if push.action is Action.DELETED:  # only queued for a rule with on_delete: delete
         if s.scheduler is not None:  # its archives go: a push of it must not wait to start
             await s.scheduler.forget(push)
-        await clean_up_branch(push, rule, s)
+        await clean_up_branch(push, rule, s.storage, s.ledger, s.on_branch_deleted)
         return JobResult(Outcome.DELETED, None, "")
     assert push.commit is not None
-    key = object_key(rule.key_template, push)
+    key = archive_key(rule.key_template, push)
     project = project_name(rule.project_template, push)
     direct = rule.source is SourceMode.CODECOMMIT
     if direct and s.backend_name != "codebuild":
         raise PermanentError(f"{rule.name} has source: codecommit, which needs CodeBuild")
 
-    prefix, pattern = branch_keys(rule.key_template, push)
-    if recovering and prefix and not direct:  # (an empty prefix would list the whole bucket)
-        await s.storage.abort_stale(prefix, pattern)
-    previous = await s.storage.read_ledger(key)
+    if recovering and not direct:
+        await s.storage.abort_stale(branch_keys(rule.key_template, push))
+    previous = await s.ledger.read(key)
     if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
         log.info("already built as %s", previous.build_id)
         for hook in s.started_hooks:  # issue 13: finish what an interrupted attempt began
@@ -182,7 +171,7 @@ async def start_recorded(
     s = services
     push = request.push
     if not checked:
-        previous = await s.storage.read_ledger(request.key)
+        previous = await s.ledger.read(request.key)
         if previous is not None and previous.commit == push.commit and previous.ref == push.ref:
             already = StartedBuild(previous.build_id, previous.project)
             if s.scheduler is not None:
@@ -200,9 +189,9 @@ async def start_recorded(
         s.metrics.latency.observe(max(0.0, (datetime.now(UTC) - pushed_at).total_seconds()))
     log.info("started build %s", started.build_id, extra={"build_id": started.build_id})
 
-    await s.storage.write_ledger(
+    await s.ledger.started(
         request.key,
-        LedgerEntry(
+        Entry(
             commit=request.commit,
             ref=push.ref,
             build_id=started.build_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from prometheus_client import (
@@ -160,5 +161,26 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        # Issue 21: what the service decided when something could not be known (bounded).
+        self.fallbacks = Counter(
+            "branchbuild_fallbacks",
+            "Stated decisions taken when something could not be read or known, by decision.",
+            ["decision"],
+            registry=r,
+        )
+        # Read at each scrape, in the event loop that serves /metrics (make soak samples it).
+        self.asyncio_tasks = Gauge(
+            "branchbuild_asyncio_tasks",
+            "asyncio tasks alive in the service's event loop.",
+            registry=r,
+        )
+        self.asyncio_tasks.set_function(_asyncio_tasks)
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})
+
+
+def _asyncio_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # no event loop in this thread
+        return 0.0

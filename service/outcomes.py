@@ -21,15 +21,16 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from .errors import BranchbuildError, MalformedEvent, TransientError
+from .ledger import Entry, Ledger, entry_key
 from .metrics import Metrics
 from .outcome import Outcome
 from .queue import Message, Queue
-from .records import Document, Records
+from .records import Records
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.outcomes")
@@ -38,7 +39,6 @@ BUILD_DETAIL_TYPE = "CodeBuild Build State Change"
 BUILD_SOURCE = "aws.codebuild"
 PULL_REQUEST_DETAIL_TYPE = "CodeCommit Pull Request State Change"
 ARCHIVE_VARIABLE = "BRANCHBUILD_ARCHIVE"
-LEDGER_SUFFIX = ".build.json"  # as service.storage.Storage.ledger_key
 
 IN_PROGRESS = "IN_PROGRESS"
 FINAL = frozenset({"SUCCEEDED", "FAILED", "FAULT", "STOPPED", "TIMED_OUT"})
@@ -73,15 +73,15 @@ class Change:
     first delivery changed the ledger but failed a listener reaches them again)."""
 
     archive: str
-    before: Document | None
-    after: Document | None
+    before: Entry | None
+    after: Entry | None
 
     @property
     def finished_now(self) -> bool:
         return (
             self.after is not None
-            and self.after.get("status") in FINAL
-            and (self.before is None or self.before.get("status") not in FINAL)
+            and self.after.status in FINAL
+            and (self.before is None or self.before.status not in FINAL)
             and self.after is not self.before
         )
 
@@ -185,40 +185,41 @@ def iso(value: datetime) -> str:
     return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def advance(entry: Document, state: BuildState) -> Document | None:
+def advance(entry: Entry, state: BuildState) -> Entry | None:
     """The ledger entry after ``state``, or None when the event changes nothing (a duplicate,
     a late IN_PROGRESS after a final state, another build's event)."""
-    if entry.get("build_id") != state.build_id:
+    if entry.build_id != state.build_id:
         return None
-    current = entry.get("status")
+    current = entry.status
     if current in FINAL or (current == state.status):
         return None
-    new = dict(entry)
-    new["status"] = state.status
+    new = replace(entry, status=state.status)
     if state.started_at is not None:
-        new["started_at"] = iso(state.started_at)
-    elif "started_at" not in new and state.status == IN_PROGRESS:
-        new["started_at"] = iso(state.time)
+        new = replace(new, started_at=iso(state.started_at))
+    elif new.started_at is None and state.status == IN_PROGRESS:
+        new = replace(new, started_at=iso(state.time))
     if state.logs:
-        new["logs"] = state.logs
+        new = replace(new, logs=state.logs)
     if state.status in FINAL:
-        new["ended_at"] = iso(state.time)
+        new = replace(new, ended_at=iso(state.time))
     return new
 
 
-def result_label(entry: Document) -> str:
+def result_label(entry: Entry) -> str:
     """The ``status`` label of ``branchbuild_build_results_total`` for a finished entry."""
-    status = str(entry.get("status", "")).lower()
-    if status == "stopped" and entry.get("superseded_by"):
+    status = (entry.status or "").lower()
+    if status == "stopped" and entry.superseded_by:
         return "superseded"
     return status if status in RESULT_LABELS else "other"
 
 
-def duration(entry: Document) -> float | None:
+def duration(entry: Entry) -> float | None:
+    if entry.started_at is None or entry.ended_at is None:
+        return None
     try:
-        start = datetime.fromisoformat(str(entry["started_at"]).replace("Z", "+00:00"))
-        end = datetime.fromisoformat(str(entry["ended_at"]).replace("Z", "+00:00"))
-    except (KeyError, ValueError):
+        start = datetime.fromisoformat(entry.started_at.replace("Z", "+00:00"))
+        end = datetime.fromisoformat(entry.ended_at.replace("Z", "+00:00"))
+    except ValueError:
         return None
     return max(0.0, (end - start).total_seconds())
 
@@ -239,7 +240,7 @@ class Outcomes:
         listeners: tuple[Listener, ...] = (),
         pull_requests: Callable[[str], Awaitable[str]] | None = None,
     ) -> None:
-        self.records = records
+        self.ledger = Ledger(records)
         self.settings = settings
         self.metrics = metrics
         self.listeners = listeners
@@ -300,25 +301,25 @@ class Outcomes:
                 "ignored: build %s was not started by branchbuild", state.build_id, extra=context
             )
             return "ignored"
-        key = state.archive + LEDGER_SUFFIX
-        before: Document | None = None
+        key = entry_key(state.archive)
+        before: Entry | None = None
 
-        def change(entry: Document | None) -> Document | None:
+        def change(entry: Entry | None) -> Entry | None:
             nonlocal before
             before = entry
             return None if entry is None else advance(entry, state)
 
-        after = await self.records.update(key, change)
+        after = await self.ledger.update(state.archive, change)
         if before is None:
             raise TransientError(
                 f"no ledger entry at {key} for build {state.build_id} (yet): "
                 "not started by branchbuild, or StartBuild has not been recorded"
             )
-        if before.get("build_id") != state.build_id:
+        if before.build_id != state.build_id:
             log.info(
                 "ignored: the ledger at %s names build %s, not %s",
                 key,
-                before.get("build_id"),
+                before.build_id,
                 state.build_id,
                 extra=context,
             )

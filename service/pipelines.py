@@ -21,11 +21,18 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import anyio
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from .aws import region, translated
 from .errors import BranchbuildError, ConfigurationError, StorageError
-from .settings import Settings, check_template
+from .settings import Settings, check_key_template, check_template
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -162,9 +169,13 @@ class _RuleModel(_Model):
 
     @field_validator("key")
     @classmethod
-    def _key(cls, value: str | None) -> str | None:
+    def _key(cls, value: str | None, info: ValidationInfo) -> str | None:
         if value is not None:
-            check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
+            # (`repository` is validated before `key`: a rule naming one repository exactly
+            # needs no {repository} in its key)
+            patterns = info.data.get("repository", ())
+            one = len(patterns) == 1 and not any(c in patterns[0] for c in "*?[")
+            check_key_template(value, one_repository=one)
         return value
 
     @field_validator("environment")

@@ -30,9 +30,10 @@ from .builds import StartedBuild
 from .decide import check_account
 from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
-from .job import object_key
+from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
-from .outcomes import LEDGER_SUFFIX, Change, duration
+from .outcomes import Change, duration
+from .pipelines import Pipelines, Rule
 from .records import Document, Records
 from .settings import PullRequestFeedback, Settings
 
@@ -57,9 +58,9 @@ class Target:
     destination_commit: str
 
 
-def render(ledger: Document, feedback: Document) -> str:
+def render(ledger: Entry, feedback: Document) -> str:
     """The comment: status, duration, commit, build and CloudWatch Logs link."""
-    status = str(ledger.get("status") or "STARTED")
+    status = ledger.status or "STARTED"
     headline = {
         "STARTED": "⏳ Build started",
         "IN_PROGRESS": "🔄 Build in progress",
@@ -69,7 +70,7 @@ def render(ledger: Document, feedback: Document) -> str:
         "TIMED_OUT": "⏱️ Build timed out",
         "STOPPED": "⏹️ Build stopped",
     }.get(status, status)
-    superseded = ledger.get("superseded_by")
+    superseded = ledger.superseded_by
     if status == "STOPPED" and superseded:
         headline = f"⏭️ Build superseded by `{str(superseded)[:12]}`"
     took = duration(ledger)
@@ -80,8 +81,8 @@ def render(ledger: Document, feedback: Document) -> str:
         ("Build", f"`{feedback['build_id']}`"),
         ("Duration", _duration(took) if took is not None else "running"),
     ]
-    if ledger.get("logs"):
-        rows.append(("Logs", f"[CloudWatch Logs]({ledger['logs']})"))
+    if ledger.logs:
+        rows.append(("Logs", f"[CloudWatch Logs]({ledger.logs})"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     return f"**branchbuild**: {headline}\n\n| | |\n|---|---|\n{table}\n"
 
@@ -97,10 +98,18 @@ def comment_token(pull_request_id: str, commit: str, build_id: str) -> str:
 
 class PullRequests:
     def __init__(
-        self, accounts: AccountClients, records: Records, settings: Settings, metrics: Metrics
+        self,
+        accounts: AccountClients,
+        records: Records,
+        settings: Settings,
+        metrics: Metrics,
+        pipelines: Pipelines | None = None,
     ) -> None:
+        """``pipelines``: a repository's rule may name its own archive key template."""
         self.accounts = accounts
         self.records = records
+        self.ledger = Ledger(records)
+        self.pipelines = pipelines
         self.settings = settings
         self.metrics = metrics
 
@@ -171,11 +180,16 @@ class PullRequests:
             action=Action.UPDATED,
             commit=str(detail["sourceCommit"]),
         )
-        archive = object_key(self.settings.key_template, push)
+        archive = archive_key(self._rule(push.repository).key_template, push)
         if await self.records.read(archive + FEEDBACK_SUFFIX) is None:
             return "ignored"  # not built (yet): the build's start will find this pull request
         await self.sync(archive)
         return "recorded"
+
+    def _rule(self, repository: str) -> Rule:
+        if self.pipelines is None:
+            return Rule.from_settings(self.settings)
+        return self.pipelines.rule_for(repository)
 
     # -- syncing ----------------------------------------------------------------------------
 
@@ -186,16 +200,16 @@ class PullRequests:
             TransientError: CodeCommit or S3 failed; nothing is lost by retrying.
         """
         feedback = await self.records.read(archive + FEEDBACK_SUFFIX)
-        ledger = await self.records.read(archive + LEDGER_SUFFIX)
-        if feedback is None or ledger is None:
+        entry = await self.ledger.read(archive)
+        if feedback is None or entry is None:
             return
-        doc, entry = feedback.data, ledger.data
-        if entry.get("build_id") != doc.get("build_id"):
+        doc = feedback.data
+        if entry.build_id != doc.get("build_id"):
             return
         with naming(repositoryName=str(doc["repository"])):
             await self._sync(archive, doc, entry)
 
-    async def _sync(self, archive: str, doc: Document, entry: Document) -> None:
+    async def _sync(self, archive: str, doc: Document, entry: Entry) -> None:
         try:
             client = await self.accounts.codecommit(str(doc["account"]))
             targets = await self._targets(client, doc)
@@ -211,7 +225,7 @@ class PullRequests:
                     await self._comment(client, archive, doc, earlier, content)
             for target in targets:
                 if self.settings.pull_request_feedback is PullRequestFeedback.COMMENT_AND_APPROVAL:
-                    await self._approval(client, archive, doc, target, str(entry.get("status")))
+                    await self._approval(client, archive, doc, target, str(entry.status))
         except PermanentError as exc:  # a permission or a setting: never block a build for it
             self.metrics.pull_request_updates.labels(action="failed").inc()
             self.metrics.errors.labels(kind=exc.kind).inc()
@@ -287,19 +301,21 @@ class PullRequests:
         self, client: CodeCommitClient, doc: Document, target: Target, content: str
     ) -> str:
         token = comment_token(target.pull_request_id, str(doc["commit"]), str(doc["build_id"]))
-        try:
-            reply = await client.post_comment_for_pull_request(
-                pullRequestId=target.pull_request_id,
-                repositoryName=str(doc["repository"]),
-                beforeCommitId=target.destination_commit,
-                afterCommitId=target.source_commit,
-                content=content,
-                clientRequestToken=token,
-            )
-            return reply["comment"]["commentId"]
-        except ClientError as exc:
-            if error_code(exc) != "IdempotencyParameterMismatchException":
-                with translated(f"comment on pull request {target.pull_request_id}"):
+        # Every failure is translated (a read timeout too), but the one code that means "posted
+        # before": then the comment is found by its token.
+        with translated(f"comment on pull request {target.pull_request_id}"):
+            try:
+                reply = await client.post_comment_for_pull_request(
+                    pullRequestId=target.pull_request_id,
+                    repositoryName=str(doc["repository"]),
+                    beforeCommitId=target.destination_commit,
+                    afterCommitId=target.source_commit,
+                    content=content,
+                    clientRequestToken=token,
+                )
+                return reply["comment"]["commentId"]
+            except ClientError as exc:
+                if error_code(exc) != "IdempotencyParameterMismatchException":
                     raise
         # Posted before with other content (the record of it was lost): find it by its token.
         with translated(f"read the comments of pull request {target.pull_request_id}"):
@@ -328,14 +344,17 @@ class PullRequests:
         done = f"{state}@{revision}"
         if doc.get("approvals", {}).get(pull_request_id) == done:
             return
-        try:
-            await client.update_pull_request_approval_state(
-                pullRequestId=pull_request_id, revisionId=revision, approvalState=state
-            )
-        except ClientError as exc:
-            if error_code(exc) != "RevisionNotCurrentException":
-                with translated(f"set the approval of pull request {pull_request_id}"):
+        with translated(f"set the approval of pull request {pull_request_id}"):
+            try:
+                await client.update_pull_request_approval_state(
+                    pullRequestId=pull_request_id, revisionId=revision, approvalState=state
+                )
+                moved = False
+            except ClientError as exc:
+                if error_code(exc) != "RevisionNotCurrentException":
                     raise
+                moved = True
+        if moved:
             # The pull request moved on: still about this commit (its destination moved)?
             # Then approve the new revision; otherwise the newer commit's build decides.
             with translated(f"read pull request {pull_request_id}"):

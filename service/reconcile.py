@@ -14,8 +14,9 @@ it recorded last time (an S3 object per repository):
 * the first contact with a repository only records its heads: no storm of builds when the
   service, or a repository, is added.
 
-Only one instance reconciles at a time: a lease object written with S3 conditional writes
-(``If-None-Match: *`` to create, ``If-Match: <ETag>`` to renew or take over an expired one).
+Only one instance reconciles at a time: a lease document written by compare-and-swap
+(:mod:`service.records`: create only if absent, renew or take over an expired one only if
+it is still the version read).
 A holder renews it at each run; a dead holder's lease lapses after 1.5 intervals.
 """
 
@@ -29,13 +30,13 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from .aws import error_code, translated
+from .aws import translated
 from .decide import Skip, decide
 from .errors import BranchbuildError, StorageError
 from .events import Action, Push, RefType
 from .git import Git
 from .intake import work_message
-from .job import object_key
+from .ledger import Ledger, archive_key
 from .pipelines import Pipelines
 from .queue import Queue
 from .records import STATE_PREFIX, Records
@@ -43,37 +44,35 @@ from .settings import Settings
 from .storage import Storage
 
 if TYPE_CHECKING:
-    from types_aiobotocore_s3 import S3Client
-
     from .metrics import Metrics
 
 log = logging.getLogger("branchbuild.reconcile")
 
 LEASE_KEY = STATE_PREFIX + "reconcile.lease"
-# A conditional write that lost: another instance wrote (or removed) the lease first.
-_LOST = {"PreconditionFailed", "412", "NoSuchKey", "ConditionalRequestConflict"}
 
 
 class Lease:
-    """An S3 object naming the one instance that reconciles, until it expires."""
+    """An S3 document naming the one instance that reconciles, until it expires; taken,
+    renewed and released by compare-and-swap (:mod:`service.records`)."""
 
-    def __init__(self, s3: S3Client, bucket: str, *, duration: float) -> None:
-        self.s3 = s3
-        self.bucket = bucket
+    def __init__(self, records: Records, *, duration: float) -> None:
+        self.records = records
         self.duration = duration
         self.owner = uuid.uuid4().hex
-        self._etag: str | None = None  # of the lease as we last wrote it
+        self._held = False
 
     async def release(self) -> None:
         """Let the lease lapse now (on shutdown), if it is still ours; never raises."""
-        if self._etag is None:
+        if not self._held:
             return
-        body = json.dumps({"owner": self.owner, "expires": 0})
+        self._held = False
         try:
-            await self._put(body, etag=self._etag)
+            current = await self.records.read(LEASE_KEY)
+            if current is not None and current.data.get("owner") == self.owner:
+                lapsed = {"owner": self.owner, "expires": 0}
+                await self.records.write(LEASE_KEY, lapsed, replacing=current)
         except StorageError as exc:
             log.warning("could not release the reconciliation lease: %s", exc)
-        self._etag = None
 
     async def acquire(self) -> bool:
         """Take or renew the lease; False while another instance holds an unexpired one.
@@ -81,43 +80,17 @@ class Lease:
         Raises:
             StorageError: S3 failed (transient).
         """
-        body = json.dumps({"owner": self.owner, "expires": time.time() + self.duration})
-        if await self._put(body, etag=None):
-            return True
-        try:
-            with translated(f"read s3://{self.bucket}/{LEASE_KEY}", transient=StorageError):
-                reply = await self.s3.get_object(Bucket=self.bucket, Key=LEASE_KEY)
-                data = json.loads(await reply["Body"].read())
-        except StorageError as exc:
-            if error_code(exc.__cause__ or exc) in {"NoSuchKey", "404"}:
-                return False  # released between our two calls: try next time
-            raise
-        except ValueError:
-            data = {}
-        if data.get("owner") != self.owner and float(data.get("expires", 0)) > time.time():
-            return False
-        return await self._put(body, etag=reply["ETag"])
-
-    async def _put(self, body: str, *, etag: str | None) -> bool:
-        """Create the lease (``etag`` None: only if there is none) or replace the version
-        read (only if it is still that one)."""
-        try:
-            with translated(f"write s3://{self.bucket}/{LEASE_KEY}", transient=StorageError):
-                if etag is None:
-                    reply = await self.s3.put_object(
-                        Bucket=self.bucket, Key=LEASE_KEY, Body=body.encode(), IfNoneMatch="*"
-                    )
-                else:
-                    reply = await self.s3.put_object(
-                        Bucket=self.bucket, Key=LEASE_KEY, Body=body.encode(), IfMatch=etag
-                    )
-        except StorageError as exc:
-            if error_code(exc.__cause__ or exc) in _LOST:
-                self._etag = None
+        current = await self.records.read(LEASE_KEY)
+        if current is not None and current.data.get("owner") != self.owner:
+            try:
+                expires = float(current.data.get("expires", 0))
+            except (TypeError, ValueError):
+                expires = 0.0  # an unreadable lease is no one's
+            if expires > time.time():
                 return False
-            raise
-        self._etag = reply.get("ETag")
-        return True
+        mine = {"owner": self.owner, "expires": time.time() + self.duration}
+        self._held = await self.records.write(LEASE_KEY, mine, replacing=current)
+        return self._held
 
 
 class Reconciler:
@@ -136,7 +109,9 @@ class Reconciler:
         self.storage = storage
         self.work = work
         self.metrics = metrics
-        self.lease = Lease(storage.s3, storage.bucket, duration=settings.reconcile_interval * 1.5)
+        self.records = Records(storage.s3, storage.bucket, metrics)
+        self.ledger = Ledger(self.records)
+        self.lease = Lease(self.records, duration=settings.reconcile_interval * 1.5)
 
     async def run(self, stopping: anyio.Event) -> None:
         """Reconcile every interval until stopping; never raises for a failed run. On the way
@@ -212,7 +187,7 @@ class Reconciler:
                     continue
             except BranchbuildError:
                 continue  # not allowed (allow-lists): never queued
-            entry = await self.storage.read_ledger(object_key(rule.key_template, push))
+            entry = await self.ledger.read(archive_key(rule.key_template, push))
             if entry is not None and entry.commit == commit:
                 continue
             pushes.append(push)
@@ -227,7 +202,7 @@ class Reconciler:
     async def _read_state(self, key: str) -> dict[str, str] | None:
         """The heads recorded last time; None when there are none (or they are unreadable):
         then this is a first contact, which records without building."""
-        recorded = await Records(self.storage.s3, self.storage.bucket).read(key)
+        recorded = await self.records.read(key)
         if recorded is None or not recorded.data:
             return None
         return {str(k): str(v) for k, v in recorded.data.items()}

@@ -24,6 +24,8 @@ from .errors import StorageError
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
+    from .metrics import Metrics
+
 log = logging.getLogger("branchbuild.records")
 
 # branchbuild's own documents in the artifact bucket (branch state, reconciliation), apart
@@ -51,12 +53,17 @@ class Conflict(StorageError):
 
 
 class Records:
-    def __init__(self, s3: S3Client, bucket: str) -> None:
+    def __init__(self, s3: S3Client, bucket: str, metrics: Metrics | None = None) -> None:
         self.s3 = s3
         self.bucket = bucket
+        self.metrics = metrics
 
     async def read(self, key: str) -> Versioned | None:
-        """The document at ``key``, or None if there is none (or it is not a JSON object).
+        """The document at ``key``, or None if there is none.
+
+        A document that is not a JSON object reads as ``{}`` with its ETag (so the next
+        compare-and-swap replaces it, and nothing is lost that could be read): logged and
+        counted as ``branchbuild_fallbacks_total{decision="unreadable_document"}``.
 
         Raises:
             StorageError: S3 failed (transient).
@@ -74,7 +81,9 @@ class Records:
         except ValueError:
             data = None
         if not isinstance(data, dict):
-            log.warning("ignoring an unreadable document at %s", key)
+            log.warning("an unreadable document at %s reads as empty", key)
+            if self.metrics is not None:
+                self.metrics.fallbacks.labels(decision="unreadable_document").inc()
             data = {}
         return Versioned(data=data, etag=reply.get("ETag", ""))
 

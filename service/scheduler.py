@@ -522,9 +522,9 @@ class Scheduler:
     async def build_changed(self, change: Change) -> None:
         """Outcomes listener: a build's final state frees its slot, and wakes the dispatcher."""
         after = change.after
-        if after is None or after.get("status") not in FINAL:
+        if after is None or after.status not in FINAL:
             return
-        build_id = after.get("build_id")
+        build_id = after.build_id
 
         def remove(current: Document | None) -> Document | None:
             builds = (current or {}).get("builds", {})

@@ -211,7 +211,7 @@ class Settings(LocalSettings):
     @field_validator("key_template")
     @classmethod
     def _key_template_fields(cls, value: str) -> str:
-        check_template(value, {"repository", "branch", "ref", "commit"}, required={"commit"})
+        check_key_template(value)
         return value
 
     @field_validator("project_template")
@@ -281,6 +281,55 @@ def check_template(template: str, allowed: set[str], *, required: set[str]) -> N
     missing = required - fields
     if missing:
         raise ValueError(f"must contain {', '.join('{' + m + '}' for m in sorted(missing))}")
+
+
+KEY_FIELDS = frozenset({"repository", "branch", "ref", "commit"})
+
+
+def check_key_template(template: str, *, one_repository: bool = False) -> None:
+    """Refuse an archive key template under which two branches could share a key.
+
+    Every per-branch operation (the ledger, the clean-up of a deleted branch, aborting a
+    killed job's upload) finds a branch's objects by its template, so the template must give
+    every (repository, ref, commit) its own key, and no key may be another's ledger entry:
+
+    * ``{branch}`` or ``{ref}``, each a whole path segment (``/`` before it, or the start;
+      ``/`` after it): a branch name's own ``/`` then only adds segments, and branch ``a``
+      never matches ``a-b/...`` nor ``a/b/...``;
+    * no ``{repository}`` in the last segment (a repository's name may end in
+      ``.build.json``: its archive would be another's ledger entry);
+    * ``{repository}``, unless the template serves one repository only (a rule naming one).
+
+    Raises:
+        ValueError: the reason, with an example of a template that is accepted.
+    """
+    check_template(template, set(KEY_FIELDS), required={"commit"})
+    example = "e.g. {repository}/{branch}/{commit}.zip"
+    segments = template.split("/")
+    for field in ("branch", "ref"):
+        for index, segment in enumerate(segments):
+            if "{" + field + "}" in segment and (
+                segment != "{" + field + "}" or index == len(segments) - 1
+            ):
+                raise ValueError(
+                    f"{{{field}}} must be a whole path segment followed by '/' (so one "
+                    f"branch's keys never match another's), {example}"
+                )
+    if "{branch}" not in segments and "{ref}" not in segments:
+        raise ValueError(
+            "must contain {branch} or {ref}: without it every branch shares one set of keys "
+            f"(a deleted branch would take every branch's archives), {example}"
+        )
+    if "{repository}" in segments[-1]:
+        raise ValueError(
+            "the last path segment may not hold {repository} (a repository named "
+            f"'<name>.build.json' would name another's ledger entry), {example}"
+        )
+    if not one_repository and "{repository}" not in template:
+        raise ValueError(
+            "must contain {repository}: without it two repositories' branches of the same name "
+            f"share their keys, {example}"
+        )
 
 
 # Settings that no longer exist, and what replaced them: a deployment that still sets one

@@ -1,4 +1,4 @@
-"""Stream an archive to S3 with a multipart upload, and keep the ledger of started builds.
+"""Stream an archive to S3 with a multipart upload (the ledger is :mod:`service.ledger`).
 
 Memory is bounded by about ``part_size × BRANCHBUILD_MAX_PARTS_IN_FLIGHT`` for the whole
 service, whatever the archives' sizes and the number of jobs: each part is read into one
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import io
-import json
 import logging
 import os
 import platform
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -30,6 +28,8 @@ from .errors import AccessDenied, ArchiveTooLarge, StorageError, unwrap_group
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
     from types_aiobotocore_s3.type_defs import CompletedPartTypeDef
+
+    from .ledger import BranchKeys
 
 log = logging.getLogger("branchbuild.storage")
 
@@ -71,16 +71,6 @@ class Uploaded:
     size: int
     parts: int
     etag: str
-
-
-@dataclass(frozen=True)
-class LedgerEntry:
-    """What was started for an archive: written after StartBuild, read before any work."""
-
-    commit: str
-    ref: str
-    build_id: str
-    project: str
 
 
 class Storage:
@@ -220,19 +210,31 @@ class Storage:
                         break
         return [{"PartNumber": n, "ETag": parts[n]} for n in sorted(parts)]
 
-    async def abort_stale(self, prefix: str, pattern: re.Pattern[str]) -> int:
-        """Abort multipart uploads under ``prefix`` whose key matches ``pattern``.
+    async def abort_stale(self, keys: BranchKeys) -> int:
+        """Abort the multipart uploads of one branch's archives (``keys``); every page of
+        the listing is read. Returns how many were aborted.
 
         A job killed mid-upload (SIGKILL, a lost task) leaves its upload open. The next job of
         the same branch calls this: FIFO groups run one job per branch at a time, so any upload
-        of that branch still open is a leftover. Returns how many were aborted.
+        of that branch still open is a leftover. A template starting with ``{commit}`` has no
+        branch prefix: nothing is listed (the bucket's lifecycle rule removes such leftovers).
         """
-        with translated(f"list uploads under s3://{self.bucket}/{prefix}", transient=StorageError):
-            reply = await self.s3.list_multipart_uploads(Bucket=self.bucket, Prefix=prefix)
-        stale = [u for u in reply.get("Uploads", []) if pattern.fullmatch(u["Key"])]
-        for upload in stale:
-            log.info("aborting a multipart upload left by an interrupted job: %s", upload["Key"])
-            await self._abort(upload["Key"], upload["UploadId"])
+        if not keys.prefix:
+            return 0
+        stale: list[tuple[str, str]] = []
+        paginator = self.s3.get_paginator("list_multipart_uploads")
+        with translated(
+            f"list uploads under s3://{self.bucket}/{keys.prefix}", transient=StorageError
+        ):
+            async for page in paginator.paginate(Bucket=self.bucket, Prefix=keys.prefix):
+                stale += [
+                    (u["Key"], u["UploadId"])
+                    for u in page.get("Uploads", [])
+                    if keys.is_archive(u["Key"])
+                ]
+        for key, upload_id in stale:
+            log.info("aborting a multipart upload left by an interrupted job: %s", key)
+            await self._abort(key, upload_id)
         return len(stale)
 
     async def _abort(self, key: str, upload_id: str) -> None:
@@ -240,46 +242,6 @@ class Storage:
             await self.s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
         except Exception as exc:  # the lifecycle rule removes what we could not
             log.warning("could not abort the multipart upload of %s: %s", key, exc)
-
-    # -- ledger -----------------------------------------------------------------------------
-
-    @staticmethod
-    def ledger_key(key: str) -> str:
-        return key + ".build.json"
-
-    async def read_ledger(self, key: str) -> LedgerEntry | None:
-        """The build already started for ``key``, if any."""
-        try:
-            with translated(
-                f"read s3://{self.bucket}/{self.ledger_key(key)}", transient=StorageError
-            ):
-                reply = await self.s3.get_object(Bucket=self.bucket, Key=self.ledger_key(key))
-                body = await reply["Body"].read()
-        except StorageError as exc:
-            if error_code(exc.__cause__ or exc) in {"NoSuchKey", "404"}:
-                return None
-            raise
-        try:
-            data = json.loads(body)
-            return LedgerEntry(
-                commit=str(data["commit"]),
-                ref=str(data["ref"]),
-                build_id=str(data["build_id"]),
-                project=str(data["project"]),
-            )
-        except (ValueError, KeyError, TypeError):
-            log.warning("ignoring an unreadable ledger entry at %s", self.ledger_key(key))
-            return None
-
-    async def write_ledger(self, key: str, entry: LedgerEntry) -> None:
-        body = json.dumps(entry.__dict__).encode()
-        with translated(f"write s3://{self.bucket}/{self.ledger_key(key)}", transient=StorageError):
-            await self.s3.put_object(
-                Bucket=self.bucket,
-                Key=self.ledger_key(key),
-                Body=body,
-                ContentType="application/json",
-            )
 
 
 class _Reader:

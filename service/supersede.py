@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -27,8 +28,9 @@ from .aws import error_code, translated
 from .builds import StartedBuild
 from .errors import BuildError, PermanentError
 from .events import Push, RefType
+from .ledger import Entry, Ledger
 from .metrics import Metrics
-from .outcomes import FINAL, LEDGER_SUFFIX
+from .outcomes import FINAL
 from .pipelines import Pipelines, Rule
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -148,16 +150,16 @@ class Supersede:
         # A deleted branch has no newer commit: its build is recorded as stopped for that.
         superseded_by = newer.commit or reason
 
-        def mark(entry: Document | None) -> Document | None:
+        def mark(entry: Entry | None) -> Entry | None:
             nonlocal ended
-            if entry is None or entry.get("build_id") != build_id:
+            if entry is None or entry.build_id != build_id:
                 return None
-            ended = entry.get("status") in FINAL
-            if ended or entry.get("superseded_by") == superseded_by:
+            ended = entry.status in FINAL
+            if ended or entry.superseded_by == superseded_by:
                 return None
-            return entry | {"superseded_by": superseded_by}
+            return replace(entry, superseded_by=superseded_by)
 
-        await self.records.update(archive + LEDGER_SUFFIX, mark)
+        await Ledger(self.records).update(archive, mark)
         if ended:
             log.info("the superseded build %s had already ended", build_id)
             return

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import anyio.abc
 
-from .errors import BranchbuildError, PermanentError, TransientError
+from .errors import BranchbuildError, PermanentError, TransientError, unexpected
 from .events import Push, parse_work
 from .health import Health
 from .job import JobResult, Services, run_job
@@ -248,7 +248,7 @@ class Worker:
             await self._fail(message, error)
         except Exception as exc:  # a bug: never let it kill the loop, retry like a transient
             log.exception("unexpected error in job")
-            await self._fail(message, TransientError(f"unexpected {type(exc).__name__}: {exc}"))
+            await self._fail(message, unexpected(exc))
         else:
             self.metrics.jobs.labels(outcome=result.outcome.value).inc()
             await self._acknowledge([message], "the job is done")

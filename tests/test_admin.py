@@ -769,7 +769,14 @@ async def test_a_stopped_build_shows_the_commit_that_superseded_it(aws: AwsResou
         )
         for build_id in ("shop:1", "shop:2")
     ]
-    ledger = {"build_id": "shop:1", "commit": COMMIT, "status": "STOPPED", "superseded_by": newer}
+    ledger = {
+        "build_id": "shop:1",
+        "commit": COMMIT,
+        "ref": "refs/heads/feature/x",
+        "project": "shop",
+        "status": "STOPPED",
+        "superseded_by": newer,
+    }
     await aws.s3.put_object(
         Bucket=aws.bucket, Key=archive + ".build.json", Body=json.dumps(ledger).encode()
     )

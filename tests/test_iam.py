@@ -55,7 +55,7 @@ from service.builds import project_name
 from service.cli import main as cli_main
 from service.errors import ConfigurationError
 from service.intake import work_message
-from service.job import object_key
+from service.ledger import archive_key as object_key
 from service.localdev.githost import codecommit_event
 from service.pipelines import parse_config
 from service.settings import load_settings

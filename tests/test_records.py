@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 
+from service.ledger import Entry
 from service.outcomes import BuildState, advance
 from service.records import Conflict, Document, Records
 from tests.helpers import AwsResources
@@ -51,11 +52,11 @@ def test_the_ledger_only_moves_forward() -> None:
         at = datetime(2026, 3, 2, 16, 14, 4, tzinfo=UTC)
         return BuildState("e", at, build_id, "shop", status, "k", None, None)
 
-    entry: Document = {"build_id": "shop:1"}
+    entry = Entry(commit="c" * 40, ref="refs/heads/main", build_id="shop:1", project="shop")
     running = advance(entry, state("IN_PROGRESS"))
-    assert running is not None and running["status"] == "IN_PROGRESS"
+    assert running is not None and running.status == "IN_PROGRESS"
     done = advance(running, state("FAILED"))
-    assert done is not None and done["status"] == "FAILED" and done["ended_at"]
+    assert done is not None and done.status == "FAILED" and done.ended_at
     assert advance(done, state("IN_PROGRESS")) is None
     assert advance(done, state("SUCCEEDED")) is None  # one final state, the first
     assert advance(running, state("IN_PROGRESS")) is None

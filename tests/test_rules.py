@@ -19,6 +19,7 @@ import pytest
 
 from service.localdev.githost import RefChange, codecommit_event
 from service.reconcile import Lease
+from service.records import Records
 from tests.helpers import (
     ROOT,
     AwsResources,
@@ -395,8 +396,8 @@ async def _builds(aws: AwsResources, count: int) -> bool:
 
 
 async def test_a_dead_instances_lease_lapses(aws: AwsResources) -> None:
-    first = Lease(aws.s3, aws.bucket, duration=600)
-    second = Lease(aws.s3, aws.bucket, duration=600)
+    first = Lease(Records(aws.s3, aws.bucket), duration=600)
+    second = Lease(Records(aws.s3, aws.bucket), duration=600)
     assert await first.acquire() is True
     assert await second.acquire() is False
     assert await first.acquire() is True  # the holder renews

@@ -21,6 +21,7 @@ import pytest
 from service.builds import BuildRequest, StartedBuild
 from service.errors import ConfigurationError
 from service.events import Action, codecommit_event, parse_work
+from service.ledger import Entry
 from service.localdev.codebuild import CodeBuildStandIn
 from service.metrics import Metrics
 from service.outcome import Outcome
@@ -398,7 +399,13 @@ async def test_a_rule_max_running_holds_its_own_builds_back_only(aws: AwsResourc
     await scheduler.started(first, limited, StartedBuild("a:1", "a"))
     assert [b["build_id"] for b in (await running_builds(scheduler.records)).values()] == ["a:1"]
     await scheduler.build_changed(
-        Change(archive=first.key, before=None, after={"build_id": "a:1", "status": "FAILED"})
+        Change(
+            archive=first.key,
+            before=None,
+            after=Entry(
+                commit="1" * 40, ref="refs/heads/one", build_id="a:1", project="a", status="FAILED"
+            ),
+        )
     )
     assert await running_builds(scheduler.records) == {}
     assert await scheduler.admit(second, limited) is None

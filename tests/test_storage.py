@@ -10,10 +10,10 @@ import pytest
 from anyio.abc import ByteReceiveStream
 
 from service.errors import ArchiveTooLarge
+from service.ledger import branch_keys
 from service.settings import MiB
 from service.storage import (
     MAX_PARTS,
-    LedgerEntry,
     Storage,
     part_size,
     return_freed_buffers_to_the_os,
@@ -106,21 +106,10 @@ async def test_cancellation_aborts_the_upload(aws: AwsResources) -> None:
     assert await aws.open_uploads() == 0
 
 
-async def test_ledger_round_trip(aws: AwsResources) -> None:
-    s = storage(aws)
-    assert await s.read_ledger("repo/a/6.zip") is None
-    entry = LedgerEntry(commit="a" * 40, ref="refs/heads/a", build_id="p:1", project="p")
-    await s.write_ledger("repo/a/6.zip", entry)
-    assert await s.read_ledger("repo/a/6.zip") == entry
-    assert "repo/a/6.zip.build.json" in await aws.keys()
-
-
 async def test_leftover_uploads_of_the_same_branch_are_aborted(aws: AwsResources) -> None:
-    from service.job import branch_keys
-
     push = push_for("repo", "feature/a", "f" * 40)
-    prefix, pattern = branch_keys("{repository}/{branch}/{commit}.zip", push)
-    assert prefix == "repo/feature/a/"
+    branch = branch_keys("{repository}/{branch}/{commit}.zip", push)
+    assert branch.prefix == "repo/feature/a/"
     keys = {
         f"repo/feature/a/{'1' * 40}.zip": True,  # same branch, other commits: leftovers
         f"repo/feature/a/{'2' * 40}.zip": True,
@@ -130,14 +119,14 @@ async def test_leftover_uploads_of_the_same_branch_are_aborted(aws: AwsResources
     }
     for key in keys:
         await aws.s3.create_multipart_upload(Bucket=aws.bucket, Key=key)
-    assert await storage(aws).abort_stale(prefix, pattern) == 2
+    assert await storage(aws).abort_stale(branch) == 2
     reply = await aws.s3.list_multipart_uploads(Bucket=aws.bucket)
     left = sorted(u["Key"] for u in reply.get("Uploads", []))
     assert left == sorted(k for k, stale in keys.items() if not stale)
-    custom_prefix, custom = branch_keys("builds/{commit}/{repository}-{branch}.zip", push)
-    assert custom_prefix == "builds/"
-    assert custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a.zip")
-    assert not custom.fullmatch(f"builds/{'a' * 40}/repo-feature/a/b.zip")
+    custom = branch_keys("builds/{commit}/{repository}/{branch}/a.zip", push)
+    assert custom.prefix == "builds/"
+    assert custom.is_archive(f"builds/{'a' * 40}/repo/feature/a/a.zip")
+    assert not custom.is_archive(f"builds/{'a' * 40}/repo/feature/a/b/a.zip")
 
 
 async def test_the_service_wide_buffer_budget_bounds_parts_in_flight(

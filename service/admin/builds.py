@@ -9,6 +9,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from ..aws import translated
+from ..ledger import Ledger
 from ..records import Records
 from .common import table
 
@@ -111,13 +112,12 @@ async def with_outcomes(
         AccessDenied: the bucket may not be read.
         TransientError: S3 could not be reached.
     """
-    records = Records(s3, bucket)
+    ledger = Ledger(Records(s3, bucket))
     found: list[CodeBuildRun] = []
     for run in runs:
-        entry = await records.read(run.archive + ".build.json") if run.archive else None
-        superseded = entry.data.get("superseded_by") if entry is not None else None
-        if entry is not None and entry.data.get("build_id") == run.id and superseded:
-            run = replace(run, superseded_by=str(superseded))
+        entry = await ledger.read(run.archive) if run.archive else None
+        if entry is not None and entry.build_id == run.id and entry.superseded_by:
+            run = replace(run, superseded_by=entry.superseded_by)
         found.append(run)
     return found
 

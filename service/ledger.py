@@ -1,0 +1,165 @@
+"""The ledger: what branchbuild started for each archive, as ``<archive>.build.json`` beside it.
+
+The one owner of that document: its key (from a rule's key template), its typed content
+(:class:`Entry`) and every write, each a compare-and-swap (:mod:`service.records`), so a job,
+a build state event and the superseding of a build never clobber each other, across
+instances and redeliveries. Everything else reads and changes the ledger through
+:class:`Ledger`.
+
+* A job reads the entry before any work (a redelivery finds its build) and records the build
+  it started (:meth:`Ledger.started`).
+* Build state events move it forward (``status``, times, logs: :mod:`service.outcomes`); a
+  newer commit marks it ``superseded_by`` (:mod:`service.supersede`).
+
+Keys: :func:`archive_key` names a push's archive; :func:`branch_keys` matches every archive
+(and ledger entry) of one branch and nothing else: :func:`service.settings.check_key_template`
+refuses the templates under which two branches could share a key.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from .events import Push
+from .records import Records
+
+log = logging.getLogger("branchbuild.ledger")
+
+LEDGER_SUFFIX = ".build.json"
+_COMMIT = "[0-9a-f]{40}"
+
+__all__ = [
+    "LEDGER_SUFFIX",
+    "BranchKeys",
+    "Entry",
+    "Ledger",
+    "archive_key",
+    "branch_keys",
+    "entry_key",
+]
+
+
+def archive_key(template: str, push: Push, commit: str | None = None) -> str:
+    """The S3 key of a push's archive; names were validated, so no '..' or leading '/'."""
+    return template.format(
+        repository=push.repository, branch=push.name, ref=push.ref, commit=commit or push.commit
+    )
+
+
+def entry_key(archive: str) -> str:
+    """The ledger entry's key for the archive ``archive``."""
+    return archive + LEDGER_SUFFIX
+
+
+@dataclass(frozen=True)
+class BranchKeys:
+    """Every key of one branch: ``prefix`` to list under, ``pattern`` its archives (any
+    commit). An empty prefix (a template starting with ``{commit}``) is never listed."""
+
+    prefix: str
+    pattern: re.Pattern[str]
+
+    def is_archive(self, key: str) -> bool:
+        return self.pattern.fullmatch(key) is not None
+
+    def owns(self, key: str) -> bool:
+        """Whether ``key`` is one of the branch's archives or their ledger entries."""
+        return self.is_archive(key.removesuffix(LEDGER_SUFFIX)) or self.is_archive(key)
+
+
+def branch_keys(template: str, push: Push) -> BranchKeys:
+    """The keys of every archive of the push's branch (any commit)."""
+    marker = "\0commit\0"
+    parts = archive_key(template, push, commit=marker).split(marker)
+    return BranchKeys(parts[0], re.compile(_COMMIT.join(re.escape(part) for part in parts)))
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ledger entry. Written by the job after StartBuild (the first four fields); moved
+    forward by build state events (``status`` ``IN_PROGRESS`` then a final one, times and
+    logs link, ISO 8601 UTC) and by a newer commit (``superseded_by``)."""
+
+    commit: str
+    ref: str
+    build_id: str
+    project: str
+    status: str | None = None
+    started_at: str | None = None
+    ended_at: str | None = None
+    logs: str | None = None
+    superseded_by: str | None = None
+
+    def to_document(self) -> dict[str, str]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_document(cls, data: dict[str, Any]) -> Entry | None:
+        """The entry in ``data``, or None when it is not one (a required field missing)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: str(v) for k, v in data.items() if k in known and v is not None}
+        if not {"commit", "ref", "build_id", "project"} <= values.keys():
+            return None
+        return cls(**values)
+
+
+Change = Callable[[Entry | None], Entry | None]
+
+
+class Ledger:
+    """The ledger entries in the artifact bucket; every write is a compare-and-swap."""
+
+    def __init__(self, records: Records) -> None:
+        self.records = records
+
+    async def read(self, archive: str) -> Entry | None:
+        """The entry of ``archive``, or None when there is none (or it is unreadable, which
+        :meth:`service.records.Records.read` logs and counts).
+
+        Raises:
+            StorageError: S3 failed (transient).
+        """
+        found = await self.records.read(entry_key(archive))
+        return None if found is None else self._parse(archive, found.data)
+
+    async def update(self, archive: str, change: Change) -> Entry | None:
+        """Apply ``change`` (the current entry or None → the new one, or None to leave it)
+        until the compare-and-swap wins; returns what was written (None: nothing).
+
+        Raises:
+            Conflict: lost the race ten times in a row (transient).
+            StorageError: S3 failed (transient).
+        """
+
+        def on_document(data: dict[str, Any] | None) -> dict[str, Any] | None:
+            new = change(None if data is None else self._parse(archive, data))
+            return None if new is None else new.to_document()
+
+        written = await self.records.update(entry_key(archive), on_document)
+        return None if written is None else Entry.from_document(written)
+
+    async def started(self, archive: str, entry: Entry) -> None:
+        """Record the build just started for ``archive`` (replacing an older build's entry;
+        the same build's entry, already moved forward by its events, is kept as it is).
+
+        Raises:
+            StorageError: S3 failed (transient).
+        """
+
+        def record(current: Entry | None) -> Entry | None:
+            if current is not None and current.build_id == entry.build_id:
+                return None
+            return replace(entry, status=None, started_at=None, ended_at=None, logs=None)
+
+        await self.update(archive, record)
+
+    @staticmethod
+    def _parse(archive: str, data: dict[str, Any]) -> Entry | None:
+        entry = Entry.from_document(data)
+        if entry is None and data:
+            log.warning("ignoring a ledger entry without its fields at %s", entry_key(archive))
+        return entry

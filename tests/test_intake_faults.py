@@ -1,0 +1,267 @@
+"""The intake stage never dies of one message: every AWS call it makes raises, in turn, each
+botocore exception it can raise, and the consumer keeps running with every message settled.
+
+The intake runs in-process as the service runs it (``Intake`` with ``Outcomes`` and pull
+request feedback) against moto over HTTP and the CodeCommit stand-in. Each round brings a
+push, a build's IN_PROGRESS and SUCCEEDED events, a pull request opened on that build's commit
+and a poison message, with one operation armed to raise once: the round ends when the intake
+queue is empty (every message done, retried to done, or dead-lettered) and the armed fault has
+fired. The clients make one attempt per call, so botocore's own retries do not hide a fault.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aioboto3
+import anyio
+import pytest
+from aiobotocore.config import AioConfig
+from botocore.exceptions import (
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    NoCredentialsError,
+    ReadTimeoutError,
+)
+
+from service.aws import AccountClients, Clients
+from service.health import Health
+from service.intake import Intake
+from service.ledger import Entry, Ledger
+from service.localdev.codecommit import CodeCommitStandIn
+from service.metrics import Metrics
+from service.outcomes import Outcomes
+from service.pullrequests import FEEDBACK_SUFFIX, PullRequests
+from service.queue import Leases, Queue
+from service.records import Records
+from tests.helpers import AwsResources, event_for, wait_for
+from tests.test_intake import counts
+from tests.test_outcomes import build_state_event, send_build_event
+from tests.test_worker import settings_for
+
+pytestmark = pytest.mark.e2e
+
+# Every AWS operation the intake stage calls in a round.
+OPERATIONS = (
+    "ReceiveMessage",
+    "SendMessageBatch",
+    "DeleteMessageBatch",
+    "ChangeMessageVisibilityBatch",
+    "SendMessage",
+    "GetObject",
+    "PutObject",
+    "ListPullRequests",
+    "GetPullRequest",
+    "PostCommentForPullRequest",
+    "UpdateComment",
+    "UpdatePullRequestApprovalState",
+)
+URL = "http://127.0.0.1:9/"
+FAULTS: dict[str, Callable[[str], Exception]] = {
+    "Throttling": lambda op: ClientError({"Error": {"Code": "Throttling"}}, op),
+    "InternalError": lambda op: ClientError({"Error": {"Code": "InternalError"}}, op),
+    "AccessDenied": lambda op: ClientError({"Error": {"Code": "AccessDenied"}}, op),
+    "EndpointConnectionError": lambda op: EndpointConnectionError(endpoint_url=URL),
+    "ConnectTimeoutError": lambda op: ConnectTimeoutError(endpoint_url=URL),
+    "ReadTimeoutError": lambda op: ReadTimeoutError(endpoint_url=URL),
+    "ConnectionClosedError": lambda op: ConnectionClosedError(endpoint_url=URL),
+    "NoCredentialsError": lambda op: NoCredentialsError(),
+}
+
+
+@dataclass(eq=False)
+class Armed:
+    """Makes the calls of ``operation`` (by any of the clients) raise the next of ``faults``,
+    until none is left: each failed message is retried into the next fault. Receives fail
+    every other call (a failed receive backs off, 2 s after a success, 30 s in a row)."""
+
+    operation: str = ""
+    faults: list[str] = field(default_factory=list)
+    fired: list[str] = field(default_factory=list)
+    _spare: bool = False
+
+    def __call__(self, event_name: str, **_: Any) -> None:
+        operation = event_name.rsplit(".", 1)[-1]
+        if operation != self.operation or not self.faults:
+            return
+        self._spare = not self._spare
+        if self._spare or operation != "ReceiveMessage":
+            name = self.faults.pop(0)
+            self.fired.append(name)
+            raise FAULTS[name](operation)
+
+
+@asynccontextmanager
+async def intake_stage(
+    aws: AwsResources, standin: CodeCommitStandIn, armed: Armed
+) -> AsyncIterator[tuple[Intake, anyio.Event, anyio.Event]]:
+    s = settings_for(
+        aws,
+        wait_time=0,
+        intake_visibility_timeout=2,
+        retry_base_delay=0,
+        retry_max_delay=0,
+        pull_request_feedback="comment+approval",
+    )
+    config = AioConfig(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10)
+    session = aioboto3.Session()
+    async with AsyncExitStack() as stack:
+        sqs = await stack.enter_async_context(session.client("sqs", config=config))
+        s3 = await stack.enter_async_context(session.client("s3", config=config))
+        codebuild = await stack.enter_async_context(session.client("codebuild", config=config))
+        codecommit = await stack.enter_async_context(
+            session.client("codecommit", config=config, endpoint_url=standin.endpoint)
+        )
+        for client in (sqs, s3, codecommit):
+            client.meta.events.register("before-send", armed)
+        clients = Clients(sqs, s3, codebuild, codecommit, session, config)
+        metrics = Metrics()
+        records = Records(s3, aws.bucket)
+        pull_requests = PullRequests(AccountClients(clients, stack, ""), records, s, metrics)
+        outcomes = Outcomes(
+            records,
+            s,
+            metrics,
+            listeners=(pull_requests.changed,),
+            pull_requests=pull_requests.event,
+        )
+        intake_queue = Queue(sqs, aws.intake_url, name="intake")
+        await intake_queue.describe()
+        leases = Leases(visibility=2, interval=2 / 3, metrics=metrics)
+        health = Health(liveness_timeout=60)
+        intake = Intake(
+            intake_queue,
+            Queue(sqs, aws.work_url, name="work"),
+            s,
+            metrics,
+            health,
+            leases,
+            outcomes=outcomes,
+        )
+        stopping, done = anyio.Event(), anyio.Event()
+
+        async def run() -> None:
+            await intake.run(stopping)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leases.run)
+            tg.start_soon(run)
+            yield intake, stopping, done
+            stopping.set()
+            with anyio.fail_after(30):
+                await done.wait()
+            tg.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(300)
+async def test_every_intake_call_raising_each_botocore_error_never_stops_the_intake(
+    aws: AwsResources,
+) -> None:
+    # Enough receives for a message hit by every fault in a round to be handled after them.
+    policy = {
+        "deadLetterTargetArn": await queue_arn(aws, aws.intake_dlq_url),
+        "maxReceiveCount": 12,
+    }
+    await aws.sqs.set_queue_attributes(
+        QueueUrl=aws.intake_url, Attributes={"RedrivePolicy": json.dumps(policy)}
+    )
+    heads: dict[str, str] = {"refs/heads/main": "0" * 40}
+
+    async def resolve(repository: str, ref: str) -> str | None:
+        return heads.get(ref)
+
+    async def forward(event: dict[str, Any]) -> None:  # the pipeline's PullRequestRule
+        await aws.sqs.send_message(
+            QueueUrl=aws.intake_url,
+            MessageBody=json.dumps(event),
+            MessageGroupId="pullrequest",
+            MessageDeduplicationId=uuid.uuid4().hex,
+        )
+
+    armed = Armed()
+    ledger = Ledger(Records(aws.s3, aws.bucket))
+    developer = aioboto3.Session(aws_access_key_id="developer", aws_secret_access_key="x")
+    async with (
+        CodeCommitStandIn(resolve=resolve, on_event=forward) as standin,
+        developer.client("codecommit", endpoint_url=standin.endpoint) as cc,
+        intake_stage(aws, standin, armed) as (intake, _, done),
+    ):
+        for number, operation in enumerate(OPERATIONS, start=1):
+            branch = f"feature/r{number}"
+            commit = f"{number:x}".rjust(40, "c")
+            heads[f"refs/heads/{branch}"] = commit
+            archive = f"shop/{branch}/{commit}.zip"
+            build_id = f"shop:{uuid.uuid4()}"
+            # What the job left: the build's ledger entry and its feedback document.
+            await ledger.started(archive, Entry(commit, f"refs/heads/{branch}", build_id, "shop"))
+            await Records(aws.s3, aws.bucket).write(
+                archive + FEEDBACK_SUFFIX,
+                {
+                    "repository": "shop",
+                    "account": "123456789012",
+                    "ref": f"refs/heads/{branch}",
+                    "commit": commit,
+                    "build_id": build_id,
+                    "comments": {},
+                    "approvals": {},
+                },
+                replacing=None,
+            )
+            order = sorted(FAULTS)
+            armed.operation, armed.faults = operation, order[number:] + order[:number]
+            await aws.send_event(event_for("shop", f"refs/heads/{branch}", commit))
+            await cc.create_pull_request(
+                title=branch,
+                targets=[{"repositoryName": "shop", "sourceReference": branch}],
+            )
+            for status in ("IN_PROGRESS", "SUCCEEDED"):
+                at = datetime.now(UTC)
+                await send_build_event(
+                    aws, build_state_event(build_id, status, archive=archive, at=at)
+                )
+            for poison in range(len(FAULTS)):  # each in its own lane, dead-lettered in the end
+                await aws.sqs.send_message(
+                    QueueUrl=aws.intake_url,
+                    MessageBody="not json",
+                    MessageGroupId=f"poison-{poison}",
+                    MessageDeduplicationId=uuid.uuid4().hex,
+                )
+
+            async def settled(
+                operation: str = operation, archive: str = archive, build_id: str = build_id
+            ) -> bool:
+                assert not done.is_set(), f"the intake stopped on a failed {operation}"
+                if await counts(aws, aws.intake_url) != (0, 0):
+                    return False
+                if armed.faults:  # e.g. a refused approval is not retried: a redelivery is
+                    event = build_state_event(
+                        build_id, "SUCCEEDED", archive=archive, at=datetime.now(UTC)
+                    )
+                    await send_build_event(aws, event)
+                    return False
+                return True
+
+            await wait_for(settled, within=90, what=f"{operation}: every message settled")
+            assert sorted(armed.fired) == sorted(FAULTS)
+            armed.fired.clear()
+        assert not done.is_set()
+    # Only the poison messages were dead-lettered; every push was queued once.
+    assert await aws.count(aws.intake_dlq_url) == len(OPERATIONS) * len(FAULTS)
+    assert await aws.count(aws.work_url) == len(OPERATIONS)
+    # The pull request feedback went through in the end: every round's build approved.
+    assert all(standin.approvals(pr) for pr in standin.pull_requests)
+    assert len(standin.pull_requests) == len(OPERATIONS)
+
+
+async def queue_arn(aws: AwsResources, url: str) -> str:
+    reply = await aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
+    return reply["Attributes"]["QueueArn"]
