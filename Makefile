@@ -56,10 +56,10 @@ localstack:
 endif
 
 run: venv system-deps localstack
-	$(BIN)/python -m service.localdev.run
+	$(BIN)/python -m localdev.run
 
 demo: venv system-deps localstack
-	$(BIN)/python -m service.localdev.run --demo
+	$(BIN)/python -m localdev.run --demo
 
 # git and the OpenSSH client are the service's only system dependencies; promtool (Debian's
 # prometheus package) checks the alert rules and serves the scrape test; node and npm run the

@@ -17,7 +17,7 @@ from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services
 from .metrics import Metrics
-from .outcomes import Outcomes
+from .build_state import Outcomes
 from .pipelines import Pipelines, Watcher
 from .pullrequests import PullRequests
 from .queue import Leases, Queue

@@ -424,7 +424,7 @@ async def _send_test_event(
 
 
 async def _codebuild_builds(args: argparse.Namespace, clients: AwsClients) -> int:
-    from .admin import builds as admin_builds
+    from .admin import build_history as admin_builds
 
     runs = await admin_builds.recent_builds(
         await clients.codebuild(), args.project, limit=args.limit

@@ -20,7 +20,7 @@ from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
 from .outcome import Outcome
-from .outcomes import Outcomes
+from .build_state import Outcomes
 from .pipelines import Pipelines
 from .queue import Leases, Message, Outgoing, Queue, consume
 from .settings import Settings

@@ -31,7 +31,7 @@ from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
 from .job import object_key
 from .metrics import Metrics
-from .outcomes import LEDGER_SUFFIX, Change, duration
+from .build_state import LEDGER_SUFFIX, Change, duration
 from .records import Document, Records
 from .settings import PullRequestFeedback, Settings
 

@@ -28,7 +28,7 @@ from .builds import StartedBuild
 from .errors import BuildError, PermanentError
 from .events import Push, RefType
 from .metrics import Metrics
-from .outcomes import FINAL, LEDGER_SUFFIX
+from .build_state import FINAL, LEDGER_SUFFIX
 from .pipelines import Pipelines, Rule
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -45,7 +45,7 @@ _ENDED_CODES = {"InvalidInputException", "ResourceNotFoundException"}
 
 @runtime_checkable
 class LocalStop(Protocol):
-    """A build backend that stops its own builds (``service.localdev.builder.LocalBuilds``)."""
+    """A build backend that stops its own builds (``localdev.builder.LocalBuilds``)."""
 
     async def stop(self, build_id: str) -> bool: ...
 

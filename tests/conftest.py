@@ -15,7 +15,7 @@ import anyio
 import pytest
 
 from service.events import RefChange
-from service.localdev.githost import GitHost
+from localdev.githost import GitHost
 from tests.helpers import (
     COLLECTED_MODULES,
     SERVICE_LOGS,

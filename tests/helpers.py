@@ -27,7 +27,7 @@ import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.events import Action, Push, RefChange, RefType, codecommit_event
-from service.localdev.githost import GitHost
+from localdev.githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient

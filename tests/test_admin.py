@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.admin.builds import render, to_run, with_outcomes
+from service.admin.build_history import render, to_run, with_outcomes
 from service.cli import main as cli_main
 from service.events import Push, RefChange, codecommit_event, parse_event
 from tests.helpers import (

@@ -19,7 +19,7 @@ import asyncssh
 import pytest
 
 from service.events import RefChange, codecommit_event
-from service.localdev.githost import GitHost
+from localdev.githost import GitHost
 
 
 @dataclass

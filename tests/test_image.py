@@ -27,7 +27,7 @@ import aiohttp
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
+from localdev.githost import codecommit_event
 from tests.conftest import free_port
 from tests.helpers import ROOT, AwsResources, GitWorld, WorkCopy, create_project, wait_for
 

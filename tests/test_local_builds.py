@@ -19,7 +19,7 @@ import pytest
 from service.builds import BuildRequest
 from service.errors import PermanentError
 from service.events import Action, Push, RefType
-from service.localdev.builder import (
+from localdev.builder import (
     BuildRecord,
     LocalBuilds,
     list_builds,
@@ -523,7 +523,7 @@ def test_production_code_imports_nothing_from_localdev() -> None:
     """The local backend is imported only when BRANCHBUILD_BUILD_BACKEND=local."""
     probe = (
         "import sys, service.app, service.cli, service.worker\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('service.localdev'))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('localdev'))\n"
         "print(loaded)\n"
     )
     result = subprocess.run(
@@ -549,8 +549,8 @@ async def test_stop_kills_the_process_group_and_the_states_reach_eventbridge(
 ) -> None:
     """StopBuild's stand-in: the build's processes (a background child too) are killed, the
     build is STOPPED, and its IN_PROGRESS and STOPPED events go to the default bus, shaped
-    as service.outcomes parses CodeBuild's (routed by a rule like the BuildStateRule)."""
-    from service.outcomes import BuildState, parse_build_state
+    as service.build_state parses CodeBuild's (routed by a rule like the BuildStateRule)."""
+    from service.build_state import BuildState, parse_build_state
 
     pids = tmp_path / "pids"
     spec = (

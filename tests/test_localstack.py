@@ -24,8 +24,8 @@ import aioboto3
 import anyio
 import pytest
 
-from service.localdev.builder import BuildRecord, list_builds
-from service.localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
+from localdev.builder import BuildRecord, list_builds
+from localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
@@ -82,7 +82,7 @@ def runner(state: Path, *extra: str, http_port: int | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "service.localdev.run",
+        "localdev.run",
         "--state",
         str(state),
         "--git-port",
@@ -263,7 +263,7 @@ async def test_deployed_rules_route_build_states_and_pull_requests_to_their_own_
     localstack_endpoint: str, deployed: dict[str, str]
 ) -> None:
     """The BuildStateRule (a pattern inside an array of objects) and the PullRequestRule."""
-    from service.localdev.run import ACCOUNT
+    from localdev.run import ACCOUNT
     from tests.test_outcomes import build_state_event
 
     now = datetime.now(UTC)
@@ -535,7 +535,7 @@ async def test_make_run_stops_a_superseded_build_and_leaves_results_on_the_pull_
         await wait_for(printed, within=120, what="the banner")
         banner = out.read_text()
         assert f"pull requests     {endpoint}" in banner
-        assert f"-m service.localdev.codecommit --endpoint {endpoint} create-pr" in banner
+        assert f"-m localdev.codecommit --endpoint {endpoint} create-pr" in banner
         work = tmp_path / "work"
         work.mkdir()
         keys = state / "keys"
@@ -557,7 +557,7 @@ async def test_make_run_stops_a_superseded_build_and_leaves_results_on_the_pull_
             return result.stdout.decode().strip()
 
         async def pull_request(*args: str) -> str:
-            helper = [sys.executable, "-m", "service.localdev.codecommit", "--endpoint", endpoint]
+            helper = [sys.executable, "-m", "localdev.codecommit", "--endpoint", endpoint]
             result = await anyio.run_process([*helper, *args], env=env, cwd=ROOT)
             return result.stdout.decode()
 

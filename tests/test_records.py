@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import anyio
 
-from service.outcomes import BuildState, advance
+from service.build_state import BuildState, advance
 from service.records import Conflict, Document, Records
 from tests.helpers import AwsResources
 

@@ -33,7 +33,7 @@ import anyio
 import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
-from ..events import RefChange, codecommit_event
+from service.events import RefChange, codecommit_event
 from .codecommit import CodeCommitStandIn, create_pull_request, describe, view_pull_request
 from .codecommit import git_resolver as resolver
 from .githost import GitHost
@@ -436,7 +436,7 @@ async def wait_ready(port: int, proc: anyio.abc.Process, options: Options) -> No
 def instructions(options: Options, keys: Keys, codecommit: str) -> str:
     repo = options.repositories[0]
     env = f"BRANCHBUILD_LOCAL_BUILDS_DIR={options.state / 'builds'}"
-    pr = f"{ROOT / '.venv/bin/python'} -m service.localdev.codecommit --endpoint {codecommit}"
+    pr = f"{ROOT / '.venv/bin/python'} -m localdev.codecommit --endpoint {codecommit}"
     return f"""
 branchbuild is running locally (Ctrl-C stops everything).
 
@@ -498,7 +498,7 @@ phases:
 async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
     """Push four things, then a pull request's branch twice, wait for their outcomes, print a
     table and what branchbuild left on the pull request; True if all are as expected."""
-    from service.localdev.builder import list_builds
+    from localdev.builder import list_builds
 
     work = options.state / "demo-work" / uuid.uuid4().hex[:8]
     work.mkdir(parents=True)
@@ -594,7 +594,7 @@ async def _demo_pull_request(
     """A pull request from feature/demo-pr into develop, its branch pushed twice while the
     first build still runs: that build is stopped (superseded), the second succeeds, and
     branchbuild leaves one comment per commit and its approval."""
-    from service.localdev.builder import list_builds
+    from localdev.builder import list_builds
 
     def build(commit: str) -> Any:
         found = [r for r in list_builds(options.state / "builds", 1000) if r.commit == commit]

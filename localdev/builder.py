@@ -11,7 +11,7 @@ cache. Every build keeps its log and a ``build.json`` record under
 
 Like CodeBuild, it reports each build's state as a ``CodeBuild Build State Change`` event on
 the default EventBridge bus (``IN_PROGRESS`` when it starts, the final state when it ends),
-where the pipeline's ``BuildStateRule`` routes it to the intake queue (service.outcomes), and
+where the pipeline's ``BuildStateRule`` routes it to the intake queue (service.build_state), and
 it can stop a running build (:meth:`LocalBuilds.stop`, StopBuild's stand-in).
 """
 
@@ -44,9 +44,9 @@ import anyio
 import anyio.abc
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..aws import region
-from ..builds import BuildRequest, StartedBuild
-from ..errors import PermanentError
+from service.aws import region
+from service.builds import BuildRequest, StartedBuild
+from service.errors import PermanentError
 from .buildspec import PHASES, FileSet, Phase, Plan, check, parse_secret_ref
 from .outputs import collect, restore_cache, save_cache
 

@@ -21,7 +21,7 @@ def _duration(seconds: float | None) -> str:
 
 def render_builds(records: Sequence[BuildRecord]) -> str:
     """The builds, newest first, each followed by its phases (status and duration)."""
-    from ..admin.common import table as make_table
+    from service.admin.common import table as make_table
 
     rows = [("STARTED", "REPOSITORY", "BRANCH", "COMMIT", "STATUS", "DURATION", "LOG")]
     for r in records:
