@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 LOCALSTACK_VENV := .localstack-venv
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
 # The newest LocalStack community runtime that runs on Python 3.11 in host mode, and the pins
-# it needs (see README.md, "Local development"). Its own venv: its pins clash with ours.
+# it needs (see docs/local-development.md). Its own venv: its pins clash with ours.
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
 	'cryptography<45' service_identity 'joserfc<1.3'
 
@@ -93,7 +93,7 @@ image-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing runc; \
 	fi
 
-# The image of this tree as branchbuild:dev (see README.md, "The image").
+# The image of this tree as branchbuild:dev (see docs/image.md).
 image: image-deps
 	bash deploy/build-image.sh branchbuild:dev
 

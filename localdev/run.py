@@ -113,7 +113,7 @@ LOCALSTACK_PYTHON = ROOT / ".localstack-venv" / "bin" / "python"
 
 
 def localstack_env(volume: Path, port: int) -> dict[str, str]:
-    """The LocalStack community runtime in host mode on 127.0.0.1 (see README.md)."""
+    """The LocalStack community runtime in host mode on 127.0.0.1 (see docs/local-development.md)."""
     address = f"127.0.0.1:{port}"
     return {
         "PATH": os.environ.get("PATH", ""),

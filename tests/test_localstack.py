@@ -264,7 +264,7 @@ async def test_deployed_rules_route_build_states_and_pull_requests_to_their_own_
 ) -> None:
     """The BuildStateRule (a pattern inside an array of objects) and the PullRequestRule."""
     from localdev.run import ACCOUNT
-    from tests.test_outcomes import build_state_event
+    from tests.test_build_state import build_state_event
 
     now = datetime.now(UTC)
     foreign = build_state_event("shop:" + "f" * 36, "FAILED", archive=None, at=now)

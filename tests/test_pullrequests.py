@@ -21,7 +21,7 @@ import pytest
 from localdev.codecommit import CodeCommitStandIn, git_resolver
 from localdev.githost import codecommit_event
 from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, create_project, wait_for
-from tests.test_outcomes import build_state_event, counted, ledger, send_build_event, stop_builds
+from tests.test_build_state import build_state_event, counted, ledger, send_build_event, stop_builds
 
 if TYPE_CHECKING:
     from types_aiobotocore_codecommit import CodeCommitClient
