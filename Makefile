@@ -101,12 +101,12 @@ image-test: venv system-deps image
 	$(BIN)/pytest tests/test_image.py
 
 lint: venv
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service localdev tests bench
+	$(BIN)/ruff format --check service localdev tests bench
 
 format: venv
-	$(BIN)/ruff format service tests bench
-	$(BIN)/ruff check --fix service tests bench
+	$(BIN)/ruff format service localdev tests bench
+	$(BIN)/ruff check --fix service localdev tests bench
 
 typecheck: venv
 	$(BIN)/mypy

@@ -7,7 +7,7 @@ blocks, ``on-failure``, CodeBuild's phase transitions, one shell state for the w
 (0.2), ``env`` variables with ``parameter-store`` and ``secrets-manager`` read from the AWS
 endpoint the service uses (LocalStack under ``make run``), then artifacts, reports and the
 cache. Every build keeps its log and a ``build.json`` record under
-``BRANCHBUILD_LOCAL_BUILDS_DIR``; ``branchbuild builds`` lists them.
+``BRANCHBUILD_LOCAL_BUILDS_DIR``; ``python -m localdev builds`` lists them.
 
 Like CodeBuild, it reports each build's state as a ``CodeBuild Build State Change`` event on
 the default EventBridge bus (``IN_PROGRESS`` when it starts, the final state when it ends),
@@ -47,6 +47,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from service.aws import region
 from service.builds import BuildRequest, StartedBuild
 from service.errors import PermanentError
+
 from .buildspec import PHASES, FileSet, Phase, Plan, check, parse_secret_ref
 from .outputs import collect, restore_cache, save_cache
 
@@ -67,7 +68,7 @@ class BuildspecError(PermanentError):
 
 @dataclass(frozen=True)
 class PhaseResult:
-    """One phase of a build as ``branchbuild builds`` shows it (CodeBuild's phase names)."""
+    """One phase of a build as ``python -m localdev builds`` shows it (CodeBuild's phase names)."""
 
     name: str
     status: str  # IN_PROGRESS, SUCCEEDED, FAILED, SKIPPED, TIMED_OUT, STOPPED
@@ -858,7 +859,7 @@ async def _append(path: Path, text: str) -> None:
 
 
 def list_builds(root: Path, limit: int = 20) -> list[BuildRecord]:
-    """The most recent local builds, newest first (for ``branchbuild builds``)."""
+    """The most recent local builds, newest first (for ``python -m localdev builds``)."""
     records = []
     for path in root.glob(f"*/{RECORD}"):
         try:

@@ -1,4 +1,4 @@
-"""``branchbuild builds`` (local), ``builds --follow ID`` and ``buildspec check FILE``."""
+"""``python -m localdev builds``, ``builds --follow ID`` and ``buildspec check FILE``."""
 
 from __future__ import annotations
 
@@ -58,7 +58,7 @@ def follow(root: Path, wanted: str, *, within: float | None = None) -> int:
     """Stream a build's log until the build ends; exit 0 if it SUCCEEDED, 1 otherwise."""
     record = find_build(root, wanted)
     if record is None:
-        sys.stderr.write(f"branchbuild builds: no single build matches {wanted!r} in {root}\n")
+        sys.stderr.write(f"localdev builds: no single build matches {wanted!r} in {root}\n")
         return 2
     folder = Path(record.log).parent
     position = 0
@@ -100,7 +100,7 @@ def check_file(path: Path) -> int:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        sys.stderr.write(f"branchbuild buildspec check: cannot read {path}: {exc}\n")
+        sys.stderr.write(f"localdev buildspec check: cannot read {path}: {exc}\n")
         return 2
     plan, problems = check(text)
     for problem in problems:

@@ -34,6 +34,7 @@ import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.events import RefChange, codecommit_event
+
 from .codecommit import CodeCommitStandIn, create_pull_request, describe, view_pull_request
 from .codecommit import git_resolver as resolver
 from .githost import GitHost
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbuild.localdev")
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 ACCOUNT = "000000000000"
 
 
@@ -113,7 +114,7 @@ LOCALSTACK_PYTHON = ROOT / ".localstack-venv" / "bin" / "python"
 
 
 def localstack_env(volume: Path, port: int) -> dict[str, str]:
-    """The LocalStack community runtime in host mode on 127.0.0.1 (see docs/local-development.md)."""
+    """The LocalStack community runtime in host mode on 127.0.0.1 (docs/local-development.md)."""
     address = f"127.0.0.1:{port}"
     return {
         "PATH": os.environ.get("PATH", ""),
@@ -456,8 +457,8 @@ A buildspec.yml at the top of the repository is run by the local build backend
 (this runs the repository's commands on this machine: development only). Check a buildspec
 first, then see the builds (and --follow ID to stream a running one's log):
 
-  {ROOT / ".venv/bin/branchbuild"} buildspec check buildspec.yml
-  {env} {ROOT / ".venv/bin/branchbuild"} builds
+  PYTHONPATH={ROOT} {ROOT / ".venv/bin/python"} -m localdev buildspec check buildspec.yml
+  PYTHONPATH={ROOT} {env} {ROOT / ".venv/bin/python"} -m localdev builds
 
 A newer push to a branch stops its older push's running build (superseded). Open a pull
 request (push its destination branch too): branchbuild comments on it for each commit,
@@ -703,7 +704,7 @@ async def run(options: Options) -> int:
         log.info("git host on 127.0.0.1:%s", host.port)
         standin = await stack.enter_async_context(pull_requests(options, host, stack, followers))
         log.info("CodeCommit pull request stand-in at %s", standin.endpoint)
-        command = [sys.executable, "-m", "service", "run"]
+        command = [sys.executable, "-m", "localdev.service"]
         env = service_env(options, keys, outputs, standin.endpoint)
         proc = await stack.enter_async_context(_child(command, env, options, "branchbuild"))
         await wait_ready(options.http_port, proc, options)

@@ -26,12 +26,12 @@ from typing import TYPE_CHECKING, Any, Literal
 from botocore.exceptions import ClientError
 
 from .aws import AccountClients, error_code, naming, translated
+from .build_state import LEDGER_SUFFIX, Change, duration
 from .builds import StartedBuild
 from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
 from .job import object_key
 from .metrics import Metrics
-from .build_state import LEDGER_SUFFIX, Change, duration
 from .records import Document, Records
 from .settings import PullRequestFeedback, Settings
 

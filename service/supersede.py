@@ -24,11 +24,11 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from botocore.exceptions import ClientError
 
 from .aws import error_code, translated
+from .build_state import FINAL, LEDGER_SUFFIX
 from .builds import StartedBuild
 from .errors import BuildError, PermanentError
 from .events import Push, RefType
 from .metrics import Metrics
-from .build_state import FINAL, LEDGER_SUFFIX
 from .pipelines import Pipelines, Rule
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings

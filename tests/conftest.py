@@ -14,8 +14,8 @@ import aiohttp
 import anyio
 import pytest
 
-from service.events import RefChange
 from localdev.githost import GitHost
+from service.events import RefChange
 from tests.helpers import (
     COLLECTED_MODULES,
     SERVICE_LOGS,

@@ -182,7 +182,10 @@ async def test_bad_usage_is_one_line_and_exit_2(tmp_path: Path) -> None:
     cases = {
         ("dlq", "redrive"): "one of the arguments --all --message-id is required",
         ("dlq", "list", "--limit", "0"): "must be at least 1",
-        ("builds", "--codebuild"): "--codebuild needs at least one --project P",
+        ("builds", "--codebuild"): "needs at least one --project P",
+        ("builds",): "needs at least one --project P (the local build backend's builds: "
+        "python -m localdev builds)",
+        ("buildspec", "check", "buildspec.yml"): "invalid choice: 'buildspec'",
         (
             "send-test-event",
             *("--repository", "shop", "--branch", "main", "--commit", "abc"),

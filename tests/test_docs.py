@@ -74,7 +74,9 @@ def test_the_link_check_sees_a_broken_link(tmp_path: Path) -> None:
 
 def test_every_page_is_linked_from_the_readme() -> None:
     readme = links(ROOT / "README.md")
-    unlinked = [p.name for p in PAGES[1:] if not any(t.startswith(f"docs/{p.name}") for t in readme)]
+    unlinked = [
+        p.name for p in PAGES[1:] if not any(t.startswith(f"docs/{p.name}") for t in readme)
+    ]
     assert unlinked == []
 
 

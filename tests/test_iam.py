@@ -38,8 +38,8 @@ import anyio
 import pytest
 from policy_sentry.querying.actions import get_action_data, get_all_action_links
 
-from service.cli import main as cli_main
 from localdev.githost import codecommit_event
+from service.cli import main as cli_main
 from tests.cfn import ROOT, Stack, load
 from tests.helpers import (
     COLLECTED_MODULES,

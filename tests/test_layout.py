@@ -75,7 +75,7 @@ import importlib, pkgutil, sys
 
 def load(package):
     for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
-        if module.name not in ("localdev", "service.__main__"):
+        if module.name != "service.__main__":
             imported = importlib.import_module(module.name)
             if module.ispkg:
                 load(imported)

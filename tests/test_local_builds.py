@@ -1,4 +1,4 @@
-"""The local build backend (development only) and `branchbuild builds`, against moto's S3."""
+"""The local build backend (development only) and `python -m localdev builds`, against moto's S3."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ import aioboto3
 import anyio
 import pytest
 
-from service.builds import BuildRequest
-from service.errors import PermanentError
-from service.events import Action, Push, RefType
 from localdev.builder import (
     BuildRecord,
     LocalBuilds,
@@ -26,6 +23,9 @@ from localdev.builder import (
     read_buildspec,
     unpack,
 )
+from service.builds import BuildRequest
+from service.errors import PermanentError
+from service.events import Action, Push, RefType
 from tests.helpers import AwsResources, wait_for
 
 COMMIT = "c" * 40
@@ -171,7 +171,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
         (folder / "build.json").write_text(json.dumps(record.__dict__))
     env = {"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         capture_output=True,
         text=True,
         env=env,
@@ -194,7 +194,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
         and str(tmp_path / "b0" / "build.log") in lines[2]
     )
     as_json = subprocess.run(
-        [sys.executable, "-m", "service", "builds", "--json", "--limit", "1"],
+        [sys.executable, "-m", "localdev", "builds", "--json", "--limit", "1"],
         capture_output=True,
         text=True,
         env=env,
@@ -202,7 +202,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
     )
     assert [json.loads(line)["id"] for line in as_json.stdout.splitlines()] == ["shop:1"]
     empty = subprocess.run(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         capture_output=True,
         text=True,
         check=True,
@@ -446,7 +446,7 @@ async def test_builds_follow_streams_the_log_and_check_validates(tmp_path: Path)
     (folder / "build.json").write_text(json.dumps(asdict(record)))
     (folder / "build.log").write_text("line one\n")
     env = {"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, "-m", "service", "builds", "--follow", "1234abcd"]
+    command = [sys.executable, "-m", "localdev", "builds", "--follow", "1234abcd"]
     proc = await anyio.open_process(command, env=env)
     assert proc.stdout is not None
     seen = b""
@@ -472,7 +472,7 @@ def test_buildspec_check_command(tmp_path: Path) -> None:
         "  build:\n    commands:\n      - false\n    finaly: [echo x]\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "service", "buildspec", "check", str(good)],
+        [sys.executable, "-m", "localdev", "buildspec", "check", str(good)],
         capture_output=True,
         text=True,
         check=False,
@@ -485,7 +485,7 @@ def test_buildspec_check_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text("version: 0.2\nphases:\n  build:\n    commands: {a: b}\n    on-failure: STOP\n")
     result = subprocess.run(
-        [sys.executable, "-m", "service", "buildspec", "check", str(bad)],
+        [sys.executable, "-m", "localdev", "buildspec", "check", str(bad)],
         capture_output=True,
         text=True,
         check=False,
@@ -534,14 +534,14 @@ def test_production_code_imports_nothing_from_localdev() -> None:
 
 def test_builds_follow_an_unknown_build(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "builds", "--follow", "nope"],
+        [sys.executable, "-m", "localdev", "builds", "--follow", "nope"],
         capture_output=True,
         text=True,
         env={"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr == f"branchbuild builds: no single build matches 'nope' in {tmp_path}\n"
+    assert result.stderr == f"localdev builds: no single build matches 'nope' in {tmp_path}\n"
 
 
 async def test_stop_kills_the_process_group_and_the_states_reach_eventbridge(

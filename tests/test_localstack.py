@@ -488,7 +488,7 @@ async def test_make_run_builds_like_codebuild(localstack_endpoint: str, tmp_path
     assert "cache: miss" in log
     assert "cache: hit feature/e2e-one" in await anyio.Path(second.log).read_text()
     listing = await anyio.run_process(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         env=demo_env(BRANCHBUILD_LOCAL_BUILDS_DIR=str(state / "builds")),
         cwd=ROOT,
     )
