@@ -39,7 +39,6 @@ from string import Template
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
-import aiofiles
 import anyio
 import anyio.abc
 from botocore.exceptions import BotoCoreError, ClientError
@@ -390,7 +389,7 @@ class _Build:
 
     async def _download(self, target: Path) -> None:
         reply = await self.backend.s3.get_object(Bucket=self.request.bucket, Key=self.request.key)
-        async with aiofiles.open(target, "wb") as out:
+        async with await anyio.open_file(target, "wb") as out:
             async for chunk in reply["Body"].iter_chunks(1024 * 1024):
                 await out.write(chunk)
 
@@ -848,13 +847,13 @@ def read_buildspec(source: Path) -> Plan:
 
 async def save(folder: Path, record: BuildRecord) -> None:
     temporary = folder / (RECORD + ".tmp")
-    async with aiofiles.open(temporary, "w") as out:
+    async with await anyio.open_file(temporary, "w") as out:
         await out.write(json.dumps(asdict(record), indent=2))
     await anyio.Path(temporary).replace(folder / RECORD)
 
 
 async def _append(path: Path, text: str) -> None:
-    async with aiofiles.open(path, "a") as out:
+    async with await anyio.open_file(path, "a") as out:
         await out.write(text)
 
 

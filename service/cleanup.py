@@ -64,16 +64,10 @@ async def _branch_objects(storage: Storage, prefix: str, archive: str) -> list[s
     """Every archive of the branch and its ledger entry (``<key>.build.json``)."""
     wanted = re.compile(f"(?:{archive})(?:{re.escape(Storage.ledger_key(''))})?")
     keys: list[str] = []
-    token: str | None = None
-    while True:
-        with translated(f"list s3://{storage.bucket}/{prefix}", transient=StorageError):
-            if token is None:
-                reply = await storage.s3.list_objects_v2(Bucket=storage.bucket, Prefix=prefix)
-            else:
-                reply = await storage.s3.list_objects_v2(
-                    Bucket=storage.bucket, Prefix=prefix, ContinuationToken=token
-                )
-        keys += [o["Key"] for o in reply.get("Contents", []) if wanted.fullmatch(o["Key"])]
-        if not reply.get("IsTruncated"):
-            return keys
-        token = reply.get("NextContinuationToken")
+    pages = storage.s3.get_paginator("list_objects_v2").paginate(
+        Bucket=storage.bucket, Prefix=prefix
+    )
+    with translated(f"list s3://{storage.bucket}/{prefix}", transient=StorageError):
+        async for page in pages:
+            keys += [o["Key"] for o in page.get("Contents", []) if wanted.fullmatch(o["Key"])]
+    return keys

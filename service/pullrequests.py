@@ -217,21 +217,12 @@ class PullRequests:
     async def _targets(self, client: CodeCommitClient, doc: Document) -> list[Target]:
         repository, ref, commit = str(doc["repository"]), str(doc["ref"]), str(doc["commit"])
         ids: list[str] = []
-        token = ""
-        while True:
-            with translated(f"list the pull requests of {repository}"):
-                if token:
-                    page = await client.list_pull_requests(
-                        repositoryName=repository, pullRequestStatus="OPEN", nextToken=token
-                    )
-                else:
-                    page = await client.list_pull_requests(
-                        repositoryName=repository, pullRequestStatus="OPEN"
-                    )
-            ids += page.get("pullRequestIds", [])
-            token = page.get("nextToken", "")
-            if not token:
-                break
+        pages = client.get_paginator("list_pull_requests").paginate(
+            repositoryName=repository, pullRequestStatus="OPEN"
+        )
+        with translated(f"list the pull requests of {repository}"):
+            async for page in pages:
+                ids += page.get("pullRequestIds", [])
         found: list[Target] = []
         for pull_request_id in ids:
             with translated(f"read pull request {pull_request_id}"):
