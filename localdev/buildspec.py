@@ -17,6 +17,8 @@ from typing import Literal
 
 import yaml
 
+from service.errors import PermanentError
+
 PHASES = ("install", "pre_build", "build", "post_build")
 SHELLS = ("bash", "/bin/sh", "sh")
 Severity = Literal["error", "warning"]
@@ -601,3 +603,7 @@ def check(text: str) -> tuple[Plan | None, tuple[Problem, ...]]:
     if plan is None or any(p.severity == "error" for p in problems):
         return None, problems
     return _replace(plan, problems=problems), problems
+
+
+class BuildspecError(PermanentError):
+    """The buildspec cannot run: missing, not YAML, or with errors (each with its line)."""

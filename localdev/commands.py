@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .builder import BuildRecord, find_build, list_builds
+from .build_records import BuildRecord, find_build, list_builds
 from .buildspec import FileSet, Plan, check
 
 FOLLOW_POLL = 0.2  # seconds between looks at a running build's log

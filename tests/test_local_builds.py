@@ -16,13 +16,9 @@ import aioboto3
 import anyio
 import pytest
 
-from localdev.builder import (
-    BuildRecord,
-    LocalBuilds,
-    list_builds,
-    read_buildspec,
-    unpack,
-)
+from localdev.build_records import BuildRecord, list_builds
+from localdev.builder import LocalBuilds
+from localdev.workspace import read_buildspec, unpack
 from service.builds import BuildRequest
 from service.errors import PermanentError
 from service.events import Action, Push, RefType

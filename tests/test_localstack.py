@@ -24,8 +24,10 @@ import aioboto3
 import anyio
 import pytest
 
-from localdev.builder import BuildRecord, list_builds
-from localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
+from localdev.build_records import BuildRecord, list_builds
+from localdev.deploy import deploy
+from localdev.options import Options
+from localdev.processes import LOCALSTACK_PYTHON, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
@@ -263,7 +265,7 @@ async def test_deployed_rules_route_build_states_and_pull_requests_to_their_own_
     localstack_endpoint: str, deployed: dict[str, str]
 ) -> None:
     """The BuildStateRule (a pattern inside an array of objects) and the PullRequestRule."""
-    from localdev.run import ACCOUNT
+    from localdev.options import ACCOUNT
     from tests.test_build_state import build_state_event
 
     now = datetime.now(UTC)
