@@ -1,6 +1,6 @@
 # branchbuild: the always-on service that turns CodeCommit pushes into CodeBuild builds.
 # Build:  docker build -t branchbuild:$(git rev-parse --short HEAD) .
-#    or:  make image   (podman, no Docker daemon; see README.md, "The image")
+#    or:  make image   (podman, no Docker daemon; see docs/image.md)
 # Every stage uses the same base, so the venv's interpreter symlinks stay valid. For
 # reproducible production builds, pin the base by digest as well
 # (--build-arg BASE_IMAGE=python:3.11-slim-bookworm@sha256:...) and let a bot bump it.

@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 LOCALSTACK_VENV := .localstack-venv
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed-stamp
 # The newest LocalStack community runtime that runs on Python 3.11 in host mode, and the pins
-# it needs (see README.md, "Local development"). Its own venv: its pins clash with ours.
+# it needs (see docs/local-development.md). Its own venv: its pins clash with ours.
 LOCALSTACK_PACKAGES := 'localstack-core[runtime]==4.13.1' 'cbor2<6' 'pyopenssl<25' \
 	'cryptography<45' service_identity 'joserfc<1.3'
 
@@ -57,10 +57,10 @@ localstack:
 endif
 
 run: venv system-deps localstack
-	$(BIN)/python -m service.localdev.run
+	$(BIN)/python -m localdev.run
 
 demo: venv system-deps localstack
-	$(BIN)/python -m service.localdev.run --demo
+	$(BIN)/python -m localdev.run --demo
 
 # git and the OpenSSH client are the service's only system dependencies; promtool (Debian's
 # prometheus package) checks the alert rules and serves the scrape test; node and npm run the
@@ -94,7 +94,7 @@ image-deps:
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing runc; \
 	fi
 
-# The image of this tree as branchbuild:dev (see README.md, "The image").
+# The image of this tree as branchbuild:dev (see docs/image.md).
 image: image-deps
 	bash deploy/build-image.sh branchbuild:dev
 
@@ -102,12 +102,12 @@ image-test: venv system-deps image
 	$(BIN)/pytest tests/test_image.py
 
 lint: venv
-	$(BIN)/ruff check service tests bench
-	$(BIN)/ruff format --check service tests bench
+	$(BIN)/ruff check service localdev tests bench
+	$(BIN)/ruff format --check service localdev tests bench
 
 format: venv
-	$(BIN)/ruff format service tests bench
-	$(BIN)/ruff check --fix service tests bench
+	$(BIN)/ruff format service localdev tests bench
+	$(BIN)/ruff check --fix service localdev tests bench
 
 typecheck: venv
 	$(BIN)/mypy

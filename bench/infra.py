@@ -2,7 +2,7 @@
 
 * moto serves SQS, S3 and CodeBuild for A, B and F alike (its request recorder stays off: it
   would write every uploaded byte into its log).
-* The git host is ``python -m service.localdev.githost`` as its own process, so its CPU is
+* The git host is ``python -m localdev.githost`` as its own process, so its CPU is
   measured apart from everything else. The events it logs for each push are the EventBridge
   events (``codecommit_event``) that go on the intake queue.
 * CodeBuild calls go through a tiny recording proxy in front of moto
@@ -397,7 +397,7 @@ def git_host(workdir: Path) -> Iterator[GitHostProcess]:
             [
                 PYTHON,
                 "-m",
-                "service.localdev.githost",
+                "localdev.githost",
                 "--root",
                 str(workdir / "githost"),
                 "--port",

@@ -24,8 +24,8 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from localdev.githost import codecommit_event
 from service.events import RefChange
-from service.localdev.githost import codecommit_event
 
 from .infra import PYTHON, ROOT, Aws, aws_env, free_port, moto_server, terminate, wait_until
 from .procstat import rss

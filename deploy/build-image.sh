@@ -10,7 +10,7 @@
 # long as its inputs (this script's package list and options, the apt sources) do not change:
 # its tag is their hash. `podman rmi` it to take the archive's newer packages.
 #
-# The podman flags this machine needs (README.md, "The image"): runc, and ulimits below the
+# The podman flags this machine needs (docs/image.md): runc, and ulimits below the
 # machine's hard limits (podman's defaults for root are above them, and runc then fails with
 # "error setting rlimits"); --format docker keeps the HEALTHCHECK; the build's RUN steps use
 # the host's network (pip reaches PyPI, apt the Debian archive), never a bridge.

@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 
-import aioboto3
 import anyio
 import anyio.abc
 
-from .aws import AccountClients, Clients, open_clients, region
+from .aws import AccountClients, Clients, open_clients
+from .build_state import Outcomes
 from .builds import BuildBackend, BuildRequest, CodeBuild, StartedBuild
+from .errors import ConfigurationError
 from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services, start_recorded
 from .metrics import Metrics
-from .outcomes import Outcomes
 from .pipelines import Pipelines, Watcher
 from .pullrequests import PullRequests
 from .queue import Leases, Queue
@@ -32,12 +33,30 @@ from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
 
+#: Makes a build backend other than CodeBuild, given the settings, the AWS clients, the task
+#: group its builds run in and the stack that closes what it opens. Production has none: the
+#: local backend, which runs a repository's buildspec on this host, is in the development
+#: package (``localdev.service``), which the image does not contain.
+BackendFactory = Callable[
+    [Settings, Clients, anyio.abc.TaskGroup, AsyncExitStack], Awaitable[BuildBackend]
+]
+
 
 class App:
     """The running service; ``stopping`` may also be set by an embedding test."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, backend: BackendFactory | None = None) -> None:
+        """Raises:
+        ConfigurationError: ``BRANCHBUILD_BUILD_BACKEND=local`` without a local backend.
+        """
+        if settings.build_backend is BackendName.LOCAL and backend is None:
+            raise ConfigurationError(
+                "BRANCHBUILD_BUILD_BACKEND=local is for development only (it runs the "
+                "repository's buildspec commands on this host), and this service has no such "
+                "backend: `python -m localdev.service` runs the service with it"
+            )
         self.settings = settings
+        self.backend_factory = backend
         self.metrics = Metrics()
         self.health = Health(liveness_timeout=settings.liveness_timeout)
         self.stopping = anyio.Event()
@@ -181,26 +200,8 @@ class App:
         background: anyio.abc.TaskGroup,
         stack: AsyncExitStack,
     ) -> BuildBackend:
-        if self.settings.build_backend is BackendName.LOCAL:
-            log.warning(
-                "BRANCHBUILD_BUILD_BACKEND=local: buildspec commands run on this machine "
-                "(development only)"
-            )
-            # Imported here: production code (the codebuild backend) imports nothing of localdev.
-            from .localdev.builder import LocalBuilds
-
-            # Its state events go to the default bus as CodeBuild's would; through a session
-            # of its own: the service's watched calls (IAM) are production's only.
-            events = await stack.enter_async_context(
-                aioboto3.Session(region_name=region()).client("events", config=clients.config)
-            )
-            return LocalBuilds(
-                clients.s3,
-                root=self.settings.builds_dir,
-                timeout=self.settings.local_build_timeout,
-                task_group=background,
-                events=events,
-            )
+        if self.backend_factory is not None:
+            return await self.backend_factory(self.settings, clients, background, stack)
         return codebuild
 
     async def _watch_signals(self) -> None:

@@ -57,7 +57,7 @@ class BuildRequest:
             "COMMIT_ID": self.commit,
             name_variable: self.push.name,
             "REPOSITORY_NAME": self.push.repository,
-            # Correlates CodeBuild's state events with the ledger (service.outcomes).
+            # Correlates CodeBuild's state events with the ledger (service.build_state).
             "BRANCHBUILD_ARCHIVE": self.key,
         }
 

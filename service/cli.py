@@ -12,7 +12,6 @@ import sys
 import urllib.request
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
@@ -22,6 +21,7 @@ from .settings import load_settings
 
 if TYPE_CHECKING:
     from .admin.common import AwsClients
+    from .app import App
     from .settings import Settings
 
 EXIT_CODES = "exit codes: 0 ok, 1 a check or an operation failed, 2 bad configuration or usage"
@@ -120,12 +120,12 @@ def _parser() -> _Parser:
     test.add_argument("--region", help="default: AWS_REGION")
     test.add_argument("--tag", action="store_true", help="a tag push instead of a branch push")
 
-    builds = command(
-        "builds", "recent builds: of the local backend (BRANCHBUILD_LOCAL_BUILDS_DIR) or CodeBuild"
-    )
+    builds = command("builds", "the recent CodeBuild builds of one or more projects")
     builds.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
     builds.add_argument("--json", action="store_true", help="one JSON object per line")
-    builds.add_argument("--codebuild", action="store_true", help="list CodeBuild builds")
+    builds.add_argument(
+        "--codebuild", action="store_true", help="accepted for compatibility: always CodeBuild"
+    )
     builds.add_argument(
         "--project", action="append", default=[], metavar="P", help="CodeBuild project (repeatable)"
     )
@@ -134,22 +134,6 @@ def _parser() -> _Parser:
         metavar="B",
         help="the artifact bucket: stopped builds then show the newer commit that superseded them",
     )
-    builds.add_argument(
-        "--follow",
-        metavar="ID",
-        help="stream a local build's log until it ends (exit 0 if it passed)",
-    )
-    buildspec = command("buildspec", "buildspec tools for the local build backend")
-    buildspec_commands = buildspec.add_subparsers(
-        dest="buildspec_command", required=True, metavar="COMMAND"
-    )
-    buildspec_check = buildspec_commands.add_parser(
-        "check",
-        help="validate a buildspec without running it; print its plan or its problems",
-        description="validate a buildspec without running it; print its plan or its problems",
-        epilog="exit codes: 0 it would run locally, 1 it has errors, 2 it cannot be read",
-    )
-    buildspec_check.add_argument("file", metavar="FILE", type=Path)
     return parser
 
 
@@ -172,19 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "healthcheck":
         return _healthcheck(args.port, args.timeout)
     if command == "builds":
-        if args.codebuild or args.project:
-            if not args.project:
-                sys.stderr.write(
-                    "branchbuild builds: error: --codebuild needs at least one --project P "
-                    "(see branchbuild builds --help)\n"
-                )
-                return 2
-            return _admin("builds", partial(_codebuild_builds, args))
-        return _builds(args.limit, args.json, args.follow)
-    if command == "buildspec":
-        from .localdev.commands import check_file
-
-        return check_file(args.file)
+        if not args.project:
+            sys.stderr.write(
+                "branchbuild builds: error: needs at least one --project P (the local build "
+                "backend's builds: python -m localdev builds) (see branchbuild builds --help)\n"
+            )
+            return 2
+        return _admin("builds", partial(_codebuild_builds, args))
     if command == "dlq":
         command = f"dlq {args.dlq_command}"
         work = _dlq_list if args.dlq_command == "list" else _dlq_redrive
@@ -203,6 +181,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run() -> int:
     from .app import App
+
+    return serve(App)
+
+
+def serve(make_app: Callable[[Settings], App]) -> int:
+    """Run the service that ``make_app`` makes from the environment's settings until it stops.
+
+    Returns the exit code: 2 for a configuration error, 1 when it cannot start.
+    """
     from .logs import configure
     from .storage import return_freed_buffers_to_the_os
 
@@ -210,7 +197,7 @@ def _run() -> int:
         settings = load_settings()
         configure(settings.log_level, settings.log_format)
         return_freed_buffers_to_the_os()
-        anyio.run(App(settings).run)
+        anyio.run(make_app(settings).run)
     except ConfigurationError as exc:
         sys.stderr.write(f"branchbuild: configuration error: {exc}\n")
         return 2
@@ -232,20 +219,6 @@ def _healthcheck(port: int | None, timeout: float) -> int:
     except OSError as exc:
         sys.stderr.write(f"branchbuild: unhealthy: {exc}\n")
         return 1
-
-
-def _builds(limit: int, as_json: bool, follow: str | None) -> int:
-    from .localdev import commands
-    from .settings import load_local_settings
-
-    try:
-        root = load_local_settings().builds_dir
-    except ConfigurationError as exc:
-        sys.stderr.write(f"branchbuild: configuration error: {exc}\n")
-        return 2
-    if follow:
-        return commands.follow(root, follow)
-    return commands.builds(root, limit, as_json)
 
 
 # -- admin commands ---------------------------------------------------------------------------
@@ -432,7 +405,7 @@ async def _send_test_event(
 
 
 async def _codebuild_builds(args: argparse.Namespace, clients: AwsClients) -> int:
-    from .admin import builds as admin_builds
+    from .admin import build_history as admin_builds
 
     runs = await admin_builds.recent_builds(
         await clients.codebuild(), args.project, limit=args.limit

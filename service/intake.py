@@ -14,13 +14,13 @@ import logging
 import anyio
 import anyio.abc
 
+from .build_state import Outcomes
 from .decide import Skip, decide
 from .errors import BranchbuildError, MalformedEvent, PermanentError, Unexpected, unexpected
 from .events import OtherEvent, Push, parse_event
 from .health import Health
 from .metrics import Metrics
 from .outcome import Outcome
-from .outcomes import Outcomes
 from .pipelines import Pipelines
 from .queue import Leases, Message, Outgoing, Queue, consume
 from .settings import Settings

@@ -8,7 +8,7 @@ instances and redeliveries. Everything else reads and changes the ledger through
 
 * A job reads the entry before any work (a redelivery finds its build) and records the build
   it started (:meth:`Ledger.started`).
-* Build state events move it forward (``status``, times, logs: :mod:`service.outcomes`); a
+* Build state events move it forward (``status``, times, logs: :mod:`service.build_state`); a
   newer commit marks it ``superseded_by`` (:mod:`service.supersede`).
 
 Keys: :func:`archive_key` names a push's archive; :func:`branch_keys` matches every archive

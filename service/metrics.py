@@ -117,7 +117,7 @@ class Metrics:
             "Pushes with no event and no build, found by reconciliation and queued.",
             registry=r,
         )
-        # Build outcomes (service.outcomes, service.supersede, service.pullrequests).
+        # Build outcomes (service.build_state, service.supersede, service.pullrequests).
         self.build_results = Counter(
             "branchbuild_build_results",
             "Builds branchbuild started that finished, by final status (superseded: stopped "

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, Literal
 from botocore.exceptions import ClientError
 
 from .aws import AccountClients, error_code, naming, translated
+from .build_state import Change, duration
 from .builds import StartedBuild
 from .decide import check_account
 from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, check_ref_name, check_repository
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
-from .outcomes import Change, duration
 from .pipelines import Pipelines, Rule
 from .records import Document, Records
 from .settings import PullRequestFeedback, Settings
@@ -234,21 +234,12 @@ class PullRequests:
     async def _targets(self, client: CodeCommitClient, doc: Document) -> list[Target]:
         repository, ref, commit = str(doc["repository"]), str(doc["ref"]), str(doc["commit"])
         ids: list[str] = []
-        token = ""
-        while True:
-            with translated(f"list the pull requests of {repository}"):
-                if token:
-                    page = await client.list_pull_requests(
-                        repositoryName=repository, pullRequestStatus="OPEN", nextToken=token
-                    )
-                else:
-                    page = await client.list_pull_requests(
-                        repositoryName=repository, pullRequestStatus="OPEN"
-                    )
-            ids += page.get("pullRequestIds", [])
-            token = page.get("nextToken", "")
-            if not token:
-                break
+        pages = client.get_paginator("list_pull_requests").paginate(
+            repositoryName=repository, pullRequestStatus="OPEN"
+        )
+        with translated(f"list the pull requests of {repository}"):
+            async for page in pages:
+                ids += page.get("pullRequestIds", [])
         found: list[Target] = []
         for pull_request_id in ids:
             with translated(f"read pull request {pull_request_id}"):

@@ -47,13 +47,13 @@ from typing import Any
 import anyio
 
 from .aws import translated
+from .build_state import FINAL, Change
 from .builds import BuildRequest, StartedBuild
 from .errors import BranchbuildError, CapacityRefused, MalformedEvent, PermanentError, StorageError
 from .events import Push, parse_work
 from .intake import work_message
 from .metrics import Metrics
 from .outcome import Outcome
-from .outcomes import FINAL, Change
 from .pipelines import Pipelines, Rule
 from .queue import Message, Queue
 from .records import STATE_PREFIX, Document, Records

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from botocore.exceptions import ClientError
 
 from .aws import error_code, translated
+from .build_state import FINAL
 from .builds import StartedBuild
 from .errors import BuildError, PermanentError
 from .events import Push, RefType
 from .ledger import Entry, Ledger
 from .metrics import Metrics
-from .outcomes import FINAL
 from .pipelines import Pipelines, Rule
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -47,7 +47,7 @@ _ENDED_CODES = {"InvalidInputException", "ResourceNotFoundException"}
 
 @runtime_checkable
 class LocalStop(Protocol):
-    """A build backend that stops its own builds (``service.localdev.builder.LocalBuilds``)."""
+    """A build backend that stops its own builds (``localdev.builder.LocalBuilds``)."""
 
     async def stop(self, build_id: str) -> bool: ...
 

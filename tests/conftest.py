@@ -14,8 +14,8 @@ import aiohttp
 import anyio
 import pytest
 
+from localdev.githost import GitHost
 from service.events import RefChange
-from service.localdev.githost import GitHost
 from tests.helpers import (
     COLLECTED_MODULES,
     DESELECTED,

@@ -26,8 +26,8 @@ import anyio
 import anyio.abc
 from prometheus_client.parser import text_string_to_metric_families
 
+from localdev.githost import GitHost
 from service.events import Action, Push, RefChange, RefType, codecommit_event
-from service.localdev.githost import GitHost
 
 if TYPE_CHECKING:
     from types_aiobotocore_codebuild import CodeBuildClient

@@ -18,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.admin.builds import render, to_run, with_outcomes
+from service.admin.build_history import render, to_run, with_outcomes
 from service.builds import BuildRequest, StartedBuild
 from service.cli import main as cli_main
 from service.events import Push, RefChange, codecommit_event, parse_event
@@ -190,7 +190,10 @@ async def test_bad_usage_is_one_line_and_exit_2(tmp_path: Path) -> None:
     cases = {
         ("dlq", "redrive"): "one of the arguments --all --message-id is required",
         ("dlq", "list", "--limit", "0"): "must be at least 1",
-        ("builds", "--codebuild"): "--codebuild needs at least one --project P",
+        ("builds", "--codebuild"): "needs at least one --project P",
+        ("builds",): "needs at least one --project P (the local build backend's builds: "
+        "python -m localdev builds)",
+        ("buildspec", "check", "buildspec.yml"): "invalid choice: 'buildspec'",
         (
             "send-test-event",
             *("--repository", "shop", "--branch", "main", "--commit", "abc"),

@@ -1,7 +1,7 @@
 """StartBuild: parameters, idempotency token, and capacity refusals told apart from failures.
 
 The refusal tests use a stand-in client because moto never throttles StartBuild; the
-CodeBuild stand-in (service/localdev/codebuild.py, tests/test_scheduler.py) refuses as
+CodeBuild stand-in (localdev/codebuild.py, tests/test_scheduler.py) refuses as
 CodeBuild does, over HTTP.
 """
 

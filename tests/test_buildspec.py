@@ -9,8 +9,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.localdev.buildspec import Plan, check, parse_secret_ref
-from service.localdev.commands import describe
+from localdev.buildspec import Plan, check, parse_secret_ref
+from localdev.commands import describe
 
 CORPUS = Path(__file__).parent / "buildspecs"
 GOOD = sorted((CORPUS / "good").glob("*.yml"))

@@ -18,8 +18,8 @@ import anyio
 import asyncssh
 import pytest
 
+from localdev.githost import GitHost
 from service.events import RefChange, codecommit_event
-from service.localdev.githost import GitHost
 
 
 @dataclass

@@ -51,12 +51,12 @@ import anyio
 import pytest
 from policy_sentry.querying.actions import get_action_data, get_all_action_links
 
+from localdev.githost import codecommit_event
 from service.builds import project_name
 from service.cli import main as cli_main
 from service.errors import ConfigurationError
 from service.intake import work_message
 from service.ledger import archive_key as object_key
-from service.localdev.githost import codecommit_event
 from service.pipelines import parse_config
 from service.settings import load_settings
 from tests.cfn import ROOT, ParameterRefused, Stack, load

@@ -27,7 +27,7 @@ import aiohttp
 import anyio
 import pytest
 
-from service.localdev.githost import codecommit_event
+from localdev.githost import codecommit_event
 from tests.conftest import free_port
 from tests.helpers import ROOT, AwsResources, GitWorld, WorkCopy, create_project, wait_for
 
@@ -269,6 +269,29 @@ async def test_the_image_refuses_a_bad_configuration_with_one_line(
         "branchbuild: configuration error: BRANCHBUILD_CONCURRENCY: Input should be a valid "
         "integer, unable to parse string as an integer (got 'lots')"
     )
+
+
+_LIST_MODULES = """
+import pkgutil, service
+print(" ".join(sorted(m.name for m in pkgutil.iter_modules())))
+print(" ".join(sorted(m.name for m in pkgutil.walk_packages(service.__path__, "service."))))
+"""
+
+
+async def test_the_image_holds_the_service_and_no_development_code(image: str) -> None:
+    """The modules the image can import: the service's, and none of the development package
+    (the local stack, the stand-ins, the local build backend) or the test tools."""
+    listing = await podman(
+        "run", "--rm", "--network=host", "--entrypoint", "/opt/venv/bin/python", image,
+        "-c", _LIST_MODULES,
+    )  # fmt: skip
+    top_level, service_modules = (line.split() for line in listing.strip().splitlines())
+    assert "service" in top_level and "aioboto3" in top_level
+    assert {"localdev", "asyncssh", "moto", "pytest", "hypothesis", "tests"} & set(
+        top_level
+    ) == set()
+    assert "service.worker" in service_modules and "service.admin.dlq" in service_modules
+    assert [m for m in service_modules if "localdev" in m] == []
 
 
 async def test_the_image_pipeline_template_exports_the_repository_and_reads_only_its_source(

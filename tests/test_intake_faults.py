@@ -32,19 +32,19 @@ from botocore.exceptions import (
     ReadTimeoutError,
 )
 
+from localdev.codecommit import CodeCommitStandIn
 from service.aws import AccountClients, Clients
+from service.build_state import Outcomes
 from service.health import Health
 from service.intake import Intake
 from service.ledger import Entry, Ledger
-from service.localdev.codecommit import CodeCommitStandIn
 from service.metrics import Metrics
-from service.outcomes import Outcomes
 from service.pullrequests import FEEDBACK_SUFFIX, PullRequests
 from service.queue import Leases, Queue
 from service.records import Records
 from tests.helpers import AwsResources, event_for, wait_for
+from tests.test_build_state import build_state_event, send_build_event
 from tests.test_intake import counts
-from tests.test_outcomes import build_state_event, send_build_event
 from tests.test_worker import settings_for
 
 pytestmark = pytest.mark.e2e

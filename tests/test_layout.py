@@ -75,13 +75,13 @@ import importlib, pkgutil, sys
 
 def load(package):
     for module in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
-        if module.name not in ("service.localdev", "service.__main__"):
+        if module.name != "service.__main__":
             imported = importlib.import_module(module.name)
             if module.ispkg:
                 load(imported)
 
 load(importlib.import_module("service"))
-print(" ".join(sorted(m for m in sys.modules if m.startswith(("service.localdev", "asyncssh")))))
+print(" ".join(sorted(m for m in sys.modules if m.startswith(("localdev", "asyncssh")))))
 """
 
 

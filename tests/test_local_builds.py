@@ -1,4 +1,4 @@
-"""The local build backend (development only) and `branchbuild builds`, against moto's S3."""
+"""The local build backend (development only) and `python -m localdev builds`, against moto's S3."""
 
 from __future__ import annotations
 
@@ -16,16 +16,12 @@ import aioboto3
 import anyio
 import pytest
 
+from localdev.build_records import BuildRecord, list_builds
+from localdev.builder import LocalBuilds
+from localdev.workspace import read_buildspec, unpack
 from service.builds import BuildRequest
 from service.errors import PermanentError
 from service.events import Action, Push, RefType
-from service.localdev.builder import (
-    BuildRecord,
-    LocalBuilds,
-    list_builds,
-    read_buildspec,
-    unpack,
-)
 from tests.helpers import AwsResources, wait_for
 
 COMMIT = "c" * 40
@@ -171,7 +167,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
         (folder / "build.json").write_text(json.dumps(record.__dict__))
     env = {"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
     result = subprocess.run(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         capture_output=True,
         text=True,
         env=env,
@@ -194,7 +190,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
         and str(tmp_path / "b0" / "build.log") in lines[2]
     )
     as_json = subprocess.run(
-        [sys.executable, "-m", "service", "builds", "--json", "--limit", "1"],
+        [sys.executable, "-m", "localdev", "builds", "--json", "--limit", "1"],
         capture_output=True,
         text=True,
         env=env,
@@ -202,7 +198,7 @@ def test_builds_command_lists_recent_builds(tmp_path: Path) -> None:
     )
     assert [json.loads(line)["id"] for line in as_json.stdout.splitlines()] == ["shop:1"]
     empty = subprocess.run(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         capture_output=True,
         text=True,
         check=True,
@@ -446,7 +442,7 @@ async def test_builds_follow_streams_the_log_and_check_validates(tmp_path: Path)
     (folder / "build.json").write_text(json.dumps(asdict(record)))
     (folder / "build.log").write_text("line one\n")
     env = {"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"}
-    command = [sys.executable, "-m", "service", "builds", "--follow", "1234abcd"]
+    command = [sys.executable, "-m", "localdev", "builds", "--follow", "1234abcd"]
     proc = await anyio.open_process(command, env=env)
     assert proc.stdout is not None
     seen = b""
@@ -472,7 +468,7 @@ def test_buildspec_check_command(tmp_path: Path) -> None:
         "  build:\n    commands:\n      - false\n    finaly: [echo x]\n"
     )
     result = subprocess.run(
-        [sys.executable, "-m", "service", "buildspec", "check", str(good)],
+        [sys.executable, "-m", "localdev", "buildspec", "check", str(good)],
         capture_output=True,
         text=True,
         check=False,
@@ -485,7 +481,7 @@ def test_buildspec_check_command(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yml"
     bad.write_text("version: 0.2\nphases:\n  build:\n    commands: {a: b}\n    on-failure: STOP\n")
     result = subprocess.run(
-        [sys.executable, "-m", "service", "buildspec", "check", str(bad)],
+        [sys.executable, "-m", "localdev", "buildspec", "check", str(bad)],
         capture_output=True,
         text=True,
         check=False,
@@ -523,7 +519,7 @@ def test_production_code_imports_nothing_from_localdev() -> None:
     """The local backend is imported only when BRANCHBUILD_BUILD_BACKEND=local."""
     probe = (
         "import sys, service.app, service.cli, service.worker\n"
-        "loaded = sorted(m for m in sys.modules if m.startswith('service.localdev'))\n"
+        "loaded = sorted(m for m in sys.modules if m.startswith('localdev'))\n"
         "print(loaded)\n"
     )
     result = subprocess.run(
@@ -534,14 +530,14 @@ def test_production_code_imports_nothing_from_localdev() -> None:
 
 def test_builds_follow_an_unknown_build(tmp_path: Path) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "builds", "--follow", "nope"],
+        [sys.executable, "-m", "localdev", "builds", "--follow", "nope"],
         capture_output=True,
         text=True,
         env={"BRANCHBUILD_LOCAL_BUILDS_DIR": str(tmp_path), "PATH": "/usr/bin:/bin"},
         check=False,
     )
     assert result.returncode == 2
-    assert result.stderr == f"branchbuild builds: no single build matches 'nope' in {tmp_path}\n"
+    assert result.stderr == f"localdev builds: no single build matches 'nope' in {tmp_path}\n"
 
 
 async def test_stop_kills_the_process_group_and_the_states_reach_eventbridge(
@@ -549,8 +545,8 @@ async def test_stop_kills_the_process_group_and_the_states_reach_eventbridge(
 ) -> None:
     """StopBuild's stand-in: the build's processes (a background child too) are killed, the
     build is STOPPED, and its IN_PROGRESS and STOPPED events go to the default bus, shaped
-    as service.outcomes parses CodeBuild's (routed by a rule like the BuildStateRule)."""
-    from service.outcomes import BuildState, parse_build_state
+    as service.build_state parses CodeBuild's (routed by a rule like the BuildStateRule)."""
+    from service.build_state import BuildState, parse_build_state
 
     pids = tmp_path / "pids"
     spec = (

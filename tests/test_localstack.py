@@ -24,8 +24,10 @@ import aioboto3
 import anyio
 import pytest
 
-from service.localdev.builder import BuildRecord, list_builds
-from service.localdev.run import LOCALSTACK_PYTHON, Options, deploy, localstack_env
+from localdev.build_records import BuildRecord, list_builds
+from localdev.deploy import deploy
+from localdev.options import Options
+from localdev.processes import LOCALSTACK_PYTHON, localstack_env
 from tests.conftest import free_port
 from tests.helpers import (
     ROOT,
@@ -82,7 +84,7 @@ def runner(state: Path, *extra: str, http_port: int | None = None) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "service.localdev.run",
+        "localdev.run",
         "--state",
         str(state),
         "--git-port",
@@ -263,8 +265,8 @@ async def test_deployed_rules_route_build_states_and_pull_requests_to_their_own_
     localstack_endpoint: str, deployed: dict[str, str]
 ) -> None:
     """The BuildStateRule (a pattern inside an array of objects) and the PullRequestRule."""
-    from service.localdev.run import ACCOUNT
-    from tests.test_outcomes import build_state_event
+    from localdev.options import ACCOUNT
+    from tests.test_build_state import build_state_event
 
     now = datetime.now(UTC)
     foreign = build_state_event("shop:" + "f" * 36, "FAILED", archive=None, at=now)
@@ -488,7 +490,7 @@ async def test_make_run_builds_like_codebuild(localstack_endpoint: str, tmp_path
     assert "cache: miss" in log
     assert "cache: hit feature/e2e-one" in await anyio.Path(second.log).read_text()
     listing = await anyio.run_process(
-        [sys.executable, "-m", "service", "builds"],
+        [sys.executable, "-m", "localdev", "builds"],
         env=demo_env(BRANCHBUILD_LOCAL_BUILDS_DIR=str(state / "builds")),
         cwd=ROOT,
     )
@@ -535,7 +537,7 @@ async def test_make_run_stops_a_superseded_build_and_leaves_results_on_the_pull_
         await wait_for(printed, within=120, what="the banner")
         banner = out.read_text()
         assert f"pull requests     {endpoint}" in banner
-        assert f"-m service.localdev.codecommit --endpoint {endpoint} create-pr" in banner
+        assert f"-m localdev.codecommit --endpoint {endpoint} create-pr" in banner
         work = tmp_path / "work"
         work.mkdir()
         keys = state / "keys"
@@ -557,7 +559,7 @@ async def test_make_run_stops_a_superseded_build_and_leaves_results_on_the_pull_
             return result.stdout.decode().strip()
 
         async def pull_request(*args: str) -> str:
-            helper = [sys.executable, "-m", "service.localdev.codecommit", "--endpoint", endpoint]
+            helper = [sys.executable, "-m", "localdev.codecommit", "--endpoint", endpoint]
             result = await anyio.run_process([*helper, *args], env=env, cwd=ROOT)
             return result.stdout.decode()
 

@@ -182,8 +182,8 @@ def test_an_s3_location_needs_a_key() -> None:
         settings(config="s3://bucket-only")
 
 
-def test_the_readme_shows_the_shipped_example() -> None:
-    assert EXAMPLE.read_text() in (ROOT / "README.md").read_text()
+def test_the_manual_shows_the_shipped_example() -> None:
+    assert EXAMPLE.read_text() in (ROOT / "docs" / "configuration.md").read_text()
 
 
 def test_a_deletion_is_queued_for_clean_up_only_under_on_delete() -> None:

@@ -18,10 +18,10 @@ import aioboto3
 import aiohttp
 import pytest
 
-from service.localdev.codecommit import CodeCommitStandIn, git_resolver
-from service.localdev.githost import codecommit_event
+from localdev.codecommit import CodeCommitStandIn, git_resolver
+from localdev.githost import codecommit_event
 from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, create_project, wait_for
-from tests.test_outcomes import build_state_event, counted, ledger, send_build_event, stop_builds
+from tests.test_build_state import build_state_event, counted, ledger, send_build_event, stop_builds
 
 if TYPE_CHECKING:
     from types_aiobotocore_codecommit import CodeCommitClient

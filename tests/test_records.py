@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import anyio
 
+from service.build_state import BuildState, advance
 from service.ledger import Entry
-from service.outcomes import BuildState, advance
 from service.records import Conflict, Document, Records
 from tests.helpers import AwsResources
 

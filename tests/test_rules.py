@@ -17,7 +17,7 @@ from typing import Any
 import anyio
 import pytest
 
-from service.localdev.githost import RefChange, codecommit_event
+from localdev.githost import RefChange, codecommit_event
 from service.reconcile import Lease
 from service.records import Records
 from tests.helpers import (

@@ -1,5 +1,5 @@
 """Capacity scheduling end to end: the service as real processes, moto's SQS and S3, the real
-git host, and the CodeBuild stand-in (service/localdev/codebuild.py) that runs out of capacity
+git host, and the CodeBuild stand-in (localdev/codebuild.py) that runs out of capacity
 as CodeBuild does: a concurrency quota, a queue of 5× the quota, then
 ``AccountLimitExceededException``; its builds end when the test says so, and their state
 events go to the intake queue as EventBridge would put them.
@@ -18,14 +18,14 @@ from typing import Any
 import anyio
 import pytest
 
+from localdev.codebuild import CodeBuildStandIn
+from service.build_state import Change
 from service.builds import BuildRequest, StartedBuild
 from service.errors import ConfigurationError
 from service.events import Action, codecommit_event, parse_work
 from service.ledger import Entry
-from service.localdev.codebuild import CodeBuildStandIn
 from service.metrics import Metrics
 from service.outcome import Outcome
-from service.outcomes import Change
 from service.pipelines import Pipelines, Rule, parse_config
 from service.queue import Queue
 from service.records import Records

@@ -104,6 +104,25 @@ def test_missing_ssh_key_fails_at_start(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "BRANCHBUILD_SSH_KEY_FILE" in result.stderr
 
 
+def test_production_cannot_select_the_local_build_backend(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The backend that runs a repository's buildspec on the host is not in the service: asking
+    for it stops the production command at start-up with the reason."""
+    for k, v in REQUIRED.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("BRANCHBUILD_BUILD_BACKEND", "local")
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "run"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        "branchbuild: configuration error: BRANCHBUILD_BUILD_BACKEND=local is for development "
+        "only (it runs the repository's buildspec commands on this host), and this service has "
+        "no such backend: `python -m localdev.service` runs the service with it\n"
+    )
+
+
 def test_an_empty_variable_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
     for k, v in REQUIRED.items():
         monkeypatch.setenv(k, v)

@@ -2,4 +2,4 @@
 ``check`` (the preflight), ``builds`` (CodeBuild runs), ``dlq`` (list and redrive dead letters)
 and ``events`` (replay an event, send a test event); ``common`` holds what they share."""
 
-__all__ = ["builds", "check", "common", "dlq", "events", "status"]
+__all__ = ["build_history", "check", "common", "dlq", "events", "status"]

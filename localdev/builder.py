@@ -7,11 +7,11 @@ blocks, ``on-failure``, CodeBuild's phase transitions, one shell state for the w
 (0.2), ``env`` variables with ``parameter-store`` and ``secrets-manager`` read from the AWS
 endpoint the service uses (LocalStack under ``make run``), then artifacts, reports and the
 cache. Every build keeps its log and a ``build.json`` record under
-``BRANCHBUILD_LOCAL_BUILDS_DIR``; ``branchbuild builds`` lists them.
+``BRANCHBUILD_LOCAL_BUILDS_DIR``; ``python -m localdev builds`` lists them.
 
 Like CodeBuild, it reports each build's state as a ``CodeBuild Build State Change`` event on
 the default EventBridge bus (``IN_PROGRESS`` when it starts, the final state when it ends),
-where the pipeline's ``BuildStateRule`` routes it to the intake queue (service.outcomes), and
+where the pipeline's ``BuildStateRule`` routes it to the intake queue (service.build_state), and
 it can stop a running build (:meth:`LocalBuilds.stop`, StopBuild's stand-in).
 """
 
@@ -25,30 +25,37 @@ import re
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import tempfile
 import time
 import uuid
-import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from string import Template
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
-import aiofiles
 import anyio
 import anyio.abc
 from botocore.exceptions import BotoCoreError, ClientError
 
-from ..aws import region
-from ..builds import BuildRequest, StartedBuild
-from ..errors import PermanentError
-from .buildspec import PHASES, FileSet, Phase, Plan, check, parse_secret_ref
+from service.aws import region
+from service.builds import BuildRequest, StartedBuild
+from service.errors import PermanentError
+
+from .build_records import (
+    BuildRecord,
+    PhaseResult,
+    append_log,
+    save_record,
+)
+from .buildspec import PHASES, FileSet, Phase, Plan
 from .outputs import collect, restore_cache, save_cache
+from .secrets import read_secret
+from .state_events import state_event
+from .workspace import chown_tree, read_buildspec, safe_name, unpack
 
 if TYPE_CHECKING:
     from types_aiobotocore_events import EventBridgeClient
@@ -56,59 +63,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("branchbuild.local_builds")
 
-RECORD = "build.json"
 MASK = "***"
 LONGEST_LINE = 64 * 1024  # bytes of output kept waiting for a newline before being written
-
-
-class BuildspecError(PermanentError):
-    """The buildspec cannot run: missing, not YAML, or with errors (each with its line)."""
-
-
-@dataclass(frozen=True)
-class PhaseResult:
-    """One phase of a build as ``branchbuild builds`` shows it (CodeBuild's phase names)."""
-
-    name: str
-    status: str  # IN_PROGRESS, SUCCEEDED, FAILED, SKIPPED, TIMED_OUT, STOPPED
-    started_at: str | None = None
-    duration: float | None = None
-    message: str | None = None
-
-
-@dataclass(frozen=True)
-class BuildRecord:
-    """One local build, as stored in ``<builds dir>/<folder>/build.json``."""
-
-    id: str
-    project: str
-    repository: str
-    ref: str
-    branch: str
-    commit: str
-    source: str
-    status: str  # IN_PROGRESS, SUCCEEDED, FAILED, TIMED_OUT, STOPPED
-    started_at: str
-    log: str
-    ended_at: str | None = None
-    duration: float | None = None
-    phase: str | None = None
-    message: str | None = None
-    number: int | None = None
-    phases: tuple[PhaseResult, ...] = ()
-    exported: Mapping[str, str] = field(default_factory=dict)
-    artifacts: Mapping[str, list[str]] = field(default_factory=dict)
-    reports: Mapping[str, list[str]] = field(default_factory=dict)
-    warnings: tuple[str, ...] = ()
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> BuildRecord:
-        """Raises TypeError or ValueError when ``data`` is no build record."""
-        known = {f.name for f in fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        data["phases"] = tuple(PhaseResult(**p) for p in data.get("phases") or ())
-        data["warnings"] = tuple(data.get("warnings") or ())
-        return cls(**data)
 
 
 class LocalBuilds:
@@ -188,7 +144,7 @@ class LocalBuilds:
             log=str(folder / "build.log"),
             number=await self._next_number(request.project),
         )
-        await save(folder, record)
+        await save_record(folder, record)
         await anyio.Path(record.log).touch()
         build = _Build(self, request, folder, record)
         self.running[build_id] = build
@@ -228,7 +184,7 @@ class _Build:
 
     async def _update(self, **changes: Any) -> None:
         self.record = replace(self.record, **changes)
-        await save(self.folder, self.record)
+        await save_record(self.folder, self.record)
 
     async def _phase(self, name: str, status: str, **extra: Any) -> None:
         phases = [p for p in self.record.phases if p.name != name]
@@ -253,7 +209,7 @@ class _Build:
         )
 
     async def say(self, text: str) -> None:
-        await _append(Path(self.record.log), self.mask(f"[branchbuild] {text}\n"))
+        await append_log(Path(self.record.log), self.mask(f"[branchbuild] {text}\n"))
 
     def mask(self, text: str) -> str:
         for secret in self.secrets:
@@ -389,7 +345,7 @@ class _Build:
 
     async def _download(self, target: Path) -> None:
         reply = await self.backend.s3.get_object(Bucket=self.request.bucket, Key=self.request.key)
-        async with aiofiles.open(target, "wb") as out:
+        async with await anyio.open_file(target, "wb") as out:
             async for chunk in reply["Body"].iter_chunks(1024 * 1024):
                 await out.write(chunk)
 
@@ -414,7 +370,7 @@ class _Build:
                         reply = await ssm.get_parameter(Name=variable.value, WithDecryption=True)
                         value = reply["Parameter"].get("Value", "")
                     else:
-                        value = await _secret(secrets, variable.value)
+                        value = await read_secret(secrets, variable.value)
                 except (ClientError, BotoCoreError) as exc:
                     raise PermanentError(
                         f"{where}: cannot read {variable.value!r}: {exc}"
@@ -454,7 +410,7 @@ class _Build:
         if (uid, gid) == self.owner:
             return
         for path in (self.source, self.home, self.state):
-            await anyio.to_thread.run_sync(_chown_tree, path, uid, gid)
+            await anyio.to_thread.run_sync(chown_tree, path, uid, gid)
         self.owner = (uid, gid)
 
     async def _run_phase(self, plan: Plan, name: str) -> bool:
@@ -598,7 +554,7 @@ class _Build:
                 await self.say(f"artifacts {key}: {len(files)} file(s) in {target}")
         reports: dict[str, list[str]] = {}
         for group in plan.reports:
-            target = self.folder / "reports" / _safe(group.id or "report")
+            target = self.folder / "reports" / safe_name(group.id or "report")
             reports[group.id or "report"] = await anyio.to_thread.run_sync(
                 collect, group, self.source, target
             )
@@ -639,91 +595,9 @@ class _Build:
         return (
             self.backend.root
             / ".cache"
-            / _safe(self.record.project)
-            / _safe(plan.cache.key or "default")
+            / safe_name(self.record.project)
+            / safe_name(plan.cache.key or "default")
         )
-
-
-def _codebuild_time(iso_time: str | None) -> str | None:
-    """CodeBuild's event time format, e.g. ``Sep 1, 2017 4:12:29 PM`` (UTC)."""
-    if not iso_time:
-        return None
-    return datetime.fromisoformat(iso_time).astimezone(UTC).strftime("%b %d, %Y %I:%M:%S %p")
-
-
-def state_event(request: BuildRequest, record: BuildRecord) -> dict[str, Any]:
-    """The ``CodeBuild Build State Change`` event CodeBuild would put for ``record`` (the
-    fields of AWS's sample event; the logs link is the local log as a ``file://`` URL)."""
-    push = request.push
-    arn = f"arn:aws:codebuild:{push.region}:{push.account}:build/{record.id}"
-    final = record.status != "IN_PROGRESS"
-    phases = [
-        {
-            "phase-type": p.name,
-            "phase-status": p.status,
-            "phase-context": [p.message] if p.message else [],
-            **({"start-time": _codebuild_time(p.started_at)} if p.started_at else {}),
-            **({"duration-in-seconds": round(p.duration)} if p.duration is not None else {}),
-        }
-        for p in record.phases
-    ]
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": "CodeBuild Build State Change",
-        "source": "aws.codebuild",
-        "account": push.account,
-        "time": (record.ended_at or record.started_at),
-        "region": push.region,
-        "resources": [arn],
-        "detail": {
-            "build-status": record.status,
-            "project-name": record.project,
-            "build-id": arn,
-            "additional-information": {
-                "environment": {
-                    "image": "branchbuild-local",
-                    "type": "LOCAL",
-                    "environment-variables": [
-                        {"name": name, "value": value, "type": "PLAINTEXT"}
-                        for name, value in request.environment.items()
-                    ],
-                },
-                "build-complete": final,
-                "initiator": "branchbuild",
-                "build-start-time": _codebuild_time(record.started_at),
-                "source": {"type": "S3", "location": f"{request.bucket}/{request.key}"},
-                "source-version": request.commit,
-                "logs": {"deep-link": Path(record.log).as_uri()},
-                "phases": phases,
-            },
-            "current-phase": "COMPLETED"
-            if final
-            else (record.phases[-1].name if record.phases else "SUBMITTED"),
-            "current-phase-context": "[]",
-            "version": "1",
-        },
-    }
-
-
-async def _secret(client: Any, reference: str) -> str:
-    ref = parse_secret_ref(reference)
-    arguments = {"SecretId": ref.secret_id}
-    if ref.version_stage:
-        arguments["VersionStage"] = ref.version_stage
-    if ref.version_id:
-        arguments["VersionId"] = ref.version_id
-    reply = await client.get_secret_value(**arguments)
-    text = reply.get("SecretString")
-    if text is None:
-        raise PermanentError(f"secret {ref.secret_id!r} holds binary data, not text")
-    if not ref.json_key:
-        return str(text)
-    try:
-        value = json.loads(text)[ref.json_key]
-    except (ValueError, TypeError, KeyError):
-        raise PermanentError(f"secret {ref.secret_id!r} has no JSON key {ref.json_key!r}") from None
-    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _wrapper(shell: str, state: Path, *, one_shell: bool, save: bool = True) -> str:
@@ -781,103 +655,8 @@ def _expand(files: FileSet, env: Mapping[str, str], source: Path) -> FileSet:
 
 def _folder_name(artifact: FileSet) -> str:
     if artifact.id:
-        return _safe(artifact.id)
-    return _safe(artifact.name) if artifact.name else "primary"
+        return safe_name(artifact.id)
+    return safe_name(artifact.name) if artifact.name else "primary"
 
 
-def _safe(name: str) -> str:
-    cleaned = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in name).strip(".")
-    return cleaned or "_"
-
-
-def _chown_tree(path: Path, uid: int, gid: int) -> None:
-    os.chown(path, uid, gid)
-    for parent, dirs, files in os.walk(path):
-        for name in dirs + files:
-            os.chown(os.path.join(parent, name), uid, gid, follow_symlinks=False)
-
-
-def unpack(archive: Path, target: Path) -> None:
-    """Unpack a zip keeping symlinks as symlinks; refuse anything that would land outside.
-
-    Raises:
-        PermanentError: the archive has a path escaping ``target``.
-    """
-    target.mkdir(parents=True)
-    root = target.resolve()
-    with zipfile.ZipFile(archive) as z:
-        for info in z.infolist():
-            path = root / info.filename
-            parent = path.parent.resolve()
-            if parent != root and root not in parent.parents or ".." in Path(info.filename).parts:
-                raise PermanentError(f"archive entry {info.filename!r} escapes the build directory")
-            mode = info.external_attr >> 16
-            if info.is_dir():
-                path.mkdir(parents=True, exist_ok=True)
-            elif stat.S_ISLNK(mode):
-                path.parent.mkdir(parents=True, exist_ok=True)
-                os.symlink(z.read(info).decode(), path)
-            else:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as src, path.open("wb") as dst:
-                    shutil.copyfileobj(src, dst)
-                path.chmod((mode & 0o777) or 0o644)
-
-
-def read_buildspec(source: Path) -> Plan:
-    """Read ``buildspec.yml`` (or ``.yaml``) at the top of the source into a plan.
-
-    Raises:
-        BuildspecError: missing, or with errors (all of them in the message, with lines).
-    """
-    for name in ("buildspec.yml", "buildspec.yaml"):
-        path = source / name
-        if path.is_file() and not path.is_symlink():
-            try:
-                text = path.read_text()
-            except UnicodeDecodeError:
-                raise BuildspecError(f"{name} is not UTF-8 text") from None
-            plan, problems = check(text)
-            if plan is None:
-                errors = [str(p) for p in problems if p.severity == "error"]
-                raise BuildspecError(f"{name}: " + "; ".join(errors))
-            return plan
-    raise BuildspecError("the repository has no buildspec.yml")
-
-
-async def save(folder: Path, record: BuildRecord) -> None:
-    temporary = folder / (RECORD + ".tmp")
-    async with aiofiles.open(temporary, "w") as out:
-        await out.write(json.dumps(asdict(record), indent=2))
-    await anyio.Path(temporary).replace(folder / RECORD)
-
-
-async def _append(path: Path, text: str) -> None:
-    async with aiofiles.open(path, "a") as out:
-        await out.write(text)
-
-
-def list_builds(root: Path, limit: int = 20) -> list[BuildRecord]:
-    """The most recent local builds, newest first (for ``branchbuild builds``)."""
-    records = []
-    for path in root.glob(f"*/{RECORD}"):
-        try:
-            records.append(BuildRecord.from_json(json.loads(path.read_text())))
-        except (ValueError, TypeError, OSError):
-            continue
-    records.sort(key=lambda r: r.started_at, reverse=True)
-    return records[:limit]
-
-
-def find_build(root: Path, wanted: str) -> BuildRecord | None:
-    """A build by its id, the id without the project, or a unique prefix of either."""
-    matches = [
-        r
-        for r in list_builds(root, limit=10**6)
-        if r.id == wanted or r.id.split(":", 1)[-1].startswith(wanted) or r.id.startswith(wanted)
-    ]
-    exact = [r for r in matches if r.id == wanted]
-    return (exact or matches)[0] if len(exact or matches) == 1 else None
-
-
-__all__ = ["BuildRecord", "LocalBuilds", "PhaseResult", "list_builds", "state_event"]
+__all__ = ["LocalBuilds"]

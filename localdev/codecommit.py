@@ -505,9 +505,9 @@ def describe(view: PullRequestView) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m service.localdev.codecommit``: open or show a pull request on the stand-in."""
+    """``python -m localdev.codecommit``: open or show a pull request on the stand-in."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.localdev.codecommit",
+        prog="python -m localdev.codecommit",
         description="Pull requests on make run's CodeCommit stand-in.",
     )
     parser.add_argument("--endpoint", required=True, help="the stand-in (make run prints it)")

@@ -63,21 +63,14 @@ async def recent_builds(
 
 async def _build_ids(codebuild: CodeBuildClient, project: str, limit: int) -> list[str]:
     ids: list[str] = []
-    token: str | None = None
-    while len(ids) < limit:
-        with translated(f"list the builds of project {project}"):
-            if token:
-                reply = await codebuild.list_builds_for_project(
-                    projectName=project, sortOrder="DESCENDING", nextToken=token
-                )
-            else:
-                reply = await codebuild.list_builds_for_project(
-                    projectName=project, sortOrder="DESCENDING"
-                )
-        ids += reply.get("ids", [])
-        token = reply.get("nextToken")
-        if not token:
-            break
+    pages = codebuild.get_paginator("list_builds_for_project").paginate(
+        projectName=project, sortOrder="DESCENDING"
+    )
+    with translated(f"list the builds of project {project}"):
+        async for page in pages:
+            ids += page.get("ids", [])
+            if len(ids) >= limit:
+                break
     return ids[:limit]
 
 

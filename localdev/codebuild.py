@@ -3,7 +3,7 @@
 moto starts every build at once and never refuses one; CodeBuild does not. This HTTP server
 speaks CodeBuild's JSON protocol (``X-Amz-Target: CodeBuild_20161006.<Op>``) for StartBuild,
 BatchGetBuilds and StopBuild, every request validated against botocore's model of CodeBuild
-(:mod:`service.localdev.awsjson`), and enforces:
+(:mod:`localdev.awsjson`), and enforces:
 
 * a **concurrency quota** (``quota`` builds run at once, account-wide); builds beyond it wait in
   CodeBuild's queue (``IN_PROGRESS``, phase ``QUEUED``), which holds at most ``queue_factor`` ×

@@ -5,7 +5,7 @@ Repository ``<name>`` is the bare repository ``<root>/v1/repos/<name>.git``, rea
 receive-pack are served, by real ``git`` processes started without a shell. After a push,
 ``on_change`` is awaited for each branch or tag it created, moved or deleted *before* the exit
 status is sent, so the callbacks have run when ``git push`` returns.
-Run ``python -m service.localdev.githost --help`` to serve until SIGINT/SIGTERM.
+Run ``python -m localdev.githost --help`` to serve until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import anyio
 import asyncssh
 from anyio.abc import ByteReceiveStream, Process
 
-from ..events import RefChange, codecommit_event
+from service.events import RefChange, codecommit_event
 
 __all__ = ["GitHost", "RefChange", "codecommit_event", "main"]
 
@@ -442,7 +442,7 @@ async def _serve_until_signalled(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     """Serve the repositories under --root until SIGINT or SIGTERM."""
     parser = argparse.ArgumentParser(
-        prog="python -m service.localdev.githost",
+        prog="python -m localdev.githost",
         description="Local SSH git host with CodeCommit paths.",
     )
     parser.add_argument("--root", type=Path, required=True, help="holds v1/repos/<name>.git")

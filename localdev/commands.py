@@ -1,4 +1,4 @@
-"""``branchbuild builds`` (local), ``builds --follow ID`` and ``buildspec check FILE``."""
+"""``python -m localdev builds``, ``builds --follow ID`` and ``buildspec check FILE``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
-from .builder import BuildRecord, find_build, list_builds
+from .build_records import BuildRecord, find_build, list_builds
 from .buildspec import FileSet, Plan, check
 
 FOLLOW_POLL = 0.2  # seconds between looks at a running build's log
@@ -21,7 +21,7 @@ def _duration(seconds: float | None) -> str:
 
 def render_builds(records: Sequence[BuildRecord]) -> str:
     """The builds, newest first, each followed by its phases (status and duration)."""
-    from ..admin.common import table as make_table
+    from service.admin.common import table as make_table
 
     rows = [("STARTED", "REPOSITORY", "BRANCH", "COMMIT", "STATUS", "DURATION", "LOG")]
     for r in records:
@@ -58,7 +58,7 @@ def follow(root: Path, wanted: str, *, within: float | None = None) -> int:
     """Stream a build's log until the build ends; exit 0 if it SUCCEEDED, 1 otherwise."""
     record = find_build(root, wanted)
     if record is None:
-        sys.stderr.write(f"branchbuild builds: no single build matches {wanted!r} in {root}\n")
+        sys.stderr.write(f"localdev builds: no single build matches {wanted!r} in {root}\n")
         return 2
     folder = Path(record.log).parent
     position = 0
@@ -100,7 +100,7 @@ def check_file(path: Path) -> int:
     try:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
-        sys.stderr.write(f"branchbuild buildspec check: cannot read {path}: {exc}\n")
+        sys.stderr.write(f"localdev buildspec check: cannot read {path}: {exc}\n")
         return 2
     plan, problems = check(text)
     for problem in problems:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from service.localdev.githost import codecommit_event
+from localdev.githost import codecommit_event
 from tests.helpers import (
     AwsResources,
     GitWorld,

@@ -32,7 +32,7 @@ class StandInError(Exception):
 
 def validate(operation: str, params: Any, *, service: str = "codecommit") -> None:
     """Check a request against botocore's model of ``service`` (CodeCommit here, CodeBuild in
-    :mod:`service.localdev.codebuild`), as the real service would.
+    :mod:`localdev.codebuild`), as the real service would.
 
     Raises:
         StandInError: unknown operation, or parameters the model does not allow.

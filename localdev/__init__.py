@@ -3,16 +3,16 @@
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.localdev.githost import GitHost, RefChange, codecommit_event
+    from localdev.githost import GitHost, RefChange, codecommit_event
 
 __all__ = ["GitHost", "RefChange", "codecommit_event"]
 
 
 def __getattr__(name: str) -> Any:
-    # Imported lazily so that `python -m service.localdev.githost` does not import the module
+    # Imported lazily so that `python -m localdev.githost` does not import the module
     # twice (runpy warns when the package has already imported the module it is asked to run).
     if name in __all__:
-        from service.localdev import githost
+        from localdev import githost
 
         return getattr(githost, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

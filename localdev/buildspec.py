@@ -4,7 +4,7 @@ Every command is the text the file holds: the YAML is composed into nodes and ne
 constructed, so ``- false`` stays ``false`` and ``- 1.10`` stays ``1.10`` (YAML 1.1 would make
 them a boolean and the float 1.1). Every problem names its line; unknown keys are warnings
 (CodeBuild adds keys over time), wrong shapes are errors. ``check`` never raises: the local
-backend and ``branchbuild buildspec check`` share it.
+backend and ``python -m localdev buildspec check`` share it.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import yaml
+
+from service.errors import PermanentError
 
 PHASES = ("install", "pre_build", "build", "post_build")
 SHELLS = ("bash", "/bin/sh", "sh")
@@ -601,3 +603,7 @@ def check(text: str) -> tuple[Plan | None, tuple[Problem, ...]]:
     if plan is None or any(p.severity == "error" for p in problems):
         return None, problems
     return _replace(plan, problems=problems), problems
+
+
+class BuildspecError(PermanentError):
+    """The buildspec cannot run: missing, not YAML, or with errors (each with its line)."""

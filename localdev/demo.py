@@ -1,0 +1,246 @@
+"""``make demo``: pushes whose outcomes are known, checked against what branchbuild did."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import anyio
+import anyio.abc
+from prometheus_client.parser import text_string_to_metric_families
+
+from .codecommit import create_pull_request, describe, view_pull_request
+
+if TYPE_CHECKING:
+    pass
+
+from .options import Keys, Options
+
+log = logging.getLogger("branchbuild.localdev")
+
+
+# -- demo -------------------------------------------------------------------------------------
+
+PASSING = """version: 0.2
+phases:
+  build:
+    commands:
+      - echo building $BRANCH_NAME at $COMMIT_ID
+      - test -f app.txt
+"""
+FAILING = """version: 0.2
+phases:
+  build:
+    commands:
+      - echo this build fails
+      - exit 3
+"""
+# As long as seconds.txt says: the first push's build is still running when the second's starts.
+SLOW = """version: 0.2
+phases:
+  build:
+    commands:
+      - echo building $BRANCH_NAME at $COMMIT_ID for $(cat seconds.txt) s
+      - sleep $(cat seconds.txt)
+"""
+
+
+async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
+    """Push four things, then a pull request's branch twice, wait for their outcomes, print a
+    table and what branchbuild left on the pull request; True if all are as expected."""
+    from localdev.build_records import list_builds
+
+    work = options.state / "demo-work" / uuid.uuid4().hex[:8]
+    work.mkdir(parents=True)
+    repo = options.repositories[0]
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(work),
+        "GIT_CONFIG_NOSYSTEM": "1",
+        "GIT_SSH_COMMAND": keys.git_ssh_command(),
+        "GIT_AUTHOR_NAME": "demo",
+        "GIT_AUTHOR_EMAIL": "demo@example.com",
+        "GIT_COMMITTER_NAME": "demo",
+        "GIT_COMMITTER_EMAIL": "demo@example.com",
+    }
+
+    async def git(*args: str) -> str:
+        result = await anyio.run_process(["git", *args], cwd=work, env=env)
+        return result.stdout.decode().strip()
+
+    stamp = str(time.time_ns())
+    baseline = await _metrics(options.http_port)
+    await git("init", "--quiet", "--initial-branch=feature/demo-pass")
+    await git("remote", "add", "origin", f"ssh://git@127.0.0.1:{options.git_port}/v1/repos/{repo}")
+    (work / "app.txt").write_text(stamp)
+    (work / "buildspec.yml").write_text(PASSING)
+    await git("add", "--all")
+    await git("commit", "--quiet", "-m", "a passing build")
+    passing = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "--force", "origin", "HEAD:feature/demo-pass")
+    (work / "buildspec.yml").write_text(FAILING)
+    await git("commit", "--quiet", "-am", "a failing build")
+    failing = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "--force", "origin", "HEAD:feature/demo-fail")
+    await git("push", "--quiet", "--force", "origin", "HEAD:develop")
+
+    def status(commit: str) -> str | None:
+        for record in list_builds(options.state / "builds", limit=1000):
+            if record.commit == commit and record.status != "IN_PROGRESS":
+                return record.status
+        return None
+
+    with anyio.move_on_after(120):
+        while True:
+            if status(passing) is not None and status(failing) is not None:
+                break
+            await anyio.sleep(0.5)
+    await git("push", "--quiet", "origin", "--delete", "feature/demo-fail")
+    with anyio.move_on_after(60):
+        while True:
+            now = await _metrics(options.http_port)
+            if _delta(now, baseline, "deleted") >= 1 and _delta(now, baseline, "protected") >= 1:
+                break
+            await anyio.sleep(0.5)
+    after = await _metrics(options.http_port)
+    pr_rows, pr_ok, pr_text = await _demo_pull_request(options, codecommit, git, passing, work)
+    rows = [
+        ("push feature/demo-pass", "build SUCCEEDED", f"build {status(passing) or 'none'}"),
+        ("push feature/demo-fail", "build FAILED", f"build {status(failing) or 'none'}"),
+        (
+            "push develop (protected)",
+            "skipped: protected",
+            f"protected events: +{_delta(after, baseline, 'protected'):g}",
+        ),
+        (
+            "delete feature/demo-fail",
+            "skipped: deleted",
+            f"deleted events: +{_delta(after, baseline, 'deleted'):g}",
+        ),
+        *pr_rows,
+    ]
+    ok = [
+        status(passing) == "SUCCEEDED",
+        status(failing) == "FAILED",
+        _delta(after, baseline, "protected") == 1,
+        _delta(after, baseline, "deleted") == 1,
+        *pr_ok,
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{'what':<{width}}  {'expected':<26}  {'got':<28}  ok"]
+    for (what, expected, got), good in zip(rows, ok, strict=True):
+        lines.append(f"{what:<{width}}  {expected:<26}  {got:<28}  {'yes' if good else 'NO'}")
+    sys.stdout.write("\n" + "\n".join(lines) + "\n\n" + pr_text + "\n")
+    return all(ok)
+
+
+async def _demo_pull_request(
+    options: Options,
+    codecommit: str,
+    git: Callable[..., Awaitable[str]],
+    base: str,
+    work: Path,
+) -> tuple[list[tuple[str, str, str]], list[bool], str]:
+    """A pull request from feature/demo-pr into develop, its branch pushed twice while the
+    first build still runs: that build is stopped (superseded), the second succeeds, and
+    branchbuild leaves one comment per commit and its approval."""
+    from localdev.build_records import list_builds
+
+    def build(commit: str) -> Any:
+        found = [r for r in list_builds(options.state / "builds", 1000) if r.commit == commit]
+        return found[0] if found else None
+
+    await git("checkout", "--quiet", "-b", "feature/demo-pr", base)
+    (work / "buildspec.yml").write_text(SLOW)
+    (work / "seconds.txt").write_text("120\n")
+    await git("add", "--all")
+    await git("commit", "--quiet", "-m", "a slow build")
+    first = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "--force", "origin", "HEAD:feature/demo-pr")
+    number = await create_pull_request(
+        codecommit,
+        options.region,
+        repository=options.repositories[0],
+        source="feature/demo-pr",
+        destination="develop",
+        title="demo: a change built twice",
+    )
+
+    async def view() -> Any:
+        return await view_pull_request(codecommit, options.region, number)
+
+    # Push again once the first build runs its commands and its comment is on the PR.
+    with anyio.move_on_after(120):
+        while True:
+            record = build(first)
+            running = record is not None and any(
+                p.name == "BUILD" and p.status == "IN_PROGRESS" for p in record.phases
+            )
+            if running and any(c[0] == first for c in (await view()).comments):
+                break
+            await anyio.sleep(0.5)
+    (work / "seconds.txt").write_text("2\n")
+    await git("commit", "--quiet", "-am", "a quick build")
+    second = await git("rev-parse", "HEAD")
+    await git("push", "--quiet", "origin", "HEAD:feature/demo-pr")
+
+    def comment(pr: Any, commit: str) -> str:
+        return next((c[2] for c in pr.comments if c[0] == commit), "")
+
+    with anyio.move_on_after(120):
+        while True:
+            pr = await view()
+            if (
+                "superseded" in comment(pr, first)
+                and "succeeded" in comment(pr, second)
+                and pr.approvals
+            ):
+                break
+            await anyio.sleep(0.5)
+    pr = await view()
+    one, two = build(first), build(second)
+    approvals = ", ".join(state for _, state in pr.approvals) or "none"
+    per_commit = {c[0] for c in pr.comments}
+    rows = [
+        (
+            f"PR {number}: push 1",
+            "build STOPPED, superseded",
+            f"build {one.status if one else 'none'}"
+            + (", superseded" if "superseded" in comment(pr, first) else ""),
+        ),
+        ("PR: push 2", "build SUCCEEDED", f"build {two.status if two else 'none'}"),
+        ("PR: comments", "one per commit (2)", f"{len(pr.comments)} on {len(per_commit)} commits"),
+        ("PR: approval", "APPROVE", approvals),
+    ]
+    ok = [
+        one is not None and one.status == "STOPPED" and "superseded" in comment(pr, first),
+        two is not None and two.status == "SUCCEEDED",
+        len(pr.comments) == 2 and per_commit == {first, second},
+        [state for _, state in pr.approvals] == ["APPROVE"],
+    ]
+    return rows, ok, "What branchbuild left on the pull request:\n\n" + describe(pr)
+
+
+async def _metrics(port: int) -> dict[str, float]:
+    """The service's ``branchbuild_events_total``, summed by outcome."""
+    outcomes: dict[str, float] = {}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as reply:
+            text = await reply.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "branchbuild_events_total":
+                outcome = sample.labels["outcome"]
+                outcomes[outcome] = outcomes.get(outcome, 0.0) + sample.value
+    return outcomes
+
+
+def _delta(after: dict[str, float], before: dict[str, float], outcome: str) -> float:
+    return after.get(outcome, 0.0) - before.get(outcome, 0.0)
