@@ -78,18 +78,23 @@ class Service:
 
     def metrics(self) -> dict[str, float]:
         """Every sample of /metrics as ``name{labels}`` -> value."""
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as r:
-            text = r.read().decode()
-        samples: dict[str, float] = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#"):
-                series, _, value = line.rpartition(" ")
-                samples[series] = float(value)
-        return samples
+        return scrape(self.port)
 
     def stop(self) -> None:
         if self.process is not None:
             terminate(self.process, within=60)
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Every sample of the service's /metrics on ``port`` as ``name{labels}`` -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            series, _, value = line.rpartition(" ")
+            samples[series] = float(value)
+    return samples
 
 
 def metric(samples: dict[str, float], name: str, **labels: str) -> float:

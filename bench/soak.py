@@ -29,7 +29,7 @@ from service.events import RefChange
 
 from .infra import PYTHON, ROOT, Aws, aws_env, free_port, moto_server, terminate, wait_until
 from .procstat import rss
-from .service_proc import metric
+from .service_proc import metric, scrape
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -203,18 +203,6 @@ def run_waves(
         )
         samples.append(sample)
         print(sample, flush=True)  # noqa: T201
-    return samples
-
-
-def scrape(port: int) -> dict[str, float]:
-    """Every sample of the service's /metrics as ``name{labels}`` -> value."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        text = reply.read().decode()
-    samples: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            series, _, value = line.rpartition(" ")
-            samples[series] = float(value)
     return samples
 
 
