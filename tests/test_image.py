@@ -282,8 +282,8 @@ async def test_the_image_holds_the_service_and_no_development_code(image: str) -
     """The modules the image can import: the service's, and none of the development package
     (the local stack, the stand-ins, the local build backend) or the test tools."""
     listing = await podman(
-        "run", "--rm", "--network=host", "--entrypoint", "/opt/venv/bin/python", image,
-        "-c", _LIST_MODULES,
+        "run", "--rm", "--network=host", *ULIMITS, "--entrypoint", "/opt/venv/bin/python",
+        image, "-c", _LIST_MODULES,
     )  # fmt: skip
     top_level, service_modules = (line.split() for line in listing.strip().splitlines())
     assert "service" in top_level and "aioboto3" in top_level
