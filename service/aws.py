@@ -258,9 +258,11 @@ def watch_calls(session: aioboto3.Session, *, role: str, assumed_role: str = "")
 
     def remember(params: dict[str, Any], context: dict[str, Any], **_: Any) -> None:
         if calls_log.isEnabledFor(logging.DEBUG):
-            context["branchbuild_resources"] = (_NAMED.get() or {}) | {
-                k: params[k] for k in RESOURCE_PARAMETERS if k in params
-            }
+            named: dict[str, Any] = {k: params[k] for k in RESOURCE_PARAMETERS if k in params}
+            deleted = params.get("Delete")
+            if isinstance(deleted, dict):  # DeleteObjects: IAM authorizes each key it names
+                named["Keys"] = [o.get("Key") for o in deleted.get("Objects", [])]
+            context["branchbuild_resources"] = (_NAMED.get() or {}) | named
 
     def record(model: Any, context: dict[str, Any], parsed: Any = None, **_: Any) -> None:
         if "branchbuild_resources" not in context:

@@ -181,6 +181,10 @@ BROAD_RESOURCES: dict[str, str] = {
     "execution:EcrLogin": "ecr:GetAuthorizationToken has no resource-level permissions",
     "execution:WriteLogs": "log-group:/ecs/<name>:* is the service's log group's streams",
     "admin:ProbeBucket": "branchbuild check puts and deletes a probe of its own name there",
+    "admin:ReadCapacityDocuments": (
+        "branchbuild-state/*: status reads the waiting pushes and the running set, every "
+        "document of the scheduler's, read only"
+    ),
 }
 
 
@@ -225,6 +229,9 @@ def resource_names(resources: dict[str, Any]) -> list[dict[str, str]]:
         arn = str(resources["RoleArn"]).split(":", 5)
         names["RoleNameWithPath"] = arn[5].removeprefix("role/")
         names["RoleAccount"] = arn[4]
+    keys = [str(k) for k in resources.get("Keys", [])]  # DeleteObjects: each key deleted
+    if keys:
+        return [names | {"ObjectName": key} for key in keys]
     projects = [str(resources["projectName"])] if "projectName" in resources else []
     projects += [str(n) for n in resources.get("names", [])]
     ids = [*resources.get("ids", []), *([resources["id"]] if "id" in resources else [])]
