@@ -9,15 +9,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from service.cli import positive
 from service.errors import ConfigurationError
 from service.settings import load_local_settings
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -26,7 +20,7 @@ def parser() -> argparse.ArgumentParser:
     builds = commands.add_parser(
         "builds", help="the local backend's recent builds (BRANCHBUILD_LOCAL_BUILDS_DIR)"
     )
-    builds.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    builds.add_argument("--limit", type=positive, default=20, help="how many (default 20)")
     builds.add_argument("--json", action="store_true", help="one JSON object per line")
     builds.add_argument(
         "--follow", metavar="ID", help="stream a build's log until it ends (exit 0 if it passed)"

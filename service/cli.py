@@ -92,7 +92,7 @@ def _parser() -> _Parser:
         sub.add_argument(
             "--queue", choices=("work", "intake"), default="work", help="whose DLQ (default work)"
         )
-    listing.add_argument("--limit", type=_positive, default=50, help="at most N (default 50)")
+    listing.add_argument("--limit", type=positive, default=50, help="at most N (default 50)")
     listing.add_argument("--json", action="store_true", help="one JSON object per message")
     which = redrive.add_mutually_exclusive_group(required=True)
     which.add_argument("--all", action="store_true", help="every message of the DLQ")
@@ -121,7 +121,7 @@ def _parser() -> _Parser:
     test.add_argument("--tag", action="store_true", help="a tag push instead of a branch push")
 
     builds = command("builds", "the recent CodeBuild builds of one or more projects")
-    builds.add_argument("--limit", type=_positive, default=20, help="how many (default 20)")
+    builds.add_argument("--limit", type=positive, default=20, help="how many (default 20)")
     builds.add_argument("--json", action="store_true", help="one JSON object per line")
     builds.add_argument(
         "--codebuild", action="store_true", help="accepted for compatibility: always CodeBuild"
@@ -137,7 +137,8 @@ def _parser() -> _Parser:
     return parser
 
 
-def _positive(text: str) -> int:
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1, with a one-line error otherwise."""
     try:
         value = int(text)
     except ValueError:
