@@ -151,6 +151,7 @@ class App:
                     started_hooks=(supersede.started, pull_requests.started),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,
+                    newer_started=supersede.newer_started,
                 )
                 intake = Intake(
                     intake_queue,

@@ -47,6 +47,9 @@ class Services:
     started_hooks: tuple[StartedHook, ...] = ()
     # Capacity scheduling (service.scheduler): None starts every build at once, as before.
     scheduler: Scheduler | None = None
+    # The commit of a later push of the branch whose build started (service.supersede), if
+    # any: an older push that comes back after it is superseded, not built.
+    newer_started: Callable[[Push], Awaitable[str | None]] | None = None
 
     @property
     def ledger(self) -> Ledger:
@@ -100,6 +103,12 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         for hook in s.started_hooks:  # issue 13: finish what an interrupted attempt began
             await hook(push, StartedBuild(previous.build_id, previous.project), key)
         return JobResult(Outcome.DUPLICATE, previous.build_id, key)
+
+    if s.newer_started is not None:
+        newer = await s.newer_started(push)
+        if newer is not None:
+            log.info("superseded: the build of a later push (%s) already started", newer)
+            return JobResult(Outcome.SUPERSEDED, None, key)
 
     # Direct source: nothing is fetched unless the rule needs the commit (markers, paths).
     if not direct or rule.needs_commit:

@@ -105,6 +105,26 @@ class Supersede:
         if isinstance(build_id, str) and isinstance(archive, str):
             await self._stop(build_id, archive, push, reason="branch deleted")
 
+    async def newer_started(self, push: Push) -> str | None:
+        """The commit of a later push of ``push``'s branch whose build already started, if any.
+
+        SQS FIFO hands a branch's pushes over in order, so this finds something only for a
+        push that comes back out of order: redriven from the dead-letter queue, or re-sent
+        after the queue's 5-minute deduplication window. Building it would make an older tree
+        the branch's newest build.
+
+        Raises:
+            StorageError: S3 failed (transient).
+        """
+        if not self.applies(push):
+            return None
+        current = await self.records.read(current_key(push))
+        if current is None or current.data.get("commit") == push.commit:
+            return None
+        if not _newer(current.data, push):
+            return None
+        return str(current.data.get("commit"))
+
     async def started(self, push: Push, build: StartedBuild, archive: str) -> None:
         """Make ``build`` the branch's current build and stop the one it replaced.
 

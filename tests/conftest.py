@@ -86,9 +86,11 @@ def moto_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     workdir = tmp_path_factory.mktemp("moto")  # the recorder writes its file here
     log = workdir / "moto.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "BRANCHBUILD_"))} | {
-        "MOTO_ENABLE_RECORDING": "True"
+        "MOTO_ENABLE_RECORDING": "True",
+        "PYTHONPATH": str(Path(__file__).resolve().parent.parent),
     }
-    command = [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", "0"]
+    # moto.server with FIFO groups made exclusive (tests/motoserver.py says why).
+    command = [sys.executable, "-m", "tests.motoserver", "-H", "127.0.0.1", "-p", "0"]
     health = "http://127.0.0.1:{port}/moto-api/data.json"
     running = re.compile(r"Running on http://127\.0\.0\.1:(\d+)")
     with server_process(

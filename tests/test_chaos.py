@@ -269,7 +269,8 @@ async def test_three_instances_one_killed_one_stopped(
     width = max(len(k) for k, _ in rows)
     sys.stdout.write("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows) + "\n")
 
-    assert all(ks == sorted(set(ks)) for ks in per_branch.values())  # in order, each once
+    # In order, each once.
+    assert all(ks == sorted(set(ks)) for ks in per_branch.values()), per_branch
     assert all(c in seen for c in newest)  # so every push was built or superseded
     # A kill between StartBuild and the ledger write may repeat one request (same token).
     assert len(requests) - len(set(requests)) <= 1

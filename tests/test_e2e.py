@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import zipfile
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,37 @@ async def test_branches_run_in_parallel_one_branch_in_order_older_superseded(
     assert len(commits) == 3
     assert await service.metric("branchbuild_jobs_total", outcome="superseded") == 1
     assert await service.metric("branchbuild_jobs_total", outcome="built") == 3
+
+
+async def test_an_older_push_back_after_a_newer_ones_build_is_superseded_not_built(
+    aws: AwsResources, git_world: GitWorld, tmp_path: Path, start_service: StartService
+) -> None:
+    """A push redriven from the dead-letter queue, or re-sent after SQS's 5-minute
+    deduplication window, comes back after a newer push of its branch was built: building it
+    would make the older tree the branch's newest build."""
+    await create_project(aws, "late")
+    repo = await WorkCopy.create(git_world, tmp_path, "late")
+    old = await repo.commit({"v": "old"})
+    await repo.push("main:feature/late")
+    new = await repo.commit({"v": "new"})
+    await repo.push("main:feature/late")
+    pushed = datetime.now(UTC)
+    service = await start_service()
+    ref = "refs/heads/feature/late"
+    later = pushed + timedelta(minutes=1)
+    await aws.send_event(codecommit_event(RefChange("late", ref, old, new), time=later))
+    await builds(aws, 1)
+    # The older push (dead-lettered once, say) is redriven after the newer one's build started.
+    await aws.send_event(codecommit_event(RefChange("late", ref, None, old), time=pushed))
+
+    async def settled() -> bool:
+        return await service.metric("branchbuild_jobs_total", outcome="superseded") == 1
+
+    await wait_for(settled, what="the late push superseded")
+    await drained(aws, aws.intake_url, aws.work_url)
+    commits = [r["environmentVariablesOverride"][0]["value"] for r in await aws.start_builds()]
+    assert commits == [new]
+    assert await aws.count(aws.work_dlq_url) == 0
 
 
 async def test_sigterm_mid_job_releases_at_once_and_a_second_instance_builds_once(

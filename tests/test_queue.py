@@ -91,3 +91,61 @@ async def test_an_unreachable_queue_fails_every_caller_without_raising(
         results = await delete_each(Deleter(unreachable), [[m] for m in messages])
     assert results == [[m] for m in messages]
     assert await aws.count(aws.work_url) == 3
+
+
+async def test_moto_never_hands_one_fifo_group_to_two_receivers(aws: AwsResources) -> None:
+    """The suite's moto (tests/motoserver.py) keeps SQS's FIFO promise that per-branch order
+    rests on: while a group's message is held, no receiver gets another of that group. Plain
+    ``moto.server`` broke it under concurrent receivers (two branches' pushes built out of
+    order in tests/test_chaos.py after a SIGKILL)."""
+    groups, per_group = 4, 60
+    entries = [(g, k) for k in range(per_group) for g in range(groups)]
+    for start in range(0, len(entries), 10):
+        await aws.sqs.send_message_batch(
+            QueueUrl=aws.work_url,
+            Entries=[
+                {
+                    "Id": str(i),
+                    "MessageBody": f"{g}:{k}",
+                    "MessageGroupId": f"g{g}",
+                    "MessageDeduplicationId": f"{g}-{k}",
+                }
+                for i, (g, k) in enumerate(entries[start : start + 10])
+            ],
+        )
+    held: dict[int, list[int]] = {}
+    overlaps: list[tuple[int, list[int], list[int]]] = []
+    handled: dict[int, list[int]] = {g: [] for g in range(groups)}
+
+    async def receiver() -> None:
+        while sum(map(len, handled.values())) < len(entries):
+            reply = await aws.sqs.receive_message(
+                QueueUrl=aws.work_url, MaxNumberOfMessages=10, WaitTimeSeconds=1
+            )
+            batch: dict[int, list[int]] = {}
+            for message in reply.get("Messages", []):
+                g, k = map(int, message["Body"].split(":"))
+                batch.setdefault(g, []).append(k)
+            for g, ks in batch.items():
+                if g in held:
+                    overlaps.append((g, held[g], ks))
+                held[g] = ks
+            await anyio.sleep(0.01)  # hold them, as a job does
+            for g, ks in batch.items():
+                held.pop(g, None)
+                handled[g] += ks
+            if reply.get("Messages"):
+                await aws.sqs.delete_message_batch(
+                    QueueUrl=aws.work_url,
+                    Entries=[
+                        {"Id": str(i), "ReceiptHandle": m["ReceiptHandle"]}
+                        for i, m in enumerate(reply["Messages"])
+                    ],
+                )
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(receiver)
+    assert overlaps == []
+    assert handled == {g: list(range(per_group)) for g in range(groups)}
