@@ -116,8 +116,14 @@ $(IAM_STAMP): tests/iam/package.json tests/iam/package-lock.json
 	npm ci --prefix tests/iam --no-audit --no-fund --loglevel=error
 	touch $@
 
+# The suite in parallel (pytest-xdist): PYTEST_WORKERS processes; the tests that share a costly
+# session fixture (LocalStack, the image) stay on one worker (conftest: xdist_group, with
+# --dist loadgroup). Most tests wait on processes, git and HTTP, so more workers than the
+# machine's 2 CPUs pay (docs/local-development.md, "The suite").
+PYTEST_WORKERS ?= 4
+
 pytest: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: lint typecheck lint-deploy pytest
 

