@@ -365,13 +365,19 @@ class Scheduler:
         """Start one waiting push: ``_STARTED``, None (skipped: its own limit, a lost claim, a
         project's limit) or the reason nothing more may start this round."""
         rule = self.pipelines.rule_for(entry.push.repository)
-        if self.limited(rule):
-            why = await self._reserve(entry.request, rule)
+        if self.limited(rule):  # a full running set stops here, before any write
+            why = _refusal(await running_builds(self.records), entry.request, rule, self.settings)
             if why is not None:
                 return why if why == FLEET_LIMIT else None
+        # The claim first: only its holder reserves, names or frees this push's slot (an
+        # instance that lost the claim must not free the slot the winner is starting with).
         if not await self._claim(entry):
-            await self.release(entry.request, rule)
             return None
+        if self.limited(rule):
+            why = await self._reserve(entry.request, rule)
+            if why is not None:  # taken meanwhile by another instance
+                await self._unclaim(entry, entry.reason)
+                return why if why == FLEET_LIMIT else None
         try:
             build = await start(entry.request)
         except CapacityRefused as exc:
@@ -499,20 +505,13 @@ class Scheduler:
     async def _reserve(self, request: BuildRequest, rule: Rule) -> str | None:
         token = request.idempotency_token
         why: str | None = None
-        fleet, own = self.settings.max_running, rule.max_running
 
         def change(current: Document | None) -> Document | None:
             nonlocal why
-            why = None
             builds = dict((current or {}).get("builds", {}))
-            if token in builds:
-                return None  # already ours (a redelivery, or a claim taken over)
-            if fleet is not None and len(builds) >= fleet:
-                why = FLEET_LIMIT
-                return None
-            if own is not None and sum(b.get("rule") == rule.name for b in builds.values()) >= own:
-                why = RULE_LIMIT
-                return None
+            why = _refusal(builds, request, rule, self.settings)
+            if why is not None or token in builds:
+                return None  # refused, or already ours (a redelivery, a claim taken over)
             builds[token] = self._slot(request, rule)
             return {"builds": builds}
 
@@ -607,6 +606,21 @@ async def _waiting_keys(records: Records, limit: int | None = None) -> list[str]
         token = reply.get("NextContinuationToken")
         if not token or (limit is not None and len(keys) >= limit):
             return keys
+
+
+def _refusal(
+    builds: dict[str, Document], request: BuildRequest, rule: Rule, settings: Settings
+) -> str | None:
+    """Why the running set ``builds`` has no slot for ``request`` (None: it has one, or
+    holds one for it already)."""
+    if request.idempotency_token in builds:
+        return None
+    fleet, own = settings.max_running, rule.max_running
+    if fleet is not None and len(builds) >= fleet:
+        return FLEET_LIMIT
+    if own is not None and sum(b.get("rule") == rule.name for b in builds.values()) >= own:
+        return RULE_LIMIT
+    return None
 
 
 def _without(current: Document | None, tokens: set[str]) -> Document | None:

@@ -48,8 +48,9 @@ def free_port() -> int:
 
 # -- running in parallel (pytest-xdist, --dist loadgroup) -----------------------------------------
 
-# Tests that share a costly session fixture run on one worker (one LocalStack, one image).
-_GROUPS = {"localstack_endpoint": "localstack", "image": "image"}
+# Tests that share a costly session or module fixture run on one worker (one LocalStack, one
+# image, one benchmark smoke run): each worker would otherwise make its own.
+_GROUPS = {"localstack_endpoint": "localstack", "image": "image", "results": "bench"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -271,10 +271,10 @@ async def test_while_jobs_run_the_worker_polls_briefly_so_unlocked_branches_star
 
     held = anyio.Event()
     git_world.host.upload_pack_gate = held
-    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint, BRANCHBUILD_WAIT_TIME="20")
+    service = await start_service(AWS_ENDPOINT_URL=proxy.endpoint, BRANCHBUILD_WAIT_TIME="5")
 
     async def idle_poll() -> bool:
-        return 20 in work_receive_waits()
+        return 5 in work_receive_waits()
 
     await wait_for(idle_poll, what="an idle long poll")
     commit = await push_branch(aws, git_world, tmp_path, "brief", {"a.txt": "x"})

@@ -152,50 +152,43 @@ async def test_make_demo_against_a_running_localstack(
     assert "-local-artifacts/demo/feature/demo-pass/" in records["feature/demo-pass"].source
 
 
-@pytest.mark.timeout(480)
-async def test_make_demo_starts_and_stops_its_own_localstack(tmp_path: Path) -> None:
+@pytest.mark.timeout(300)
+async def test_run_starts_its_own_localstack_and_an_interrupt_stops_everything(
+    tmp_path: Path,
+) -> None:
+    """`make run` with no LOCALSTACK_ENDPOINT: it starts LocalStack itself, prints how to push,
+    then Ctrl-C (SIGINT) stops every process it started, LocalStack among them."""
     state = tmp_path / "state"
-    port = free_port()
-    result = await run_demo(demo_env(), state, "--localstack-port", str(port))
-    assert result.returncode == 0, result.stdout.decode() + result.stderr.decode()
-    assert (state / "logs" / "localstack.log").stat().st_size > 0
-    for name in ("branchbuild.log", "githost.log", "run.log"):
-        assert (state / "logs" / name).exists()
-    # Everything it started is gone: nothing listens on LocalStack's port any more.
-    with pytest.raises(OSError):
-        await anyio.connect_tcp("127.0.0.1", port)
-
-
-async def test_run_is_interrupted_cleanly(localstack_endpoint: str, tmp_path: Path) -> None:
-    """`make run`: prints how to push, then Ctrl-C (SIGINT) stops every process it started."""
-    state = tmp_path / "state"
-    http_port = free_port()
-    command = runner(state, http_port=http_port)
+    http_port, localstack_port = free_port(), free_port()
+    command = runner(state, "--localstack-port", str(localstack_port), http_port=http_port)
     out = state.parent / "run.out"
     state.mkdir()
     with out.open("wb") as sink:
         proc = await anyio.open_process(
-            command,
-            env=demo_env(LOCALSTACK_ENDPOINT=localstack_endpoint),
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            command, env=demo_env(), stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT
         )
 
     async def printed() -> bool:
         return "git push branchbuild HEAD:feature/my-change" in out.read_text()
 
-    await wait_for(printed, within=120, what="the push instructions")
+    await wait_for(printed, within=240, what="the push instructions")
     text = out.read_text()
     assert (
         "export GIT_SSH_COMMAND=" in text
         and "git remote add branchbuild ssh://git@127.0.0.1:" in text
     )
+    assert (state / "logs" / "localstack.log").stat().st_size > 0
+    async with await anyio.connect_tcp("127.0.0.1", localstack_port):
+        pass  # it is up: this LocalStack is the one it started
     proc.send_signal(signal.SIGINT)
-    with anyio.fail_after(60):
+    with anyio.fail_after(90):
         assert await proc.wait() == 0
-    with pytest.raises(OSError):
-        await anyio.connect_tcp("127.0.0.1", http_port)
+    for name in ("branchbuild.log", "githost.log", "run.log"):
+        assert (state / "logs" / name).exists()
+    # Everything it started is gone: nothing listens on its ports any more.
+    for port in (http_port, localstack_port):
+        with pytest.raises(OSError):
+            await anyio.connect_tcp("127.0.0.1", port)
 
 
 @pytest.fixture

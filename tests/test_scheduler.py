@@ -258,7 +258,14 @@ async def test_three_instances_never_run_more_than_max_running(
         async def progress() -> bool:
             return len(cb.active) == 2 or (len(cb.started_by()) == len(branches))
 
-        await wait_for(progress, within=60, what="two builds running, or all started")
+        try:
+            await wait_for(progress, within=60, what="two builds running, or all started")
+        except TimeoutError as stuck:  # what held the slots (a CI run once stopped here)
+            running = await running_builds(Records(world.aws.s3, world.aws.bucket))
+            raise AssertionError(
+                f"{stuck}: active {[b.id for b in cb.active]}, started {len(cb.started_by())}"
+                f", running set {running}, waiting {sorted(await world.waiting())}"
+            ) from None
         assert cb.most_active <= 2
         if cb.active:
             await cb.finish(min(cb.active, key=lambda b: b.requested).id)
@@ -473,3 +480,28 @@ async def test_a_deleted_branch_has_no_push_left_waiting(aws: AwsResources) -> N
     await scheduler.wait(request_for(aws, "shop", "feature/kept"), rule, "behind")
     await scheduler.forget(replace(request.push, action=Action.DELETED, commit=None))
     assert [w.push.name for w in await scheduler.listing()] == ["feature/kept"]
+
+
+async def test_an_instance_that_loses_the_claim_never_frees_the_winners_slot(
+    aws: AwsResources,
+) -> None:
+    """Two dispatchers on one waiting push: the one that claimed it reserves its slot and
+    starts it; the other, which listed it too, must not free that slot on its way out (it did:
+    it reserved first, found the slot "already ours", lost the claim and released it, so a
+    third build could start beyond BRANCHBUILD_MAX_RUNNING)."""
+    winner, _ = scheduler_for(aws, max_running=1)
+    loser, _ = scheduler_for(aws, max_running=1)
+    rule = Rule.from_settings(winner.settings)
+    request = request_for(aws, "shop", "feature/raced")
+    assert await winner.wait(request, rule, "account_queue_full") is Outcome.WAITING
+    [entry] = await loser.listing()  # both listed it
+    assert await winner._claim(entry)
+    assert await winner._reserve(entry.request, rule) is None  # about to StartBuild
+
+    async def never(request: BuildRequest) -> StartedBuild:
+        raise AssertionError("the push is the other instance's to start")
+
+    assert await loser._try(entry, never) is None
+    assert list(await running_builds(loser.records)) == [request.idempotency_token]
+    other = request_for(aws, "shop", "feature/other")
+    assert await loser.admit(other, rule) is not None  # the one slot is still taken
