@@ -21,12 +21,13 @@ BENCH_STAMP := $(BENCH_VENV)/.installed-stamp
 # The original design (A) uses the AWS CLI, as it did; charts and profiles need their tools.
 BENCH_PACKAGES := 'awscli==1.46.3' 'matplotlib==3.11.2' 'py-spy==0.4.3' 'psutil==7.2.2'
 
-.PHONY: help venv system-deps image-deps image image-test localstack run demo lint format typecheck pytest test lint-deploy chaos bench soak clean
+.PHONY: help venv system-deps image-deps image image-test localstack run demo lint format typecheck pytest test coverage lint-deploy chaos bench soak clean
 
 help:
 	@echo "make run          the service and everything it needs, locally (LocalStack, git host)"
 	@echo "make demo         the same, non-interactively: push, check the outcomes, stop"
 	@echo "make test         lint, type-check and the whole test suite (what CI runs)"
+	@echo "make coverage     the suite with line coverage of service/"
 	@echo "make lint-deploy  cfn-lint, checkov and hadolint on deploy/ and the Dockerfile"
 	@echo "make image        the service image, built with podman (no Docker daemon needed)"
 	@echo "make image-test   run that image as ECS does, against moto and the SSH git host"
@@ -126,6 +127,11 @@ pytest: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
 	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 test: lint typecheck lint-deploy pytest
+
+# The suite with line coverage of service/ (the service processes the tests start included:
+# coverage's subprocess patch, pyproject.toml [tool.coverage.run]); not part of make test.
+coverage: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --cov --cov-report=term:skip-covered $(PYTEST_ARGS)
 
 # The long crash-safety run: hundreds of pushes, random SIGKILLs, a table of the figures; then
 # three instances under a steady stream of pushes, one SIGKILLed and one SIGTERMed: the
