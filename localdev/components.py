@@ -138,6 +138,7 @@ async def pull_requests(
     standin = CodeCommitStandIn(
         resolve=resolver(host),
         on_event=publish,
+        repositories=host.repository_path,
         account=ACCOUNT,
         region=options.region,
         port=options.codecommit_port,
