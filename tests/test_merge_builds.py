@@ -22,7 +22,8 @@ import pytest
 
 from localdev.codecommit import CodeCommitStandIn, git_resolver
 from localdev.githost import codecommit_event
-from service.errors import ConfigurationError
+from service.errors import ConfigurationError, MalformedEvent
+from service.events import merge_branch, merged_pull_request, parse_event, parse_work
 from service.pipelines import MergeStrategy, parse_config
 from service.settings import load_settings
 from tests.helpers import (
@@ -32,6 +33,8 @@ from tests.helpers import (
     StartService,
     WorkCopy,
     create_project,
+    event_for,
+    push_for,
     wait_for,
     zip_listing,
 )
@@ -346,3 +349,18 @@ def test_merge_build_rule_fields_are_validated() -> None:
             "f.yaml",
             settings,
         )
+
+
+def test_only_a_merge_builds_exact_name_passes_where_git_would_refuse_it() -> None:
+    """``pr/<id>/.merge`` is no branch git allows: a push event naming it is malformed, and the
+    work queue takes it only in exactly that shape."""
+    merge = push_for("shop", "pr/7/.merge", "a" * 40)
+    assert merged_pull_request(parse_work(merge.to_json())) == "7"
+    assert merged_pull_request(push_for("shop", "pr/7/merge", "a" * 40)) is None
+    for name in ("pr/7/.merge/x", "pr/x/.merge", "pr/7/.merged", ".merge"):
+        with pytest.raises(MalformedEvent, match="invalid ref name"):
+            parse_work(push_for("shop", name, "a" * 40).to_json())
+    with pytest.raises(MalformedEvent, match="invalid ref name"):
+        parse_event(json.dumps(event_for("shop", "refs/heads/pr/7/.merge", "a" * 40)))
+    with pytest.raises(MalformedEvent, match="invalid pull request id"):
+        merge_branch("7/../x")
