@@ -7,8 +7,10 @@ key); the stand-in's events go to the intake queue as the pipeline's rule would 
 
 from __future__ import annotations
 
+import io
 import json
 import uuid
+import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,14 +50,14 @@ pytestmark = pytest.mark.e2e
 MERGE = "pr/{}/.merge"
 
 
-def config(tmp_path: Path, strategy: str = "THREE_WAY_MERGE") -> str:
+def config(tmp_path: Path, strategy: str = "THREE_WAY_MERGE", more: str = "") -> str:
     path = tmp_path / "pipelines.yaml"
     path.write_text(
         "version: 1\n"
         "rules:\n"
         "  - repository: shop\n"
         "    branches: {protected: [main]}\n"
-        f"    pull_requests: {{merge_build: true, merge_strategy: {strategy}}}\n"
+        f"    pull_requests: {{merge_build: true, merge_strategy: {strategy}}}\n" + more
     )
     return str(path)
 
@@ -167,7 +169,9 @@ async def world(
 
 async def start(start_service: StartService, tmp_path: Path, **more: str) -> ServiceProcess:
     return await start_service(
-        BRANCHBUILD_CONFIG=config(tmp_path, more.pop("strategy", "THREE_WAY_MERGE")),
+        BRANCHBUILD_CONFIG=config(
+            tmp_path, more.pop("strategy", "THREE_WAY_MERGE"), more.pop("rule", "")
+        ),
         BRANCHBUILD_PULL_REQUEST_FEEDBACK="comment",
         **more,
     )
@@ -247,6 +251,7 @@ async def test_a_conflict_is_reported_instead_of_a_build_until_it_is_resolved(
         tmp_path,
         BRANCHBUILD_PULL_REQUEST_ROLE_TEMPLATE="arn:aws:iam::{account}:role/branchbuild-pr",
         BRANCHBUILD_ALLOWED_ACCOUNTS="123456789012",
+        rule="    git_metadata: true\n",  # the merge commit on no branch: a detached HEAD
     )
     await world.repo.checkout("feature/pay")
     await world.push("feature/pay", {"README.md": "# shop, paid\n"})
@@ -270,7 +275,8 @@ async def test_a_conflict_is_reported_instead_of_a_build_until_it_is_resolved(
     resolved = await world.push("feature/pay", {"README.md": "# the shop\n"})
     [merge] = await world.merge_built(pr, 1)
     assert resolved in (await world.git_show(merge, "%P")).split()
-    assert (await world.aws.object(merge_archive(pr, merge))).startswith(b"PK")
+    with zipfile.ZipFile(io.BytesIO(await world.aws.object(merge_archive(pr, merge)))) as z:
+        assert z.read(".git/HEAD").decode() == merge + "\n"
     await world.comments_saying(pr, "⏳ Merge build started")
 
 
