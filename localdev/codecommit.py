@@ -14,6 +14,12 @@ A push to a pull request's source branch (:meth:`CodeCommitStandIn.pushed`, fed 
 host) moves its source commit, gives it a new revision and clears its approvals. Pull request
 events (``CodeCommit Pull Request State Change``) are handed to ``on_event``.
 
+Given the git host's repositories (``repositories``), it also merges as CodeCommit does for
+merge builds: ``CreateUnreferencedMergeCommit`` writes the merge with real git in the host's
+bare repository (``git merge-tree --write-tree``, then ``git commit-tree``), on no branch; the
+host serves it by id (protocol v2 lets a client want any object the repository has).
+``GetMergeConflicts`` reports the same merge's conflicting files.
+
 ``branchbuild``'s service reaches it through ``AWS_ENDPOINT_URL_CODECOMMIT``.
 """
 
@@ -30,6 +36,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aioboto3
@@ -54,6 +61,7 @@ _CREDENTIAL = re.compile(r"Credential=([A-Za-z0-9]+)/")
 
 Handler = Callable[[dict[str, Any], str], Awaitable[dict[str, Any]]]
 Resolve = Callable[[str, str], Awaitable[str | None]]
+Repositories = Callable[[str], Path]  # a repository's bare git directory
 OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -133,6 +141,7 @@ class CodeCommitStandIn(JsonStandIn):
         *,
         resolve: Resolve,
         on_event: OnEvent | None = None,
+        repositories: Repositories | None = None,
         account: str = "123456789012",
         region: str = "eu-west-1",
         host: str = "127.0.0.1",
@@ -141,6 +150,7 @@ class CodeCommitStandIn(JsonStandIn):
         super().__init__(host=host, port=port)
         self.resolve = resolve
         self.on_event = on_event
+        self.repositories = repositories
         self.account = account
         self.region = region
         self.pull_requests: dict[str, _PullRequest] = {}
@@ -159,6 +169,8 @@ class CodeCommitStandIn(JsonStandIn):
             "GetCommentsForPullRequest": self._get_comments,
             "UpdatePullRequestApprovalState": self._update_approval,
             "GetPullRequestApprovalStates": self._get_approvals,
+            "CreateUnreferencedMergeCommit": self._create_merge_commit,
+            "GetMergeConflicts": self._get_merge_conflicts,
         }
 
     def calls(self, operation: str) -> list[dict[str, Any]]:
@@ -390,6 +402,174 @@ class CodeCommitStandIn(JsonStandIn):
                 {"userArn": user, "approvalState": state} for user, state in pr.approvals.items()
             ]
         }
+
+    # -- merges (real git in the host's repository) ------------------------------------------
+
+    async def _create_merge_commit(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        merge = await self._merge(params)
+        if merge.conflicts or not merge.mergeable:
+            raise StandInError(
+                "ManualMergeRequiredException",
+                "the merge has conflicts that must be resolved"
+                if merge.conflicts
+                else "the destination cannot be fast-forwarded to the source",
+            )
+        option = params["mergeOption"]
+        if option == "FAST_FORWARD_MERGE":  # the destination would simply move to the source
+            return {"commitId": merge.source, "treeId": merge.tree}
+        parents = ["-p", merge.destination]
+        if option == "THREE_WAY_MERGE":
+            parents += ["-p", merge.source]
+        name = params.get("authorName") or caller.rsplit("/", 1)[-1]
+        email = params.get("email") or f"{name}@localhost"
+        env = {
+            "PATH": os.environ.get("PATH", ""),
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+        }
+        message = params.get("commitMessage") or "Merge"
+        commit = await _git(
+            merge.git_dir, "commit-tree", merge.tree, *parents, "-m", message, env=env
+        )
+        return {"commitId": commit.decode().strip(), "treeId": merge.tree}
+
+    async def _get_merge_conflicts(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
+        merge = await self._merge(params)
+        start = int(params.get("nextToken", "0") or 0)
+        size = int(params.get("maxConflictFiles", 100))
+        page = merge.conflicts[start : start + size]
+        reply: dict[str, Any] = {
+            "mergeable": merge.mergeable and not merge.conflicts,
+            "destinationCommitId": merge.destination,
+            "sourceCommitId": merge.source,
+            "conflictMetadataList": [
+                {
+                    "filePath": path,
+                    "numberOfConflicts": 1,
+                    "contentConflict": True,
+                    "fileModeConflict": False,
+                    "objectTypeConflict": False,
+                }
+                for path in page
+            ],
+        }
+        if merge.base:
+            reply["baseCommitId"] = merge.base
+        if start + size < len(merge.conflicts):
+            reply["nextToken"] = str(start + size)
+        return reply
+
+    async def _merge(self, params: dict[str, Any]) -> _Merge:
+        """Merge the source specifier into the destination's (in git's object store only)."""
+        if self.repositories is None:
+            raise StandInError("UnknownOperationException", "no repositories to merge in")
+        try:
+            git_dir = self.repositories(params["repositoryName"])
+        except ValueError:
+            git_dir = Path("/nonexistent")
+        if not (git_dir / "HEAD").is_file():
+            raise StandInError(
+                "RepositoryDoesNotExistException", f"{params['repositoryName']} does not exist"
+            )
+        source = await _commit(git_dir, params["sourceCommitSpecifier"])
+        destination = await _commit(git_dir, params["destinationCommitSpecifier"])
+        base = await _git(git_dir, "merge-base", destination, source, check=False)
+        if params["mergeOption"] == "FAST_FORWARD_MERGE":
+            ancestor = await anyio.run_process(
+                [
+                    "git",
+                    "--git-dir",
+                    str(git_dir),
+                    "merge-base",
+                    "--is-ancestor",
+                    destination,
+                    source,
+                ],
+                check=False,
+            )
+            tree = (await _git(git_dir, "rev-parse", source + "^{tree}")).decode().strip()
+            return _Merge(
+                git_dir,
+                source,
+                destination,
+                base.decode().strip(),
+                tree,
+                (),
+                mergeable=ancestor.returncode == 0,
+            )
+        result = await anyio.run_process(
+            [
+                "git",
+                "--git-dir",
+                str(git_dir),
+                "merge-tree",
+                "--write-tree",
+                "-z",
+                "--name-only",
+                "--no-messages",
+                destination,
+                source,
+            ],
+            check=False,
+        )
+        if result.returncode not in (0, 1):
+            raise StandInError("InvalidCommitException", result.stderr.decode(errors="replace"))
+        fields = [f.decode() for f in result.stdout.split(b"\0") if f]
+        conflicts = tuple(dict.fromkeys(fields[1:])) if result.returncode == 1 else ()
+        return _Merge(
+            git_dir,
+            source,
+            destination,
+            base.decode().strip(),
+            fields[0],
+            conflicts,
+            mergeable=True,
+        )
+
+
+@dataclass(frozen=True)
+class _Merge:
+    git_dir: Path
+    source: str
+    destination: str
+    base: str
+    tree: str
+    conflicts: tuple[str, ...]
+    mergeable: bool
+
+
+async def _git(
+    git_dir: Path, *args: str, env: dict[str, str] | None = None, check: bool = True
+) -> bytes:
+    result = await anyio.run_process(
+        ["git", "--git-dir", str(git_dir), *args], env=env, check=False
+    )
+    if check and result.returncode != 0:
+        raise StandInError("InvalidCommitException", result.stderr.decode(errors="replace"))
+    return result.stdout if result.returncode == 0 else b""
+
+
+async def _commit(git_dir: Path, specifier: str) -> str:
+    """A commit specifier (commit id, branch or tag name) as CodeCommit resolves it."""
+    for candidate in (specifier, "refs/heads/" + specifier, "refs/tags/" + specifier):
+        result = await anyio.run_process(
+            [
+                "git",
+                "--git-dir",
+                str(git_dir),
+                "rev-parse",
+                "--verify",
+                "--quiet",
+                "--end-of-options",
+                candidate + "^{commit}",
+            ],
+            check=False,
+        )
+        if result.returncode == 0:
+            return result.stdout.decode().strip()
+    raise StandInError("CommitDoesNotExistException", f"{specifier} does not exist")
 
 
 def _full_ref(reference: str) -> str:

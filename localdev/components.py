@@ -138,6 +138,7 @@ async def pull_requests(
     standin = CodeCommitStandIn(
         resolve=resolver(host),
         on_event=publish,
+        repositories=host.repository_path,
         account=ACCOUNT,
         region=options.region,
         port=options.codecommit_port,
@@ -150,10 +151,23 @@ async def pull_requests(
 # -- branchbuild ------------------------------------------------------------------------------
 
 
+# Issue 25: the pull requests of the repositories named *-merge are built as merged too.
+MERGE_REPOSITORY = "demo-merge"
+PIPELINES = """version: 1
+rules:
+  - repository: "*-merge"
+    branches: {protected: [main]}
+    pull_requests: {merge_build: true, merge_strategy: THREE_WAY_MERGE}
+"""
+
+
 def service_env(
     options: Options, keys: Keys, outputs: dict[str, str], codecommit: str
 ) -> dict[str, str]:
+    pipelines = options.state / "pipelines.yaml"
+    pipelines.write_text(PIPELINES)
     return {
+        "BRANCHBUILD_CONFIG": str(pipelines),
         "PATH": os.environ.get("PATH", ""),
         "HOME": os.environ.get("HOME", str(options.state)),
         **aws_env(options),

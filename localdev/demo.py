@@ -111,6 +111,7 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
             await anyio.sleep(0.5)
     after = await _metrics(options.http_port)
     pr_rows, pr_ok, pr_text = await _demo_pull_request(options, codecommit, git, passing, work)
+    merge_rows, merge_ok, merge_text = await _demo_merge_build(options, codecommit, env, work)
     rows = [
         ("push feature/demo-pass", "build SUCCEEDED", f"build {status(passing) or 'none'}"),
         ("push feature/demo-fail", "build FAILED", f"build {status(failing) or 'none'}"),
@@ -125,6 +126,7 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
             f"deleted events: +{_delta(after, baseline, 'deleted'):g}",
         ),
         *pr_rows,
+        *merge_rows,
     ]
     ok = [
         status(passing) == "SUCCEEDED",
@@ -132,12 +134,13 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
         _delta(after, baseline, "protected") == 1,
         _delta(after, baseline, "deleted") == 1,
         *pr_ok,
+        *merge_ok,
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'what':<{width}}  {'expected':<26}  {'got':<28}  ok"]
     for (what, expected, got), good in zip(rows, ok, strict=True):
         lines.append(f"{what:<{width}}  {expected:<26}  {got:<28}  {'yes' if good else 'NO'}")
-    sys.stdout.write("\n" + "\n".join(lines) + "\n\n" + pr_text + "\n")
+    sys.stdout.write("\n" + "\n".join(lines) + "\n\n" + pr_text + "\n" + merge_text + "\n")
     return all(ok)
 
 
@@ -226,6 +229,106 @@ async def _demo_pull_request(
         [state for _, state in pr.approvals] == ["APPROVE"],
     ]
     return rows, ok, "What branchbuild left on the pull request:\n\n" + describe(pr)
+
+
+MERGED = """version: 0.2
+phases:
+  build:
+    commands:
+      - echo building $BRANCH_NAME at $COMMIT_ID
+      - cat main.txt feature.txt
+"""
+
+
+async def _demo_merge_build(
+    options: Options, codecommit: str, env: dict[str, str], work: Path
+) -> tuple[list[tuple[str, str, str]], list[bool], str]:
+    """Issue 25: a pull request in a repository whose rule builds pull requests as merged
+    (localdev.components.PIPELINES): its merge is built, and built again when the destination
+    (main, protected: not built itself) moves; the older merge build is superseded or done."""
+    from localdev.build_records import list_builds
+
+    from .components import MERGE_REPOSITORY
+
+    if MERGE_REPOSITORY not in options.repositories:
+        return [], [], ""
+    here = work / "merge"
+    here.mkdir()
+
+    async def git(*args: str) -> str:
+        result = await anyio.run_process(["git", *args], cwd=here, env=env)
+        return result.stdout.decode().strip()
+
+    url = f"ssh://git@127.0.0.1:{options.git_port}/v1/repos/{MERGE_REPOSITORY}"
+    await git("init", "--quiet", "--initial-branch=main")
+    (here / "buildspec.yml").write_text(MERGED)
+    (here / "main.txt").write_text("main, first\n")
+    await git("add", "--all")
+    await git("commit", "--quiet", "-m", "main")
+    await git("push", "--quiet", "--force", url, "HEAD:main")
+    await git("checkout", "--quiet", "-b", "feature/demo-merge")
+    (here / "feature.txt").write_text("a feature\n")
+    await git("add", "--all")
+    await git("commit", "--quiet", "-m", "a feature")
+    await git("push", "--quiet", "--force", url, "HEAD:feature/demo-merge")
+    number = await create_pull_request(
+        codecommit,
+        options.region,
+        repository=MERGE_REPOSITORY,
+        source="feature/demo-merge",
+        destination="main",
+        title="demo: built as merged",
+    )
+    branch = f"pr/{number}/.merge"
+
+    def merges() -> list[Any]:
+        found = [r for r in list_builds(options.state / "builds", 1000) if r.branch == branch]
+        return sorted(found, key=lambda r: r.started_at)
+
+    async def settled(count: int) -> None:
+        with anyio.move_on_after(120):
+            while True:
+                found = merges()
+                if len(found) >= count and all(r.status != "IN_PROGRESS" for r in found):
+                    break
+                await anyio.sleep(0.5)
+
+    await settled(1)
+    await git("checkout", "--quiet", "main")
+    (here / "main.txt").write_text("main, moved on\n")
+    await git("commit", "--quiet", "-am", "main moves")
+    await git("push", "--quiet", url, "HEAD:main")
+    await settled(2)
+
+    async def merge_comments() -> list[str]:
+        view = await view_pull_request(codecommit, options.region, number)
+        return [c[2] for c in view.comments if "Merge build" in c[2]]
+
+    with anyio.move_on_after(60):
+        while True:
+            if any("✅ Merge build succeeded" in c for c in await merge_comments()):
+                break
+            await anyio.sleep(0.5)
+    builds = merges()
+    first = builds[0].status if builds else "none"
+    last = builds[-1] if len(builds) >= 2 else None
+    comments = await merge_comments()
+    rows = [
+        (f"PR {number}: merge build", "merge built, SUCCEEDED", f"build {first}"),
+        (
+            "PR: destination moves",
+            "merge rebuilt, SUCCEEDED",
+            f"{len(builds)} merge builds, last {last.status if last else 'none'}",
+        ),
+        ("PR: merge comments", "one per merge build (2)", f"{len(comments)}"),
+    ]
+    ok = [
+        first in ("SUCCEEDED", "STOPPED"),  # STOPPED: superseded by the second merge
+        len(builds) == 2 and last is not None and last.status == "SUCCEEDED",
+        len(comments) == 2 and any("✅ Merge build succeeded" in c for c in comments),
+    ]
+    view = await view_pull_request(codecommit, options.region, number)
+    return rows, ok, "What branchbuild left on the merge-built pull request:\n\n" + describe(view)
 
 
 async def _metrics(port: int) -> dict[str, float]:

@@ -29,7 +29,14 @@ from service.events import RefChange
 if TYPE_CHECKING:
     pass
 
-from .components import git_host, make_keys, pull_requests, service_env, wait_ready
+from .components import (
+    MERGE_REPOSITORY,
+    git_host,
+    make_keys,
+    pull_requests,
+    service_env,
+    wait_ready,
+)
 from .demo import demo
 from .deploy import deploy
 from .options import ROOT, Keys, Options
@@ -71,6 +78,10 @@ edits the comment as the build ends, and approves it when the build succeeds:
   git push branchbuild HEAD:main
   {pr} create-pr --repository {repo} --source feature/my-change --destination main
   {pr} show 1
+
+The pull requests of the repositories named *-merge (e.g. {MERGE_REPOSITORY}) are also built
+as merged (pipeline rule `pull_requests: {{merge_build: true}}`, docs/merge-builds.md): each
+gets a merge build, rebuilt when either branch moves, and its own comment.
 """
 
 
@@ -117,7 +128,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--http-port", type=int, default=int(os.environ.get("BRANCHBUILD_HTTP_PORT", "8080"))
     )
     parser.add_argument(
-        "--repository", action="append", default=[], help="repositories to serve (default demo)"
+        "--repository",
+        action="append",
+        default=[],
+        help=f"repositories to serve (default demo and {MERGE_REPOSITORY})",
     )
     parser.add_argument(
         "--codecommit-port",
@@ -136,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         localstack_port=args.localstack_port,
         git_port=args.git_port,
         http_port=args.http_port,
-        repositories=tuple(args.repository) or ("demo",),
+        repositories=tuple(args.repository) or ("demo", MERGE_REPOSITORY),
         demo=args.demo,
         stack=args.stack_name,
         prefix=args.prefix,

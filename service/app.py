@@ -18,6 +18,7 @@ from .git import Git
 from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services, start_recorded
+from .mergebuilds import MergeBuilds, with_merges
 from .metrics import Metrics
 from .pipelines import Pipelines, Watcher
 from .pullrequests import PullRequests
@@ -117,6 +118,7 @@ class App:
             records = Records(clients.s3, s.bucket, self.metrics)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
             pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines)
+            merges = MergeBuilds(accounts, records, s, self.metrics, pipelines, work_queue)
             codebuild = CodeBuild(clients.codebuild)
             scheduler = Scheduler(
                 records,
@@ -130,8 +132,8 @@ class App:
                 records,
                 s,
                 self.metrics,
-                listeners=(pull_requests.changed, scheduler.build_changed),
-                pull_requests=pull_requests.event,
+                listeners=(pull_requests.changed, scheduler.build_changed, merges.changed),
+                pull_requests=with_merges(pull_requests.event, merges),
             )
             async with anyio.create_task_group() as background:
                 backend = await self._backend(codebuild, clients, background, stack)
@@ -148,7 +150,7 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
-                    started_hooks=(supersede.started, pull_requests.started),
+                    started_hooks=(supersede.started, pull_requests.started, merges.started),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,
                     newer_started=supersede.newer_started,
@@ -162,6 +164,7 @@ class App:
                     intake_leases,
                     pipelines,
                     outcomes,
+                    on_push=merges.pushed,
                 )
                 worker = Worker(
                     work_queue,

@@ -145,7 +145,7 @@ def parse_work(body: str | bytes) -> Push:
             region=_match(data, "region", _REGION),
             repository=check_repository(_text(data, "repository", limit=100)),
             ref_type=RefType(str(data.get("ref_type"))),
-            name=check_ref_name(_text(data, "name", limit=4096)),
+            name=_work_name(_text(data, "name", limit=4096)),
             action=action,
             commit=_commit(data, "commit", required=not deleted),
             old_commit=_commit(data, "old_commit", required=deleted),
@@ -155,6 +155,34 @@ def parse_work(body: str | bytes) -> Push:
     except ValueError as exc:
         raise MalformedEvent(f"bad work message: {exc}") from None
     return push
+
+
+# A pull request's merge build (service.mergebuilds) is queued as the branch
+# ``pr/<id>/.merge``: git refuses a ref component that starts with '.', so no pushed branch can
+# share its archive keys, its ledger entries, its superseding or its work-queue lane.
+MERGE_NAME = re.compile(r"pr/([0-9]{1,20})/\.merge")
+
+
+def merge_branch(pull_request_id: str) -> str:
+    """The name a pull request's merge builds are queued and stored under.
+
+    Raises:
+        MalformedEvent: the id is not a CodeCommit pull request id (digits).
+    """
+    name = f"pr/{pull_request_id}/.merge"
+    if not MERGE_NAME.fullmatch(name):
+        raise MalformedEvent(f"invalid pull request id {_short(pull_request_id)}")
+    return name
+
+
+def merged_pull_request(push: Push) -> str | None:
+    """The pull request whose merge build ``push`` is, if it is one."""
+    match = MERGE_NAME.fullmatch(push.name) if push.ref_type is RefType.BRANCH else None
+    return match[1] if match else None
+
+
+def _work_name(name: str) -> str:
+    return name if MERGE_NAME.fullmatch(name) else check_ref_name(name)
 
 
 def check_repository(name: str) -> str:

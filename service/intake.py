@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Awaitable, Callable
 
 import anyio
 import anyio.abc
@@ -48,6 +49,7 @@ class Intake:
         leases: Leases,
         pipelines: Pipelines | None = None,
         outcomes: Outcomes | None = None,
+        on_push: Callable[[Push], Awaitable[None]] | None = None,
     ) -> None:
         self.pipelines = pipelines or Pipelines.from_settings(settings)
         self.outcomes = outcomes  # issue 13: build state and pull request events
@@ -57,6 +59,8 @@ class Intake:
         self.metrics = metrics
         self.health = health
         self.leases = leases
+        # Issue 25: every push, built or not (a protected destination too), to merge builds.
+        self.on_push = on_push
 
     async def run(
         self,
@@ -108,6 +112,8 @@ class Intake:
                 if isinstance(event, Push):
                     rule = self.pipelines.rule_for(event.repository)
                 decision = decide(event, self.settings, rule)
+                if isinstance(event, Push) and self.on_push is not None:
+                    await self.on_push(event)
             except PermanentError as exc:
                 await self._reject(message, exc)
                 continue

@@ -13,7 +13,7 @@ from .builds import BuildBackend, BuildRequest, StartedBuild, codecommit_url, pr
 from .changes import screen
 from .cleanup import clean_up_branch
 from .errors import CapacityRefused, PermanentError
-from .events import Action, Push, event_time
+from .events import Action, Push, event_time, merged_pull_request
 from .git import Extras, Git
 from .ledger import Entry, Ledger, archive_key, branch_keys
 from .metrics import Metrics
@@ -214,9 +214,9 @@ async def start_recorded(
 
 def extras(rule: Rule, push: Push) -> Extras:
     """What the rule adds to the archive (docs/build-contents.md)."""
-    return Extras(
-        git_metadata_ref=push.ref if rule.git_metadata else None, submodules=rule.submodules
-    )
+    # A merge build's commit is on no branch: its .git gets a detached HEAD.
+    ref = push.ref if merged_pull_request(push) is None else "merge"
+    return Extras(git_metadata_ref=ref if rule.git_metadata else None, submodules=rule.submodules)
 
 
 @contextmanager

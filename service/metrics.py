@@ -175,6 +175,13 @@ class Metrics:
             registry=r,
         )
         self.asyncio_tasks.set_function(_asyncio_tasks)
+        # Pull requests built as merged (service/mergebuilds.py).
+        self.merge_builds = Counter(
+            "branchbuild_merge_builds",
+            "Pull request merges made for a merge build, by outcome.",
+            ["outcome"],
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})
 

@@ -54,6 +54,14 @@ class SourceMode(StrEnum):
     CODECOMMIT = "codecommit"
 
 
+class MergeStrategy(StrEnum):
+    """How a pull request's merge build merges (CodeCommit's ``mergeOption``)."""
+
+    FAST_FORWARD_MERGE = "FAST_FORWARD_MERGE"
+    SQUASH_MERGE = "SQUASH_MERGE"
+    THREE_WAY_MERGE = "THREE_WAY_MERGE"
+
+
 class OnDelete(StrEnum):
     """What happens to a deleted branch's archives and ledger entries."""
 
@@ -87,6 +95,9 @@ class Rule:
     # this rule's builds running at once (None: no limit of its own).
     priority: int = 0
     max_running: int | None = None
+    # Pull requests built as merged (service/mergebuilds.py, docs/merge-builds.md).
+    merge_build: bool = False
+    merge_strategy: MergeStrategy = MergeStrategy.THREE_WAY_MERGE
 
     @property
     def filters_paths(self) -> bool:
@@ -138,6 +149,11 @@ class _Paths(_Model):
     exclude: Globs = ()
 
 
+class _PullRequests(_Model):
+    merge_build: bool = False
+    merge_strategy: MergeStrategy = MergeStrategy.THREE_WAY_MERGE
+
+
 class _RuleModel(_Model):
     repository: Annotated[Globs, Field(min_length=1)]
     project: str | None = None
@@ -154,6 +170,7 @@ class _RuleModel(_Model):
     git_metadata: bool = False
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_running: int | None = Field(default=None, ge=1)
+    pull_requests: _PullRequests = _PullRequests()
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -188,6 +205,16 @@ class _RuleModel(_Model):
                 raise ValueError(f"{name} is set by branchbuild and cannot be overridden")
         return value
 
+    @field_validator("pull_requests")
+    @classmethod
+    def _merge_build(cls, value: _PullRequests, info: ValidationInfo) -> _PullRequests:
+        if value.merge_build and info.data.get("source") is SourceMode.CODECOMMIT:
+            raise ValueError(
+                "merge_build needs source: archive (the merge commit is on no branch, so "
+                "branchbuild fetches it by id and uploads it; CodeBuild's own clone would not)"
+            )
+        return value
+
     def resolve(self, defaults: Rule, index: int) -> Rule:
         b = self.branches
         return Rule(
@@ -213,6 +240,8 @@ class _RuleModel(_Model):
             git_metadata=self.git_metadata,
             priority=self.priority,
             max_running=self.max_running,
+            merge_build=self.pull_requests.merge_build,
+            merge_strategy=self.pull_requests.merge_strategy,
         )
 
 

@@ -30,7 +30,14 @@ from .build_state import Change, duration
 from .builds import StartedBuild
 from .decide import check_account
 from .errors import MalformedEvent, PermanentError
-from .events import Action, Push, RefType, check_ref_name, check_repository
+from .events import (
+    Action,
+    Push,
+    RefType,
+    check_ref_name,
+    check_repository,
+    merged_pull_request,
+)
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
 from .pipelines import Pipelines, Rule
@@ -127,6 +134,8 @@ class PullRequests:
         """
         if not self.enabled or push.ref_type is not RefType.BRANCH:
             return
+        if merged_pull_request(push) is not None:
+            return  # a merge build: service.mergebuilds reports it
         fresh: Document = {
             "repository": push.repository,
             "account": push.account,
@@ -214,6 +223,11 @@ class PullRequests:
             client = await self.accounts.codecommit(str(doc["account"]))
             targets = await self._targets(client, doc)
             content = render(entry, doc)
+            if self._rule(str(doc["repository"])).merge_build:  # issue 25
+                content += (
+                    "\nThis is the **branch build** (the source branch as pushed); the "
+                    "**merge build** has its own comment.\n"
+                )
             for target in targets:
                 await self._comment(client, archive, doc, target, content)
             # Pull requests that moved on to a newer commit keep this commit's comment, and

@@ -132,12 +132,17 @@ async def test_make_demo_against_a_running_localstack(
         "PR: push 2",
         "PR: comments",
         "PR: approval",
+        "PR 2: merge build",  # issue 25: demo-merge's pull request built as merged
+        "PR: destination moves",
+        "PR: merge comments",
     ):
         assert any(line in row and row.rstrip().endswith("yes") for row in out.splitlines())
     assert "build STOPPED, superseded" in out
     assert "**branchbuild**: ⏭️ Build superseded by" in out
     assert "**branchbuild**: ✅ Build succeeded" in out
     assert "approval of the current revision: APPROVE by arn:aws:iam::000000000000:user/test" in out
+    assert "**branchbuild**: ✅ Merge build succeeded" in out
+    assert "This is the **branch build**" in out
     pr_builds = [r for r in list_builds(state / "builds") if r.branch == "feature/demo-pr"]
     assert sorted(r.status for r in pr_builds) == ["STOPPED", "SUCCEEDED"]
     assert not (state / "logs" / "localstack.log").exists()  # started nothing
