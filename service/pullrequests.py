@@ -368,6 +368,10 @@ class PullRequests:
                 for group in page.get("commentsForPullRequestData", []):
                     for comment in group.get("comments", []):
                         if comment.get("clientRequestToken") == token and "commentId" in comment:
+                            if comment.get("content") != content:  # it shows an earlier state
+                                await client.update_comment(
+                                    commentId=comment["commentId"], content=content
+                                )
                             return comment["commentId"]
         raise PermanentError(f"the comment posted with token {token} cannot be found")
 

@@ -349,7 +349,8 @@ async def test_a_comment_whose_record_was_lost_is_found_by_its_token_beyond_the_
     world: World,
 ) -> None:
     """The record of a posted comment was lost: posting again with its token is refused
-    (other content), and the comment is found by its token, on whichever page it is."""
+    (other content), and the comment is found by its token, on whichever page it is, and
+    brought up to date."""
     await world.repo.checkout("feature/pay")
     commit = await world.repo.commit({"pay.py": "pass\n"})
     await world.repo.push("feature/pay")
@@ -394,6 +395,9 @@ async def test_a_comment_whose_record_was_lost_is_found_by_its_token_beyond_the_
     pages = world.standin.calls("GetCommentsForPullRequest")
     assert len(pages) == 2 and pages[1]["nextToken"]
     assert len(world.comments(pr)) == 102  # nothing posted twice
+    assert world.comments(pr)[-1].startswith(
+        "**branchbuild**: ⏳ Build started"
+    )  # brought up to date
     failed = metrics.registry.get_sample_value(
         "branchbuild_pull_request_updates_total", {"action": "failed"}
     )
