@@ -127,7 +127,8 @@ def _https(value: object) -> str | None:
 def _time(value: object) -> datetime:
     parsed = parse_time(value)
     if parsed is None:
-        raise MalformedEvent(f"time is not an ISO 8601 time: {str(value)[:40]!r}")
+        shown = repr(value[:40]) if isinstance(value, str) else f"a JSON {type(value).__name__}"
+        raise MalformedEvent(f"time is not an ISO 8601 time: {shown}")
     return parsed
 
 

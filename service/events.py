@@ -147,12 +147,15 @@ def validated(model: type[M], data: object) -> M:
     """``data`` as ``model``.
 
     Raises:
-        MalformedEvent: naming the first field (in the model's order) that is wrong.
+        MalformedEvent: naming the first field (in the model's order) that is wrong, or a value
+            nested too deeply to show.
     """
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         raise MalformedEvent(_reason(exc.errors()[0])) from None
+    except RecursionError:  # showing a value json parsed, from further down the stack
+        raise MalformedEvent("body is not JSON: nested deeper than the parser allows") from None
 
 
 def _reason(error: ErrorDetails) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from service.build_state import parse_build_state
 from service.errors import MalformedEvent
 from service.events import (
     Action,
+    Model,
     OtherEvent,
     Push,
     RefType,
@@ -24,6 +26,7 @@ from service.events import (
     event_time,
     parse_event,
     parse_work,
+    validated,
 )
 from service.pullrequests import parse_pull_request
 from tests.test_build_state import build_state_event
@@ -458,3 +461,17 @@ def test_a_pull_request_event_not_handled_is_not_checked_further() -> None:
     assert change is not None and change.account == "111122223333"
     assert change.detail.repositoryNames == ["payments-api"]
     assert change.detail.sourceCommit == COMMIT
+
+
+def test_a_value_nested_deeper_than_repr_goes_is_a_malformed_event() -> None:
+    """json parses a little deeper than repr (of an enum's error, of a reason) can show from
+    further down the stack: a malformed event all the same, never a RecursionError."""
+
+    class Kind(Model):
+        kind: RefType
+
+    deep: list[Any] = []
+    for _ in range(10 * sys.getrecursionlimit()):
+        deep = [deep]
+    with pytest.raises(MalformedEvent, match="nested deeper than the parser allows"):
+        validated(Kind, {"kind": deep})
