@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from service.events import (
     OtherEvent,
     Push,
     RefType,
+    _WorkMessage,
     detail_type,
     event_time,
     parse_event,
@@ -95,6 +97,12 @@ def test_work_message_round_trip() -> None:
     push = parse_event(json.dumps(sample("branch-updated.json")))
     assert isinstance(push, Push)
     assert parse_work(push.to_json()) == push
+
+
+def test_the_work_message_model_has_every_field_of_a_push() -> None:
+    """parse_work builds the Push from its model: a field of Push the model lacked would be
+    lost on the work queue (its default taken), silently."""
+    assert set(_WorkMessage.model_fields) == {field.name for field in dataclasses.fields(Push)}
 
 
 @pytest.mark.parametrize(
