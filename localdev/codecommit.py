@@ -357,14 +357,20 @@ class CodeCommitStandIn(JsonStandIn):
 
     async def _get_comments(self, params: dict[str, Any], caller: str) -> dict[str, Any]:
         pr = self._pull_request(params["pullRequestId"])
+        listed = [
+            comment
+            for comment in self.comments_on(pr.id)
+            if params.get("afterCommitId") in (None, comment.after)
+            and params.get("beforeCommitId") in (None, comment.before)
+        ]
+        # Pages of at most maxResults comments (100 by default), as CodeCommit pages them.
+        start = int(params.get("nextToken", "0") or 0)
+        size = int(params.get("maxResults", 100))
         groups: dict[tuple[str, str], list[_Comment]] = {}
-        for comment in self.comments_on(pr.id):
-            if params.get("afterCommitId") not in (None, comment.after):
-                continue
-            if params.get("beforeCommitId") not in (None, comment.before):
-                continue
+        for comment in listed[start : start + size]:
             groups.setdefault((comment.before, comment.after), []).append(comment)
-        return {
+        token = {"nextToken": str(start + size)} if start + size < len(listed) else {}
+        return token | {
             "commentsForPullRequestData": [
                 {
                     "pullRequestId": pr.id,

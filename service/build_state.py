@@ -17,15 +17,25 @@ other, and a final state is counted once.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Self
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    ConfigDict,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    model_validator,
+)
 
 from .errors import BranchbuildError, MalformedEvent, TransientError
+from .events import Envelope, Model, detail_type, iso, load, parse_time, text, validated
 from .ledger import Entry, Ledger, entry_key
 from .metrics import Metrics
 from .outcome import Outcome
@@ -49,7 +59,6 @@ _BUILD_ARN = re.compile(
     r"arn:aws[a-z-]*:codebuild:[a-z0-9-]+:[0-9]{12}:build/"
     r"(?P<id>[A-Za-z0-9][A-Za-z0-9_-]{1,254}:[A-Za-z0-9-]{1,64})"
 )
-_MAX_BODY = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -86,16 +95,101 @@ class Change:
         )
 
 
-def detail_type(body: str) -> str | None:
-    """The ``detail-type`` of an EventBridge envelope, or None if the body is not one."""
-    if len(body) > _MAX_BODY:
-        return None
+class _CodeBuild(Model):
+    """A part of CodeBuild's event: a ``_`` in a field name is a ``-`` in the JSON."""
+
+    model_config = ConfigDict(alias_generator=lambda name: name.replace("_", "-"))
+
+
+def _as_object(value: object) -> object:
+    return value if isinstance(value, dict) else None  # not an object: as if absent
+
+
+def _skip_invalid(value: object, handler: ValidatorFunctionWrapHandler) -> object:
     try:
-        data = json.loads(body)
+        return handler(value)
+    except ValidationError:
+        return None
+
+
+def _start_time(value: object) -> datetime | None:
+    """CodeBuild writes ``build-start-time`` as e.g. ``Sep 1, 2017 4:12:29 PM`` (UTC)."""
+    try:
+        return datetime.strptime(str(value), "%b %d, %Y %I:%M:%S %p").replace(tzinfo=UTC)
     except ValueError:
         return None
-    value = data.get("detail-type") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+
+
+def _https(value: object) -> str | None:
+    return value if isinstance(value, str) and value.startswith("https://") else None
+
+
+def _time(value: object) -> datetime:
+    parsed = parse_time(value)
+    if parsed is None:
+        shown = repr(value[:40]) if isinstance(value, str) else f"a JSON {type(value).__name__}"
+        raise MalformedEvent(f"time is not an ISO 8601 time: {shown}")
+    return parsed
+
+
+def _status(value: str) -> str:
+    if value != IN_PROGRESS and value not in FINAL:
+        raise MalformedEvent(f"unknown build-status {value[:40]!r}")
+    return value
+
+
+def _build_id(arn: str) -> str:
+    match = _BUILD_ARN.fullmatch(arn)
+    if not match:
+        raise MalformedEvent(f"build-id is not a CodeBuild build ARN: {arn[:120]!r}")
+    return match["id"]
+
+
+class _Variable(_CodeBuild):
+    name: str
+    value: str
+    type: str = "PLAINTEXT"
+
+
+class _Environment(_CodeBuild):
+    # A variable CodeBuild would not send is skipped, not the event.
+    environment_variables: list[Annotated[_Variable | None, WrapValidator(_skip_invalid)]] = []
+
+
+class _Logs(_CodeBuild):
+    deep_link: Annotated[str | None, BeforeValidator(_https)] = None
+
+
+class _Information(_CodeBuild):
+    environment: Annotated[_Environment | None, BeforeValidator(_as_object)] = None
+    logs: Annotated[_Logs | None, BeforeValidator(_as_object)] = None
+    build_start_time: Annotated[datetime | None, BeforeValidator(_start_time)] = None
+
+    def variables(self) -> dict[str, str]:
+        listed = self.environment.environment_variables if self.environment else []
+        return {v.name: v.value for v in listed if v is not None and v.type == "PLAINTEXT"}
+
+
+class _Detail(_CodeBuild):
+    build_status: Annotated[str, text(2048), AfterValidator(_status)]
+    build_id: Annotated[str, text(2048), AfterValidator(_build_id)]  # "project:uuid"
+    project_name: Annotated[str, text(2048)]
+    additional_information: _Information = _Information()
+
+    @model_validator(mode="after")
+    def _own_project(self) -> Self:
+        if not self.build_id.startswith(self.project_name + ":"):
+            raise MalformedEvent("build-id does not belong to project-name")
+        return self
+
+
+class _BuildStateEvent(Envelope):
+    KIND = (BUILD_SOURCE, BUILD_DETAIL_TYPE)
+    SENDER = "CodeBuild"
+
+    id: Annotated[str, text(2048)]
+    time: Annotated[datetime, BeforeValidator(_time)]
+    detail: _Detail
 
 
 def parse_build_state(body: str) -> BuildState:
@@ -104,85 +198,18 @@ def parse_build_state(body: str) -> BuildState:
     Raises:
         MalformedEvent: not such an event, or a field is missing or not what CodeBuild sends.
     """
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise MalformedEvent(f"body is not JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("source") != BUILD_SOURCE:
-        raise MalformedEvent("not a CodeBuild event (source is not aws.codebuild)")
-    detail = data.get("detail")
-    if not isinstance(detail, dict):
-        raise MalformedEvent("detail is missing or not an object")
-    event_id = _text(data, "id")
-    time = _time(_text(data, "time"), "time")
-    status = _text(detail, "build-status")
-    if status != IN_PROGRESS and status not in FINAL:
-        raise MalformedEvent(f"unknown build-status {status[:40]!r}")
-    arn = _text(detail, "build-id")
-    match = _BUILD_ARN.fullmatch(arn)
-    if not match:
-        raise MalformedEvent(f"build-id is not a CodeBuild build ARN: {arn[:120]!r}")
-    project = _text(detail, "project-name")
-    if not match["id"].startswith(project + ":"):
-        raise MalformedEvent("build-id does not belong to project-name")
-    info = detail.get("additional-information", {})
-    if not isinstance(info, dict):
-        raise MalformedEvent("additional-information is not an object")
-    variables = _variables(info)
-    logs = info.get("logs", {})
-    link = logs.get("deep-link") if isinstance(logs, dict) else None
-    start = info.get("build-start-time")
+    event = validated(_BuildStateEvent, load(body))
+    detail, info = event.detail, event.detail.additional_information
     return BuildState(
-        event_id=event_id,
-        time=time,
-        build_id=match["id"],
-        project=project,
-        status=status,
-        archive=variables.get(ARCHIVE_VARIABLE),
-        started_at=_start_time(start) if isinstance(start, str) else None,
-        logs=link if isinstance(link, str) and link.startswith("https://") else None,
+        event_id=event.id,
+        time=event.time,
+        build_id=detail.build_id,
+        project=detail.project_name,
+        status=detail.build_status,
+        archive=info.variables().get(ARCHIVE_VARIABLE),
+        started_at=info.build_start_time,
+        logs=info.logs.deep_link if info.logs else None,
     )
-
-
-def _text(data: dict[str, Any], key: str, limit: int = 2048) -> str:
-    value = data.get(key)
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise MalformedEvent(f"{key} is missing or not a string of at most {limit} characters")
-    return value
-
-
-def _time(value: str, what: str) -> datetime:
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise MalformedEvent(f"{what} is not an ISO 8601 time: {value[:40]!r}") from None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
-def _start_time(value: str) -> datetime | None:
-    """CodeBuild writes ``build-start-time`` as e.g. ``Sep 1, 2017 4:12:29 PM`` (UTC)."""
-    try:
-        return datetime.strptime(value, "%b %d, %Y %I:%M:%S %p").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def _variables(info: dict[str, Any]) -> dict[str, str]:
-    environment = info.get("environment", {})
-    listed = environment.get("environment-variables", []) if isinstance(environment, dict) else []
-    if not isinstance(listed, list):
-        raise MalformedEvent("environment-variables is not a list")
-    found: dict[str, str] = {}
-    for item in listed:
-        if isinstance(item, dict) and isinstance(item.get("name"), str):
-            value = item.get("value")
-            if isinstance(value, str) and item.get("type", "PLAINTEXT") == "PLAINTEXT":
-                found[item["name"]] = value
-    return found
-
-
-def iso(value: datetime) -> str:
-    return value.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def advance(entry: Entry, state: BuildState) -> Entry | None:
@@ -214,14 +241,8 @@ def result_label(entry: Entry) -> str:
 
 
 def duration(entry: Entry) -> float | None:
-    if entry.started_at is None or entry.ended_at is None:
-        return None
-    try:
-        start = datetime.fromisoformat(entry.started_at.replace("Z", "+00:00"))
-        end = datetime.fromisoformat(entry.ended_at.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return max(0.0, (end - start).total_seconds())
+    start, end = parse_time(entry.started_at), parse_time(entry.ended_at)
+    return None if start is None or end is None else max(0.0, (end - start).total_seconds())
 
 
 # Called after each ledger change: the pull request feedback (service.pullrequests) listens.

@@ -39,13 +39,13 @@ from .aws import AccountClients, error_code, naming, translated
 from .build_state import Change, duration
 from .builds import StartedBuild
 from .decide import check_account
-from .errors import MalformedEvent, PermanentError
-from .events import Action, Push, RefType, check_repository, merge_branch, merged_pull_request
+from .errors import PermanentError
+from .events import Action, Push, RefType, merge_branch, merged_pull_request
 from .intake import work_message
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
 from .pipelines import MergeStrategy, Pipelines, Rule
-from .pullrequests import HANDLED_EVENTS, _pull_request_detail
+from .pullrequests import parse_pull_request
 from .queue import Queue
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -201,22 +201,16 @@ class MergeBuilds:
             RejectedEvent: its account is not in BRANCHBUILD_ALLOWED_ACCOUNTS.
             TransientError: CodeCommit, S3 or SQS failed.
         """
-        detail = _pull_request_detail(body)
-        if detail["event"] not in HANDLED_EVENTS or detail.get("pullRequestStatus") != "OPEN":
+        event = parse_pull_request(body)
+        if event is None or event.detail.pullRequestStatus != "OPEN":
             return "ignored"
-        repositories = detail.get("repositoryNames")
-        if not isinstance(repositories, list) or len(repositories) != 1:
-            raise MalformedEvent("repositoryNames is not a list of one repository")
-        repository = check_repository(str(repositories[0]))
+        repository = event.detail.repositoryNames[0]
         rule = self.pipelines.rule_for(repository)
         if not rule.merge_build:
             return "ignored"
-        account = str(detail["account"])
+        account, region = event.account, event.region
         check_account(account, self.settings)
-        region = json.loads(body).get("region")
-        if not isinstance(region, str) or not _REGION.fullmatch(region):
-            raise MalformedEvent("region is missing or not an AWS region")
-        pull_request_id = str(detail["pullRequestId"])
+        pull_request_id = event.detail.pullRequestId
         merge_branch(pull_request_id)  # refuses an id that is not one
         with naming(repositoryName=repository):
             try:

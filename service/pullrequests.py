@@ -18,25 +18,33 @@ pull request opened after its commit was built gets the result at once.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
 from botocore.exceptions import ClientError
+from pydantic import model_validator
 
 from .aws import AccountClients, error_code, naming, translated
-from .build_state import Change, duration
+from .build_state import PULL_REQUEST_DETAIL_TYPE, Change, duration
 from .builds import StartedBuild
 from .decide import check_account
 from .errors import MalformedEvent, PermanentError
 from .events import (
+    Account,
     Action,
+    Commit,
+    Envelope,
+    Named,
     Push,
     RefType,
+    Region,
+    Repository,
     check_ref_name,
-    check_repository,
+    load,
     merged_pull_request,
+    text,
+    validated,
 )
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
@@ -53,6 +61,48 @@ FEEDBACK_SUFFIX = ".feedback.json"
 SOURCE = "aws.codecommit"
 HANDLED_EVENTS = frozenset({"pullRequestCreated", "pullRequestSourceBranchUpdated"})
 _FAILED = frozenset({"FAILED", "FAULT", "TIMED_OUT"})
+
+
+class _PullRequestEvent(Envelope):
+    KIND = (SOURCE, PULL_REQUEST_DETAIL_TYPE)
+    SENDER = "CodeCommit"
+
+    detail: Named
+
+
+class _PullRequestDetail(Named):
+    pullRequestId: Annotated[str, text(128)]
+    sourceReference: Annotated[str, text(4096)]
+    sourceCommit: Commit
+    pullRequestStatus: Annotated[str, text(64)]
+    repositoryNames: list[Repository] = []
+
+    @model_validator(mode="after")
+    def _one_repository(self) -> Self:
+        if len(self.repositoryNames) != 1:
+            raise MalformedEvent("repositoryNames is not a list of one repository")
+        return self
+
+
+class _PullRequestChange(_PullRequestEvent):
+    """A pull request opened, or its source branch moved."""
+
+    detail: _PullRequestDetail
+    account: Account
+    region: Region
+
+
+def parse_pull_request(body: str) -> _PullRequestChange | None:
+    """A ``CodeCommit Pull Request State Change`` event; None if it is not one of
+    ``HANDLED_EVENTS`` (only their fields are checked).
+
+    Raises:
+        MalformedEvent: not such an event, or unusable fields.
+    """
+    data = load(body)
+    if validated(_PullRequestEvent, data).detail.event not in HANDLED_EVENTS:
+        return None
+    return validated(_PullRequestChange, data)
 
 
 @dataclass(frozen=True)
@@ -167,27 +217,22 @@ class PullRequests:
             RejectedEvent: its account is not in BRANCHBUILD_ALLOWED_ACCOUNTS.
             TransientError: CodeCommit or S3 failed.
         """
-        detail = _pull_request_detail(body)
-        if not self.enabled or detail["event"] not in HANDLED_EVENTS:
+        event = parse_pull_request(body)
+        if event is None or not self.enabled or event.detail.pullRequestStatus != "OPEN":
             return "ignored"
-        if detail.get("pullRequestStatus") != "OPEN":
+        detail = event.detail
+        if not detail.sourceReference.startswith("refs/heads/"):
             return "ignored"
-        reference = str(detail["sourceReference"])
-        if not reference.startswith("refs/heads/"):
-            return "ignored"
-        check_account(str(detail["account"]), self.settings)
-        repositories = detail.get("repositoryNames")
-        if not isinstance(repositories, list) or len(repositories) != 1:
-            raise MalformedEvent("repositoryNames is not a list of one repository")
+        check_account(event.account, self.settings)
         push = Push(
             event_id="-",
-            account=str(detail["account"]),
+            account=event.account,
             region="-",
-            repository=check_repository(str(repositories[0])),
+            repository=detail.repositoryNames[0],
             ref_type=RefType.BRANCH,
-            name=check_ref_name(reference.removeprefix("refs/heads/")),
+            name=check_ref_name(detail.sourceReference.removeprefix("refs/heads/")),
             action=Action.UPDATED,
-            commit=str(detail["sourceCommit"]),
+            commit=detail.sourceCommit,
         )
         archive = archive_key(self._rule(push.repository).key_template, push)
         if await self.records.read(archive + FEEDBACK_SUFFIX) is None:
@@ -323,16 +368,21 @@ class PullRequests:
                 if error_code(exc) != "IdempotencyParameterMismatchException":
                     raise
         # Posted before with other content (the record of it was lost): find it by its token.
+        pages = client.get_paginator("get_comments_for_pull_request").paginate(
+            pullRequestId=target.pull_request_id,
+            repositoryName=str(doc["repository"]),
+            afterCommitId=target.source_commit,
+        )
         with translated(f"read the comments of pull request {target.pull_request_id}"):
-            reply_ = await client.get_comments_for_pull_request(
-                pullRequestId=target.pull_request_id,
-                repositoryName=str(doc["repository"]),
-                afterCommitId=target.source_commit,
-            )
-        for group in reply_.get("commentsForPullRequestData", []):
-            for comment in group.get("comments", []):
-                if comment.get("clientRequestToken") == token and "commentId" in comment:
-                    return comment["commentId"]
+            async for page in pages:
+                for group in page.get("commentsForPullRequestData", []):
+                    for comment in group.get("comments", []):
+                        if comment.get("clientRequestToken") == token and "commentId" in comment:
+                            if comment.get("content") != content:  # it shows an earlier state
+                                await client.update_comment(
+                                    commentId=comment["commentId"], content=content
+                                )
+                            return comment["commentId"]
         raise PermanentError(f"the comment posted with token {token} cannot be found")
 
     async def _approval(
@@ -389,29 +439,3 @@ class PullRequests:
             return current | {"approvals": approvals}
 
         await self.records.update(archive + FEEDBACK_SUFFIX, record)
-
-
-def _pull_request_detail(body: str) -> dict[str, Any]:
-    try:
-        data = json.loads(body)
-    except ValueError as exc:
-        raise MalformedEvent(f"body is not JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("source") != SOURCE:
-        raise MalformedEvent("not a CodeCommit event (source is not aws.codecommit)")
-    detail = data.get("detail")
-    if not isinstance(detail, dict):
-        raise MalformedEvent("detail is missing or not an object")
-    event = detail.get("event")
-    if not isinstance(event, str):
-        raise MalformedEvent("detail.event is missing")
-    if event in HANDLED_EVENTS:
-        for key in ("pullRequestId", "sourceReference", "sourceCommit", "pullRequestStatus"):
-            if not isinstance(detail.get(key), str) or not detail[key]:
-                raise MalformedEvent(f"{key} is missing or not a string")
-        commit = str(detail["sourceCommit"])
-        if len(commit) != 40 or any(c not in "0123456789abcdef" for c in commit):
-            raise MalformedEvent("sourceCommit is not a 40-character hex commit id")
-        account = data.get("account")
-        if not isinstance(account, str) or len(account) != 12 or not account.isdigit():
-            raise MalformedEvent("account is not a 12-digit account id")
-    return detail | {"account": data.get("account")}

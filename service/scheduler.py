@@ -42,7 +42,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import anyio
 
@@ -595,17 +594,13 @@ async def running_builds(records: Records) -> dict[str, Document]:
 async def _waiting_keys(records: Records, limit: int | None = None) -> list[str]:
     """The keys of the non-empty waiting documents (all, or the first ``limit``)."""
     keys: list[str] = []
-    token: str | None = None
-    while True:
-        args: dict[str, Any] = {"Bucket": records.bucket, "Prefix": WAITING_PREFIX}
-        if token:
-            args["ContinuationToken"] = token
-        with translated(f"list {WAITING_PREFIX}", transient=StorageError):
-            reply = await records.s3.list_objects_v2(**args)
-        keys += [o["Key"] for o in reply.get("Contents", []) if o.get("Size", 0) > _EMPTY_SIZE]
-        token = reply.get("NextContinuationToken")
-        if not token or (limit is not None and len(keys) >= limit):
-            return keys
+    pages = records.s3.get_paginator("list_objects_v2")
+    with translated(f"list {WAITING_PREFIX}", transient=StorageError):
+        async for page in pages.paginate(Bucket=records.bucket, Prefix=WAITING_PREFIX):
+            keys += [o["Key"] for o in page.get("Contents", []) if o.get("Size", 0) > _EMPTY_SIZE]
+            if limit is not None and len(keys) >= limit:
+                break  # no further page is requested
+    return keys
 
 
 def _refusal(

@@ -104,6 +104,26 @@ async def test_buildable_pushes_are_forwarded_skips_acknowledged_poison_dead_let
     assert await aws.dlq_bodies(aws.intake_dlq_url) == ["not json"]
 
 
+async def test_a_body_nested_too_deeply_is_dead_lettered_at_once_as_malformed(
+    aws: AwsResources,
+) -> None:
+    """json's RecursionError is a malformed event with its reason, not an unexpected error
+    retried until the queue gives up."""
+    deep = "[" * 50_000 + "]" * 50_000
+    await aws.send_event(deep)
+    async with running(aws) as state:
+
+        async def settled() -> bool:
+            return await counts(aws, aws.intake_url) == (0, 0)
+
+        await wait_for(settled, what="the intake queue emptied")
+        assert state.events(event="malformed", outcome="dead_lettered") == 1
+    [(body, attributes)] = await aws.dlq_messages(aws.intake_dlq_url)
+    assert body == deep
+    assert attributes["branchbuild.error_kind"] == "malformed_event"
+    assert "nested deeper than the parser allows" in attributes["branchbuild.reason"]
+
+
 async def test_stop_lets_the_parked_poll_finish_and_forwards_what_it_brings(
     aws: AwsResources,
 ) -> None:

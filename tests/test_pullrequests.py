@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,11 +18,18 @@ from typing import TYPE_CHECKING, Any
 import aioboto3
 import aiohttp
 import pytest
+from aiobotocore.config import AioConfig
 
 from localdev.codecommit import CodeCommitStandIn, git_resolver
 from localdev.githost import codecommit_event
+from service.aws import AccountClients, Clients
+from service.ledger import Entry, Ledger
+from service.metrics import Metrics
+from service.pullrequests import FEEDBACK_SUFFIX, PullRequests, comment_token
+from service.records import Records
 from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, create_project, wait_for
 from tests.test_build_state import build_state_event, counted, ledger, send_build_event, stop_builds
+from tests.test_worker import settings_for
 
 if TYPE_CHECKING:
     from types_aiobotocore_codecommit import CodeCommitClient
@@ -335,3 +343,62 @@ async def test_the_stand_in_refuses_what_codecommit_would_refuse(world: World) -
     status, error = await call("GetPullRequest", {"pullRequestId": "404"})
     assert error["__type"] == "PullRequestDoesNotExistException"
     assert world.standin.requests == [("GetPullRequest", {"pullRequestId": "404"})]
+
+
+async def test_a_comment_whose_record_was_lost_is_found_by_its_token_beyond_the_first_page(
+    world: World,
+) -> None:
+    """The record of a posted comment was lost: posting again with its token is refused
+    (other content), and the comment is found by its token, on whichever page it is, and
+    brought up to date."""
+    await world.repo.checkout("feature/pay")
+    commit = await world.repo.commit({"pay.py": "pass\n"})
+    await world.repo.push("feature/pay")
+    pr = await world.open_pull_request("feature/pay")
+    [target] = (await world.developer.get_pull_request(pullRequestId=pr))["pullRequest"][
+        "pullRequestTargets"
+    ]
+    before = target["destinationCommit"]
+    for n in range(101):  # the first page holds 100
+        await world.developer.post_comment_for_pull_request(
+            pullRequestId=pr, repositoryName="shop", beforeCommitId=before, afterCommitId=commit,
+            content=f"review {n}",
+        )  # fmt: skip
+    archive, build_id = f"shop/feature/pay/{commit}.zip", "shop:0f1e2d3c-4b5a-6978"
+    settings = settings_for(world.aws, pull_request_feedback="comment")
+    session = aioboto3.Session(aws_access_key_id="testing", aws_secret_access_key="x")
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            session.client("codecommit", endpoint_url=world.standin.endpoint)
+        )
+        earlier = await client.post_comment_for_pull_request(  # before its record was lost
+            pullRequestId=pr, repositoryName="shop", beforeCommitId=before, afterCommitId=commit,
+            content="an earlier state", clientRequestToken=comment_token(pr, commit, build_id),
+        )  # fmt: skip
+        records = Records(world.aws.s3, world.aws.bucket)
+        await Ledger(records).started(
+            archive, Entry(commit, "refs/heads/feature/pay", build_id=build_id, project="shop")
+        )
+        feedback: dict[str, Any] = {"repository": "shop", "account": "123456789012"}
+        feedback |= {"ref": "refs/heads/feature/pay", "commit": commit, "build_id": build_id}
+        await records.write(archive + FEEDBACK_SUFFIX, feedback | {"comments": {}}, replacing=None)
+        clients = Clients(
+            world.aws.sqs, world.aws.s3, world.aws.codebuild, client, session, AioConfig()
+        )
+        metrics = Metrics()
+        await PullRequests(AccountClients(clients, stack, ""), records, settings, metrics).sync(
+            archive
+        )
+    document = await records.read(archive + FEEDBACK_SUFFIX)
+    assert document is not None
+    assert document.data["comments"][pr]["id"] == earlier["comment"]["commentId"]
+    pages = world.standin.calls("GetCommentsForPullRequest")
+    assert len(pages) == 2 and pages[1]["nextToken"]
+    assert len(world.comments(pr)) == 102  # nothing posted twice
+    assert world.comments(pr)[-1].startswith(
+        "**branchbuild**: ⏳ Build started"
+    )  # brought up to date
+    failed = metrics.registry.get_sample_value(
+        "branchbuild_pull_request_updates_total", {"action": "failed"}
+    )
+    assert not failed

@@ -13,8 +13,6 @@ from ..events import (
     OtherEvent,
     Push,
     RefChange,
-    check_ref_name,
-    check_repository,
     codecommit_event,
     parse_event,
 )
@@ -41,8 +39,6 @@ def build_test_event(
     Raises:
         MalformedEvent: a name, the commit, the account or the region is invalid.
     """
-    check_repository(repository)
-    check_ref_name(name)
     ref = ("refs/tags/" if tag else "refs/heads/") + name
     event = codecommit_event(
         RefChange(repository, ref, None, commit), account=account, region=region
