@@ -39,7 +39,7 @@ from .aws import AccountClients, error_code, naming, translated
 from .build_state import Change, duration
 from .builds import StartedBuild
 from .decide import check_account
-from .errors import PermanentError
+from .errors import MalformedEvent, PermanentError
 from .events import Action, Push, RefType, merge_branch, merged_pull_request
 from .intake import work_message
 from .ledger import Entry, Ledger, archive_key
@@ -60,7 +60,6 @@ log = logging.getLogger("branchbuild.mergebuilds")
 MERGES_PREFIX = STATE_PREFIX + "merges/"
 MERGE_SUFFIX = ".merge.json"
 AUTHOR = "branchbuild"
-_REGION = re.compile(r"[a-z]{2}(-[a-z]+)+-[0-9]{1,2}")
 _MAX_CONFLICT_FILES = 20
 
 
@@ -210,6 +209,8 @@ class MergeBuilds:
             return "ignored"
         account, region = event.account, event.region
         check_account(account, self.settings)
+        if region is None:
+            raise MalformedEvent("region is missing or not a string")
         pull_request_id = event.detail.pullRequestId
         merge_branch(pull_request_id)  # refuses an id that is not one
         with naming(repositoryName=repository):

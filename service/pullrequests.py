@@ -89,7 +89,7 @@ class _PullRequestChange(_PullRequestEvent):
 
     detail: _PullRequestDetail
     account: Account
-    region: Region
+    region: Region | None = None  # merge builds need it (service.mergebuilds)
 
 
 def parse_pull_request(body: str) -> _PullRequestChange | None:
