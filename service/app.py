@@ -19,6 +19,7 @@ from .health import Health, bound_port, serve_http
 from .intake import Intake
 from .job import Services, start_recorded
 from .metrics import Metrics
+from .notify import Notifier
 from .pipelines import Pipelines, Watcher
 from .pullrequests import PullRequests
 from .queue import Leases, Queue
@@ -126,11 +127,19 @@ class App:
                 work_queue,
                 statuses=codebuild.statuses if s.build_backend is BackendName.CODEBUILD else None,
             )
+            # issue 25: notifications (SNS), one client for the service's life
+            sns = await stack.enter_async_context(
+                clients.session.client("sns", config=clients.config)
+            )
+            notifier = Notifier(
+                sns, records, s, self.metrics, pipelines, pull_requests=pull_requests.commented
+            )
+            work_queue.on_dead_letter = notifier.dead_lettered
             outcomes = Outcomes(
                 records,
                 s,
                 self.metrics,
-                listeners=(pull_requests.changed, scheduler.build_changed),
+                listeners=(pull_requests.changed, scheduler.build_changed, notifier.changed),
                 pull_requests=pull_requests.event,
             )
             async with anyio.create_task_group() as background:
@@ -148,7 +157,7 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
-                    started_hooks=(supersede.started, pull_requests.started),
+                    started_hooks=(supersede.started, pull_requests.started, notifier.started),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,
                     newer_started=supersede.newer_started,

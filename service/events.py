@@ -60,6 +60,7 @@ class Push:
     time: str | None = None
     # "event": from a CodeCommit event; "reconcile": a missed push found by service.reconcile.
     origin: str = "event"
+    pusher: str | None = None  # the event's callerUserArn (notifications, service.notify)
 
     @property
     def ref(self) -> str:
@@ -124,6 +125,7 @@ def parse_event(body: str | bytes) -> Push | OtherEvent:
         commit=commit,
         old_commit=old_commit,
         time=time if isinstance(time, str) and len(time) <= 64 else None,
+        pusher=_pusher(detail.get("callerUserArn")),
     )
 
 
@@ -151,10 +153,17 @@ def parse_work(body: str | bytes) -> Push:
             old_commit=_commit(data, "old_commit", required=deleted),
             time=data.get("time") if isinstance(data.get("time"), str) else None,
             origin="reconcile" if data.get("origin") == "reconcile" else "event",
+            pusher=_pusher(data.get("pusher")),
         )
     except ValueError as exc:
         raise MalformedEvent(f"bad work message: {exc}") from None
     return push
+
+
+def _pusher(value: Any) -> str | None:
+    """An IAM ARN as CodeCommit names the pusher, or None (only ever shown, never acted on)."""
+    ok = isinstance(value, str) and value.startswith("arn:") and len(value) <= 2048
+    return value if ok and value.isprintable() else None
 
 
 def check_repository(name: str) -> str:

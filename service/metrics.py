@@ -175,6 +175,14 @@ class Metrics:
             registry=r,
         )
         self.asyncio_tasks.set_function(_asyncio_tasks)
+        # Notifications (service/notify.py).
+        self.notifications = Counter(
+            "branchbuild_notifications",
+            "SNS notifications, by outcome (failed, fixed, ...) and result (published, "
+            "duplicate, failed).",
+            ["outcome", "result"],
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})
 

@@ -160,6 +160,9 @@ UNUSED_GRANTS_WITH_REASONS: dict[str, str] = {
     # The suite's deployments read the rules from a file; in S3 it is one GetObject (the
     # same code as a ledger read, tests/test_pipelines.py reads it from moto unrecorded).
     "service:ReadPipelineConfig:s3:GetObject": "BRANCHBUILD_CONFIG=s3://...: one object",
+    # With NotifyKmsKeyArn, SNS calls KMS on the publisher's behalf (no emulator encrypts).
+    "service:UseNotifyKey:kms:GenerateDataKey": "SSE-KMS of the notification topics",
+    "service:UseNotifyKey:kms:Decrypt": "SSE-KMS of the notification topics",
 }
 
 # Statements whose resource has a wildcard (role:Sid), and why it cannot be narrower.
@@ -224,6 +227,8 @@ def resource_names(resources: dict[str, Any]) -> list[dict[str, str]]:
         names["ObjectName"] = str(resources["Key"])
     if "repositoryName" in resources:
         names["RepositoryName"] = str(resources["repositoryName"])
+    if "TopicArn" in resources:  # arn:aws:sns:<region>:<account>:<name>
+        names["TopicName"] = str(resources["TopicArn"]).rsplit(":", 1)[-1]
     if "RoleArn" in resources:  # arn:aws:iam::<account>:role/<path and name>
         arn = str(resources["RoleArn"]).split(":", 5)
         names["RoleNameWithPath"] = arn[5].removeprefix("role/")
@@ -281,6 +286,8 @@ FEEDBACK_REPOSITORIES = ("shop",)
 TEST_NAMES = {
     re.compile(r"^(intake|intake-dlq|work|work-dlq)-[0-9a-f]{8}\.fifo$"): r"branchbuild-\1.fifo",
     re.compile(r"^artifacts-[0-9a-f]{8}$"): "branchbuild-artifacts",
+    # tests/test_notify.py's topics; the walkthrough's NotifyTopicArns
+    re.compile(r"^notify-[0-9a-f]{8}$"): "branchbuild-notifications",
 }
 
 
@@ -408,6 +415,8 @@ def walkthrough(**more: Any) -> Deployment:
         PullRequestRoleName=PULL_REQUEST_ROLE,
         RepositoryAccountIds=f"{ACCOUNT},{REPOSITORY_ACCOUNT}",
         PipelineConfig=CONFIG,
+        NotifyTopicArns=f"arn:aws:sns:{REGION}:{ACCOUNT}:branchbuild-notifications",
+        NotifyKmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/notify-key",
         **more,
     )
 
@@ -507,6 +516,9 @@ class Call:
                 )
             elif key == "RoleArn":
                 value = deployed_role(str(value))
+            elif key == "TopicArn":
+                base, _, name = str(value).rpartition(":")
+                value = f"{base}:{deployed_name(name)}"
             found[key] = list(value) if isinstance(value, tuple) else value
         return found
 
