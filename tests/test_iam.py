@@ -970,8 +970,8 @@ def prove(directory: Path, *, partial: str = "") -> str:
     denied = denials(pairs)
     assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
     # ...and at the defaults (only the required prefix): every call of the features that need
-    # no parameter (all but pull request feedback) is allowed there too.
-    plain = {c for c in calls if c.service not in ("codecommit", "sts")}
+    # no parameter (all but pull request feedback and notifications) is allowed there too.
+    plain = {c for c in calls if c.service not in ("codecommit", "sts", "sns")}
     denied = denials(requests_for(plain, deployment()))
     assert not denied, "calls the default deployment does not allow:\n" + "\n".join(denied)
     allowed = f"all {len(calls)} distinct AWS calls of the run are allowed"
@@ -1149,6 +1149,8 @@ def test_what_the_templates_must_deny_is_denied() -> None:
     key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1"
     via = "kms:ViaService"
     shop = f"arn:aws:codecommit:{REGION}:{REPOSITORY_ACCOUNT}:"
+    topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:"
+    notify_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/notify-key"
     allowed = [
         ("service", "codebuild:StartBuild", project + "bb-app", {}),
         ("service", "sts:AssumeRole", f"arn:aws:iam::{REPOSITORY_ACCOUNT}{role}", {}),
@@ -1161,6 +1163,8 @@ def test_what_the_templates_must_deny_is_denied() -> None:
         ("service", "kms:Decrypt", key, {via: f"sqs.{REGION}.amazonaws.com"}),
         ("admin", "kms:GenerateDataKey", key, {via: f"s3.{REGION}.amazonaws.com"}),
         ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "shop", {}),
+        ("service", "sns:Publish", topic + "branchbuild-notifications", {}),
+        ("service", "kms:GenerateDataKey", notify_key, {via: f"sns.{REGION}.amazonaws.com"}),
     ]
     denied = [
         # StartBuild (with source and environment overrides) outside the prefix.
@@ -1185,6 +1189,9 @@ def test_what_the_templates_must_deny_is_denied() -> None:
         # The repository account's role: its listed repositories, feedback calls only.
         ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "payroll", {}),
         ("pull-requests", "codecommit:GitPush", shop + "shop", {}),
+        # Notifications: the listed topics only, their key only through SNS.
+        ("service", "sns:Publish", topic + "someone-elses-topic", {}),
+        ("service", "kms:GenerateDataKey", notify_key, {}),
     ]
     cases = [(_ask(d, r, a, res, **c), True) for r, a, res, c in allowed]
     cases += [(_ask(d, r, a, res, **c), False) for r, a, res, c in denied]

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from localdev.githost import codecommit_event
 from service.errors import ConfigurationError
+from service.events import Push, RefChange, parse_event, parse_work
 from service.ledger import Entry
 from service.notify import (
     Notice,
@@ -471,3 +472,15 @@ async def test_a_dead_lettered_push_notifies_with_its_reason(
     assert body["reason"] == reason["branchbuild.reason"]
     assert body["error_kind"] == reason["branchbuild.error_kind"]
     await counted(service, 1, "branchbuild_notifications_total", outcome="dead_lettered")
+
+
+def test_the_pusher_is_read_from_the_event_and_travels_with_the_push() -> None:
+    event = codecommit_event(RefChange("shop", "refs/heads/feature/pay", None, "a" * 40))
+    event["detail"]["callerUserArn"] = ALICE
+    push = parse_event(json.dumps(event))
+    assert isinstance(push, Push) and push.pusher == ALICE
+    assert parse_work(push.to_json()).pusher == ALICE  # the work queue's message keeps it
+    for odd in ("not-an-arn", "arn:aws:iam::1:user/a\nb", 7, None):
+        event["detail"]["callerUserArn"] = odd
+        parsed = parse_event(json.dumps(event))
+        assert isinstance(parsed, Push) and parsed.pusher is None
