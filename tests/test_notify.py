@@ -34,6 +34,7 @@ from service.notify import (
 )
 from service.pipelines import Rule, parse_config
 from service.settings import load_settings
+from tests.faultproxy import Fault, FaultProxy
 from tests.helpers import (
     AwsResources,
     GitWorld,
@@ -484,3 +485,51 @@ def test_the_pusher_is_read_from_the_event_and_travels_with_the_push() -> None:
         event["detail"]["callerUserArn"] = odd
         parsed = parse_event(json.dumps(event))
         assert isinstance(parsed, Push) and parsed.pusher is None
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+async def test_a_failed_publish_is_retried_and_sent_once(
+    topic: Topic,
+    pushes: Pushes,
+    start_service: StartService,
+    localstack_endpoint: str,  # noqa: F811
+) -> None:
+    """SNS fails every attempt of the first Publish (botocore's retries included): the state
+    event is retried, and the notification arrives, once."""
+    error = (
+        b"<ErrorResponse><Error><Type>Receiver</Type><Code>InternalError</Code>"
+        b"<Message>injected</Message></Error></ErrorResponse>"
+    )
+    async with FaultProxy(upstream=localstack_endpoint).running() as proxy:
+        fault = proxy.add(
+            Fault(
+                match=lambda request: request.method == "POST",
+                body_contains=b"Action=Publish",
+                status=500,
+                body=error,
+                content_type="text/xml",
+                times=1_000_000,  # until the service has seen its publish fail
+            )
+        )
+        service = await start(start_service, topic, proxy.endpoint)
+        await pushes.repo.checkout("feature/pay")
+        broken = await pushes.push("feature/pay", 1, ALICE)
+        await pushes.ended("feature/pay", broken, "FAILED")
+        await counted(service, 1, "branchbuild_notifications_total", result="failed")
+        fault.times = fault.hits  # SNS is back
+        [failed] = await topic.messages(topic.alices, 1)
+        assert outcome(failed) == "failed" and json.loads(failed["Message"])["commit"] == broken
+        assert fault.hits > 1 and not proxy.errors  # botocore's own retries came first
+        await counted(service, 1, "branchbuild_events_total", outcome="retried")
+        # A redelivery after it was sent publishes nothing; Bob's failure is the barrier.
+        await pushes.ended("feature/pay", broken, "FAILED")
+        await counted(service, 1, "branchbuild_notifications_total", result="duplicate")
+        await pushes.repo.checkout("feature/bob")
+        bobs = await pushes.push("feature/bob", 2, BOB)
+        await pushes.ended("feature/bob", bobs, "FAILED")
+        everything = await topic.messages(topic.everything, 2)
+        assert sorted(json.loads(e["Message"])["commit"] for e in everything) == sorted(
+            [broken, bobs]
+        )
+        assert await service.metric("branchbuild_notifications_total", result="published") == 2
