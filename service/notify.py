@@ -366,6 +366,15 @@ class Notifier:
             return Rule.from_settings(self.settings)
         return self.pipelines.rule_for(repository)
 
+    def _anywhere(self) -> bool:
+        """Whether any rule notifies (else a finished build costs not even an S3 read)."""
+        if self.pipelines is None:
+            return bool(self.settings.notify_topics)
+        config = self.pipelines.current
+        return bool(config.defaults.notify_topics) or any(
+            rule.notify_topics for _, rule in config.rules
+        )
+
     # -- the three moments ----------------------------------------------------------------
 
     async def started(self, push: Push, build: StartedBuild, archive: str) -> None:
@@ -405,7 +414,7 @@ class Notifier:
                 the reason; redriven once fixed, it notifies).
         """
         entry = change.after
-        if entry is None or result_of(entry) is None:
+        if entry is None or result_of(entry) is None or not self._anywhere():
             return
         key = build_key(change.archive)
         found = await self.records.read(key)
