@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 
 import anyio
 import anyio.abc
+from aiobotocore.config import AioConfig
 
 from .aws import AccountClients, Clients, open_clients
 from .build_state import Outcomes
@@ -33,6 +34,10 @@ from .supersede import LocalStop, Supersede
 from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
+
+# SNS answers in milliseconds: short reads and few attempts keep a publish well inside the
+# claim's lease (service.notify.LEASE_SECONDS).
+NOTIFY_CONFIG = AioConfig(read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
 
 #: Makes a build backend other than CodeBuild, given the settings, the AWS clients, the task
 #: group its builds run in and the stack that closes what it opens. Production has none: the
@@ -129,7 +134,7 @@ class App:
             )
             # issue 25: notifications (SNS), one client for the service's life
             sns = await stack.enter_async_context(
-                clients.session.client("sns", config=clients.config)
+                clients.session.client("sns", config=clients.config.merge(NOTIFY_CONFIG))
             )
             notifier = Notifier(
                 sns, records, s, self.metrics, pipelines, pull_requests=pull_requests.commented

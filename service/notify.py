@@ -45,7 +45,13 @@ from botocore.exceptions import ClientError
 from .aws import error_code, region, translated
 from .build_state import FINAL, Change
 from .builds import StartedBuild
-from .errors import BranchbuildError, MalformedEvent, NotificationRefused, TransientError
+from .errors import (
+    BranchbuildError,
+    MalformedEvent,
+    NotificationRefused,
+    TransientError,
+    unexpected,
+)
 from .events import Push, parse_work
 from .ledger import Entry
 from .metrics import Metrics
@@ -65,7 +71,9 @@ BUILDS_PREFIX = NOTIFY_PREFIX + "builds/"
 BRANCHES_PREFIX = NOTIFY_PREFIX + "branches/"
 DEAD_LETTERS_PREFIX = NOTIFY_PREFIX + "dead-letters/"
 HISTORY = 20  # decided results kept per branch (for "fixed")
-LEASE_SECONDS = 60.0  # a pending claim older than this is taken over (its holder died)
+# A pending claim older than this is taken over (its holder died); longer than a publish can
+# take with the SNS client's timeouts and retries (service.app: 10 s reads, 3 attempts).
+LEASE_SECONDS = 60.0
 DEAD_LETTER_TIMEOUT = 20.0  # the dead-letter hook runs shielded: never hold a shutdown longer
 
 _FAILED = frozenset({"FAILED", "FAULT", "TIMED_OUT"})
@@ -451,8 +459,16 @@ class Notifier:
             await self._publish(key, topic, notice)
 
     async def dead_lettered(self, message: Message, reason: str, kind: str) -> None:
-        """Work queue hook: a push was dead-lettered. Never raises: the message is in the
-        dead-letter queue already; a failure is logged and counted."""
+        """Work queue hook: a push was dead-lettered. Never raises (the queue's settling must
+        not): the message is in the dead-letter queue already; a failure is logged and
+        counted."""
+        try:
+            await self._dead_lettered(message, reason, kind)
+        except Exception as exc:  # a bug: never let it stop settling the message
+            log.exception("notifying the dead-lettered message %s failed", message.id)
+            self._dead_letter_failed(message, unexpected(exc))
+
+    async def _dead_lettered(self, message: Message, reason: str, kind: str) -> None:
         try:
             push = parse_work(message.body)
         except MalformedEvent:
