@@ -15,16 +15,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aioboto3
+import anyio
 import pytest
 from aiohttp import web
 
 from localdev.githost import codecommit_event
-from service.errors import ConfigurationError
-from service.events import Push, RefChange, parse_event, parse_work
+from service.build_state import Change
+from service.builds import StartedBuild
+from service.errors import ConfigurationError, TransientError
+from service.events import Action, Push, RefChange, RefType, parse_event, parse_work
 from service.ledger import Entry
+from service.metrics import Metrics
 from service.notify import (
     Notice,
+    Notifier,
     attributes,
+    build_key,
     chatbot,
     message,
     notifies,
@@ -33,6 +39,7 @@ from service.notify import (
     subject,
 )
 from service.pipelines import Rule, parse_config
+from service.records import Records
 from service.settings import load_settings
 from tests.faultproxy import Fault, FaultProxy
 from tests.helpers import (
@@ -545,3 +552,71 @@ async def test_a_failed_publish_is_retried_and_sent_once(
         )
         await counted(service, 2, "branchbuild_notifications_total", result="published")
         assert await service.metric("branchbuild_notifications_total", result="published") == 2
+
+
+# -- in-process: two instances, one notification -------------------------------------------------
+
+
+async def test_two_instances_and_redeliveries_publish_once(aws: AwsResources) -> None:
+    """Two service instances handle the same final state at once (a redelivery while the first
+    is still at it), then again: one Publish in all, against moto's S3 and SNS."""
+    session = aioboto3.Session()
+    async with (
+        session.client("sns", endpoint_url=aws.endpoint) as sns_a,
+        session.client("sns", endpoint_url=aws.endpoint) as sns_b,
+    ):
+        arn = (await sns_a.create_topic(Name=f"notify-{uuid.uuid4().hex[:8]}"))["TopicArn"]
+        url = (await aws.sqs.create_queue(QueueName=f"inbox-{uuid.uuid4().hex[:8]}"))["QueueUrl"]
+        queue_arn = (await aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"]))[
+            "Attributes"
+        ]["QueueArn"]
+        await sns_a.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=queue_arn)
+        settings = load_settings(**(SETTINGS | {"bucket": aws.bucket}), notify_topics=arn)
+        records = Records(aws.s3, aws.bucket)
+        a = Notifier(sns_a, records, settings, Metrics())
+        b = Notifier(sns_b, records, settings, Metrics())
+        push = Push(
+            event_id="e",
+            account="123456789012",
+            region=REGION,
+            repository="shop",
+            ref_type=RefType.BRANCH,
+            name="feature/pay",
+            action=Action.UPDATED,
+            commit="a" * 40,
+            pusher=ALICE,
+        )
+        archive = "shop/feature/pay/" + "a" * 40 + ".zip"
+        await a.started(push, StartedBuild("shop:1", "shop"), archive)
+        await b.started(push, StartedBuild("shop:1", "shop"), archive)  # the job redelivered
+        done = Entry("a" * 40, push.ref, "shop:1", "shop", status="FAILED")
+        change = Change(archive=archive, before=None, after=done)
+        busy: list[TransientError] = []
+
+        async def handle(notifier: Notifier) -> None:
+            try:
+                await notifier.changed(change)
+            except TransientError as exc:  # the other holds a fresh claim: retried later
+                busy.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(handle, a)
+            tg.start_soon(handle, b)
+        await handle(b)
+        await handle(a)
+        published = [
+            m.registry.get_sample_value(
+                "branchbuild_notifications_total", {"outcome": "failed", "result": "published"}
+            )
+            or 0
+            for m in (a.metrics, b.metrics)
+        ]
+        assert sorted(published) == [0, 1]
+        assert not busy or "being sent" in str(busy[0])
+
+        async def one() -> int | None:
+            return await aws.count(url) or None
+
+        assert await wait_for(one, what="the notification in the inbox") == 1
+        document = json.loads(await aws.object(build_key(archive)))
+        assert document["outcome"] == "failed" and document["sent"][arn]["state"] == "published"
