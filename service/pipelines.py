@@ -33,13 +33,7 @@ from pydantic import (
 
 from .aws import region, translated
 from .errors import BranchbuildError, ConfigurationError, StorageError
-from .settings import (
-    Settings,
-    check_key_template,
-    check_notify_on,
-    check_template,
-    check_topics,
-)
+from .settings import Settings, check_key_template, check_notify_on, check_template, check_topics
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
