@@ -53,7 +53,7 @@ from .errors import (
     unexpected,
 )
 from .events import Push, parse_work
-from .ledger import Entry
+from .ledger import Entry, Ledger
 from .metrics import Metrics
 from .pipelines import Pipelines, Rule
 from .queue import Message
@@ -391,6 +391,8 @@ class Notifier:
 
         Raises:
             StorageError: S3 failed (transient: the job is retried, this runs again).
+            TransientError, NotificationRefused: as :meth:`changed`, for a build that had
+                already ended.
         """
         if not self._rule(push.repository).notify_topics:
             return
@@ -411,6 +413,11 @@ class Notifier:
             return fresh
 
         await self.records.update(build_key(archive), remember)
+        # A build that ended before this document was written (its state event came between
+        # the ledger's write and this hook) found nothing to notify: it is notified here.
+        entry = await Ledger(self.records).read(archive)
+        if entry is not None and entry.build_id == build.build_id and result_of(entry):
+            await self.changed(Change(archive=archive, before=entry, after=entry))
 
     async def changed(self, change: Change) -> None:
         """Outcomes listener: a build's ledger entry changed (or a redelivery re-checks).

@@ -24,7 +24,7 @@ from service.build_state import Change
 from service.builds import StartedBuild
 from service.errors import ConfigurationError, TransientError
 from service.events import Action, Push, RefChange, RefType, parse_event, parse_work
-from service.ledger import Entry
+from service.ledger import Entry, Ledger
 from service.metrics import Metrics
 from service.notify import (
     Notice,
@@ -620,3 +620,41 @@ async def test_two_instances_and_redeliveries_publish_once(aws: AwsResources) ->
         assert await wait_for(one, what="the notification in the inbox") == 1
         document = json.loads(await aws.object(build_key(archive)))
         assert document["outcome"] == "failed" and document["sent"][arn]["state"] == "published"
+
+
+async def test_a_build_that_ended_before_its_start_was_recorded_still_notifies(
+    aws: AwsResources,
+) -> None:
+    """The state event of a quick build can come between the ledger's write and the
+    notification's start hook: the hook finds the build ended and notifies it."""
+    session = aioboto3.Session()
+    async with session.client("sns", endpoint_url=aws.endpoint) as sns:
+        arn = (await sns.create_topic(Name=f"notify-{uuid.uuid4().hex[:8]}"))["TopicArn"]
+        url = (await aws.sqs.create_queue(QueueName=f"inbox-{uuid.uuid4().hex[:8]}"))["QueueUrl"]
+        queue_arn = (await aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"]))[
+            "Attributes"
+        ]["QueueArn"]
+        await sns.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=queue_arn)
+        settings = load_settings(**(SETTINGS | {"bucket": aws.bucket}), notify_topics=arn)
+        records = Records(aws.s3, aws.bucket)
+        notifier = Notifier(sns, records, settings, Metrics())
+        push = Push(
+            "e", "123456789012", REGION, "shop", RefType.BRANCH, "quick", Action.UPDATED, "b" * 40
+        )
+        archive = "shop/quick/" + "b" * 40 + ".zip"
+        done = Entry("b" * 40, push.ref, "shop:2", "shop", status="FAILED")
+        await Ledger(records).update(archive, lambda _: done)
+        await notifier.changed(Change(archive=archive, before=None, after=done))  # too early
+        assert await aws.count(url) == 0
+        await notifier.started(push, StartedBuild("shop:2", "shop"), archive)
+
+        async def one() -> int | None:
+            return await aws.count(url) or None
+
+        assert await wait_for(one, what="the notification in the inbox") == 1
+        await notifier.started(push, StartedBuild("shop:2", "shop"), archive)  # the job again
+        published = notifier.metrics.registry.get_sample_value(
+            "branchbuild_notifications_total", {"outcome": "failed", "result": "published"}
+        )
+        assert published == 1
+        assert await aws.count(url) == 1
