@@ -102,6 +102,9 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
             if status(passing) is not None and status(failing) is not None:
                 break
             await anyio.sleep(0.5)
+    from localdev.notifications import demo_notifications  # issue 25
+
+    notify_rows, notify_ok, notify_text = await demo_notifications(options, git, work, status)
     await git("push", "--quiet", "origin", "--delete", "feature/demo-fail")
     with anyio.move_on_after(60):
         while True:
@@ -127,6 +130,7 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
         ),
         *pr_rows,
         *merge_rows,
+        *notify_rows,
     ]
     ok = [
         status(passing) == "SUCCEEDED",
@@ -135,12 +139,15 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
         _delta(after, baseline, "deleted") == 1,
         *pr_ok,
         *merge_ok,
+        *notify_ok,
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"{'what':<{width}}  {'expected':<26}  {'got':<28}  ok"]
     for (what, expected, got), good in zip(rows, ok, strict=True):
         lines.append(f"{what:<{width}}  {expected:<26}  {got:<28}  {'yes' if good else 'NO'}")
-    sys.stdout.write("\n" + "\n".join(lines) + "\n\n" + pr_text + "\n" + merge_text + "\n")
+    sys.stdout.write(
+        "\n" + "\n".join(lines) + "\n\n" + pr_text + "\n" + merge_text + "\n\n" + notify_text + "\n"
+    )
     return all(ok)
 
 

@@ -51,7 +51,7 @@ def localstack_env(volume: Path, port: int) -> dict[str, str]:
         "DISABLE_EVENTS": "1",
         "SKIP_SSL_CERT_DOWNLOAD": "1",
         "LOCALSTACK_VOLUME_DIR": str(volume),
-        "SERVICES": "sqs,s3,events,cloudformation,iam,sts,ssm,secretsmanager,cloudwatch",
+        "SERVICES": "sqs,s3,events,cloudformation,iam,sts,ssm,secretsmanager,cloudwatch,sns",
     }
 
 

@@ -39,6 +39,7 @@ from .components import (
 )
 from .demo import demo
 from .deploy import deploy
+from .notifications import create_inbox
 from .options import ROOT, Keys, Options
 from .processes import child, localstack
 
@@ -101,6 +102,7 @@ async def run(options: Options) -> int:
         log.info("CodeCommit pull request stand-in at %s", standin.endpoint)
         command = [sys.executable, "-m", "localdev.service"]
         env = service_env(options, keys, outputs, standin.endpoint)
+        env |= await create_inbox(options)  # issue 25: notifications on an SNS topic
         proc = await stack.enter_async_context(child(command, env, options, "branchbuild"))
         await wait_ready(options.http_port, proc, options)
         if options.demo:

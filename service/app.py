@@ -9,6 +9,7 @@ from contextlib import AsyncExitStack
 
 import anyio
 import anyio.abc
+from aiobotocore.config import AioConfig
 
 from .aws import AccountClients, Clients, open_clients
 from .build_state import Outcomes
@@ -20,6 +21,7 @@ from .intake import Intake
 from .job import Services, start_recorded
 from .mergebuilds import MergeBuilds, with_merges
 from .metrics import Metrics
+from .notify import Notifier
 from .pipelines import Pipelines, Watcher
 from .pullrequests import PullRequests
 from .queue import Leases, Queue
@@ -33,6 +35,10 @@ from .supersede import LocalStop, Supersede
 from .worker import Worker, job_runner
 
 log = logging.getLogger("branchbuild")
+
+# SNS answers in milliseconds: short reads and few attempts keep a publish well inside the
+# claim's lease (service.notify.LEASE_SECONDS).
+NOTIFY_CONFIG = AioConfig(read_timeout=10, retries={"mode": "standard", "max_attempts": 3})
 
 #: Makes a build backend other than CodeBuild, given the settings, the AWS clients, the task
 #: group its builds run in and the stack that closes what it opens. Production has none: the
@@ -128,11 +134,24 @@ class App:
                 work_queue,
                 statuses=codebuild.statuses if s.build_backend is BackendName.CODEBUILD else None,
             )
+            # issue 25: notifications (SNS), one client for the service's life
+            sns = await stack.enter_async_context(
+                clients.session.client("sns", config=clients.config.merge(NOTIFY_CONFIG))
+            )
+            notifier = Notifier(
+                sns, records, s, self.metrics, pipelines, pull_requests=pull_requests.commented
+            )
+            work_queue.on_dead_letter = notifier.dead_lettered
             outcomes = Outcomes(
                 records,
                 s,
                 self.metrics,
-                listeners=(pull_requests.changed, scheduler.build_changed, merges.changed),
+                listeners=(
+                    pull_requests.changed,
+                    scheduler.build_changed,
+                    merges.changed,
+                    notifier.changed,
+                ),
                 pull_requests=with_merges(pull_requests.event, merges),
             )
             async with anyio.create_task_group() as background:
@@ -150,7 +169,12 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
-                    started_hooks=(supersede.started, pull_requests.started, merges.started),
+                    started_hooks=(
+                        supersede.started,
+                        pull_requests.started,
+                        merges.started,
+                        notifier.started,
+                    ),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,
                     newer_started=supersede.newer_started,

@@ -40,6 +40,7 @@ RESOURCE_PARAMETERS = (
     "pullRequestId",
     "commentId",
     "RoleArn",
+    "TopicArn",
 )
 
 # Codes that no retry can fix: the configuration or the permissions must change first.

@@ -116,6 +116,12 @@ class AccessDenied(PermanentError):
     kind = "access_denied"
 
 
+class NotificationRefused(PermanentError):
+    """Raised when SNS refuses a notification for good (no permission, no such topic, its key)."""
+
+    kind = "notification_refused"
+
+
 class LeaseLost(TransientError):
     """Raised when a message's visibility could not be extended: another consumer may own it."""
 

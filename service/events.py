@@ -73,6 +73,7 @@ class Push:
     time: str | None = None
     # "event": from a CodeCommit event; "reconcile": a missed push found by service.reconcile.
     origin: str = "event"
+    pusher: str | None = None  # the event's callerUserArn (notifications, service.notify)
 
     @property
     def ref(self) -> str:
@@ -227,6 +228,12 @@ def detail_type(body: str | bytes) -> str | None:
         return None
 
 
+def _pusher(value: Any) -> str | None:
+    """An IAM ARN as CodeCommit names the pusher, or None (only ever shown, never acted on)."""
+    ok = isinstance(value, str) and value.startswith("arn:") and len(value) <= 2048
+    return value if ok and value.isprintable() else None
+
+
 def check_repository(name: str) -> str:
     """Return ``name`` if CodeCommit could have named a repository so.
 
@@ -312,6 +319,8 @@ def _work_name(name: str) -> str:
 
 
 Repository = Annotated[str, AfterValidator(check_repository)]
+#: Who pushed (an IAM ARN), or None: only ever shown (notifications), so never refused.
+Pusher = Annotated[str | None, BeforeValidator(_pusher)]
 RefName = Annotated[str, AfterValidator(check_ref_name)]
 WorkName = Annotated[str, AfterValidator(_work_name)]
 
@@ -330,6 +339,7 @@ class _RefDetail(Named):
     commitId: MaybeCommit = None
     oldCommitId: MaybeCommit = None
     repositoryName: Repository
+    callerUserArn: Pusher = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -387,6 +397,7 @@ def parse_event(body: str | bytes) -> Push | OtherEvent:
         commit=detail.commitId,
         old_commit=detail.oldCommitId,
         time=change.time,
+        pusher=detail.callerUserArn,
     )
 
 
@@ -407,6 +418,7 @@ class _WorkMessage(Model):
     origin: Annotated[
         str, BeforeValidator(lambda v: "reconcile" if v == "reconcile" else "event")
     ] = "event"
+    pusher: Pusher = None
 
     @model_validator(mode="before")
     @classmethod

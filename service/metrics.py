@@ -182,6 +182,14 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Notifications (service/notify.py).
+        self.notifications = Counter(
+            "branchbuild_notifications",
+            "SNS notifications, by outcome (failed, fixed, ...) and result (published, "
+            "duplicate, failed).",
+            ["outcome", "result"],
+            registry=r,
+        )
         self.info = Info("branchbuild_build", "Version of the running service.", registry=r)
         self.info.info({"version": __version__})
 

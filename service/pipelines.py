@@ -28,11 +28,12 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from .aws import region, translated
 from .errors import BranchbuildError, ConfigurationError, StorageError
-from .settings import Settings, check_key_template, check_template
+from .settings import Settings, check_key_template, check_notify_on, check_template, check_topics
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -98,6 +99,9 @@ class Rule:
     # Pull requests built as merged (service/mergebuilds.py, docs/merge-builds.md).
     merge_build: bool = False
     merge_strategy: MergeStrategy = MergeStrategy.THREE_WAY_MERGE
+    # Notifications (service/notify.py): the SNS topics and the outcomes that notify.
+    notify_topics: tuple[str, ...] = ()
+    notify_on: tuple[str, ...] = ()
 
     @property
     def filters_paths(self) -> bool:
@@ -126,6 +130,8 @@ class Rule:
             source=SourceMode.ARCHIVE,
             on_delete=OnDelete.KEEP,
             submodules=settings.submodules,
+            notify_topics=settings.notify_topics,
+            notify_on=settings.notify_on,
         )
 
 
@@ -154,6 +160,29 @@ class _PullRequests(_Model):
     merge_strategy: MergeStrategy = MergeStrategy.THREE_WAY_MERGE
 
 
+class _Notify(_Model):
+    topics: tuple[str, ...] | None = None
+    on: tuple[str, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _yaml_on(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted `on:` key as the boolean true (GitHub Actions' `on:` too).
+        if isinstance(value, dict) and True in value:
+            value = {("on" if k is True else k): v for k, v in value.items()}
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _topics(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else check_topics(value)
+
+    @field_validator("on")
+    @classmethod
+    def _on(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else check_notify_on(value)
+
+
 class _RuleModel(_Model):
     repository: Annotated[Globs, Field(min_length=1)]
     project: str | None = None
@@ -171,6 +200,7 @@ class _RuleModel(_Model):
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_running: int | None = Field(default=None, ge=1)
     pull_requests: _PullRequests = _PullRequests()
+    notify: _Notify = _Notify()
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -242,6 +272,10 @@ class _RuleModel(_Model):
             max_running=self.max_running,
             merge_build=self.pull_requests.merge_build,
             merge_strategy=self.pull_requests.merge_strategy,
+            notify_topics=(
+                self.notify.topics if self.notify.topics is not None else defaults.notify_topics
+            ),
+            notify_on=self.notify.on if self.notify.on is not None else defaults.notify_on,
         )
 
 

@@ -240,6 +240,17 @@ class PullRequests:
         await self.sync(archive)
         return "recorded"
 
+    async def commented(self, archive: str, build_id: str) -> list[str]:
+        """The pull requests that show ``build_id``'s result (notifications name them).
+
+        Raises:
+            StorageError: S3 failed (transient).
+        """
+        found = await self.records.read(archive + FEEDBACK_SUFFIX)
+        if found is None or found.data.get("build_id") != build_id:
+            return []
+        return sorted(str(pull_request_id) for pull_request_id in found.data.get("comments", {}))
+
     def _rule(self, repository: str) -> Rule:
         if self.pipelines is None:
             return Rule.from_settings(self.settings)

@@ -7,7 +7,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -55,6 +55,11 @@ class Outgoing:
     dedup: str
 
 
+#: Hears each message this queue dead-letters (the message, the reason, the error kind):
+#: the work queue's tells service.notify about pushes that could not be built. Never raises.
+DeadLetterHook = Callable[[Message, str, str], Awaitable[None]]
+
+
 class Queue:
     """One SQS FIFO queue, with its dead-letter limit read from its RedrivePolicy."""
 
@@ -64,6 +69,7 @@ class Queue:
         self.name = name
         self.max_receive_count: int | None = None
         self.dead_letter_url: str | None = None
+        self.on_dead_letter: DeadLetterHook | None = None
 
     async def describe(self) -> None:
         """Read the queue's RedrivePolicy, to know when a failure is the last one.
@@ -167,6 +173,8 @@ class Queue:
             return False
         if delete and await self.delete([message]):
             log.warning("dead-lettered message %s but could not delete it here", message.id)
+        if self.on_dead_letter is not None:
+            await self.on_dead_letter(message, reason, kind)
         return True
 
     async def fail(
@@ -188,6 +196,8 @@ class Queue:
                     return Outcome.DEAD_LETTERED
                 # SQS's redrive policy moves it at its next receive, without the reason.
                 await self._release(message, 0, extra)
+                if self.on_dead_letter is not None:
+                    await self.on_dead_letter(message, str(error), error.kind)
                 return Outcome.DEAD_LETTERED
             delay = release_delay(error, message, base=base, cap=cap)
             await self._release(message, delay, extra)

@@ -167,6 +167,11 @@ class Settings(LocalSettings):
     capacity_probe_interval: float = Field(default=5.0, gt=0, le=300)
     running_reconcile_interval: float = Field(default=60.0, gt=0)
 
+    # Notifications (service/notify.py, docs/notifications.md): the SNS topics every rule
+    # notifies unless it names its own, and the outcomes that notify.
+    notify_topics: CommaList = ()
+    notify_on: CommaList = ("failed", "fixed", "dead_lettered")
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     liveness_timeout: float = Field(default=90.0, gt=0)
@@ -180,6 +185,8 @@ class Settings(LocalSettings):
         "ssh_legacy_rsa_hosts",
         "keep_running_branches",
         "submodule_hosts",
+        "notify_topics",
+        "notify_on",
         mode="before",
     )
     @classmethod
@@ -187,6 +194,16 @@ class Settings(LocalSettings):
         if isinstance(value, str):
             return tuple(item.strip() for item in value.split(",") if item.strip())
         return value
+
+    @field_validator("notify_topics")
+    @classmethod
+    def _notify_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_topics(value)
+
+    @field_validator("notify_on")
+    @classmethod
+    def _notify_on(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_notify_on(value)
 
     @field_validator("ssh_legacy_rsa_hosts", "submodule_hosts")
     @classmethod
@@ -330,6 +347,39 @@ def check_key_template(template: str, *, one_repository: bool = False) -> None:
             "must contain {repository}: without it two repositories' branches of the same name "
             f"share their keys, {example}"
         )
+
+
+# Notifications (service/notify.py): the outcomes a rule may notify, and what a topic is.
+NOTIFY_OUTCOMES = ("failed", "fixed", "succeeded", "stopped", "dead_lettered")
+_TOPIC_ARN = re.compile(
+    r"arn:aws[a-z-]*:sns:[a-z]{2}(-[a-z]+)+-[0-9]{1,2}:[0-9]{12}:[A-Za-z0-9_-]{1,256}"
+)
+
+
+def check_topics(topics: tuple[str, ...]) -> tuple[str, ...]:
+    """Return ``topics`` if each is an SNS topic ARN.
+
+    Raises:
+        ValueError: naming the first that is not.
+    """
+    for topic in topics:
+        if not _TOPIC_ARN.fullmatch(topic.removesuffix(".fifo")):
+            raise ValueError(
+                f"{topic[:300]!r} is not an SNS topic ARN (arn:aws:sns:REGION:ACCOUNT:NAME)"
+            )
+    return topics
+
+
+def check_notify_on(outcomes: tuple[str, ...]) -> tuple[str, ...]:
+    """Return ``outcomes`` if each is one that notifies.
+
+    Raises:
+        ValueError: naming the first that is not.
+    """
+    for outcome in outcomes:
+        if outcome not in NOTIFY_OUTCOMES:
+            raise ValueError(f"{outcome[:40]!r} is not one of {', '.join(NOTIFY_OUTCOMES)}")
+    return outcomes
 
 
 # Settings that no longer exist, and what replaced them: a deployment that still sets one

@@ -65,6 +65,7 @@ def test_branch_created_sample() -> None:
         commit="9f2c61d0a4b7e83c5d19f0e2a6b4c8d7e1f3a5b9",
         old_commit=None,
         time="2026-11-20T09:14:03Z",
+        pusher="arn:aws:iam::111122223333:user/dev-anna",  # callerUserArn (notifications)
     )
     assert push.ref == "refs/heads/feature/PAY-1432-refunds"
 

@@ -160,6 +160,9 @@ UNUSED_GRANTS_WITH_REASONS: dict[str, str] = {
     # The suite's deployments read the rules from a file; in S3 it is one GetObject (the
     # same code as a ledger read, tests/test_pipelines.py reads it from moto unrecorded).
     "service:ReadPipelineConfig:s3:GetObject": "BRANCHBUILD_CONFIG=s3://...: one object",
+    # With NotifyKmsKeyArn, SNS calls KMS on the publisher's behalf (no emulator encrypts).
+    "service:UseNotifyKey:kms:GenerateDataKey": "SSE-KMS of the notification topics",
+    "service:UseNotifyKey:kms:Decrypt": "SSE-KMS of the notification topics",
 }
 
 # Statements whose resource has a wildcard (role:Sid), and why it cannot be narrower.
@@ -224,6 +227,8 @@ def resource_names(resources: dict[str, Any]) -> list[dict[str, str]]:
         names["ObjectName"] = str(resources["Key"])
     if "repositoryName" in resources:
         names["RepositoryName"] = str(resources["repositoryName"])
+    if "TopicArn" in resources:  # arn:aws:sns:<region>:<account>:<name>
+        names["TopicName"] = str(resources["TopicArn"]).rsplit(":", 1)[-1]
     if "RoleArn" in resources:  # arn:aws:iam::<account>:role/<path and name>
         arn = str(resources["RoleArn"]).split(":", 5)
         names["RoleNameWithPath"] = arn[5].removeprefix("role/")
@@ -281,6 +286,8 @@ FEEDBACK_REPOSITORIES = ("shop",)
 TEST_NAMES = {
     re.compile(r"^(intake|intake-dlq|work|work-dlq)-[0-9a-f]{8}\.fifo$"): r"branchbuild-\1.fifo",
     re.compile(r"^artifacts-[0-9a-f]{8}$"): "branchbuild-artifacts",
+    # tests/test_notify.py's topics; the walkthrough's NotifyTopicArns
+    re.compile(r"^notify-[0-9a-f]{8}$"): "branchbuild-notifications",
 }
 
 
@@ -408,6 +415,8 @@ def walkthrough(**more: Any) -> Deployment:
         PullRequestRoleName=PULL_REQUEST_ROLE,
         RepositoryAccountIds=f"{ACCOUNT},{REPOSITORY_ACCOUNT}",
         PipelineConfig=CONFIG,
+        NotifyTopicArns=f"arn:aws:sns:{REGION}:{ACCOUNT}:branchbuild-notifications",
+        NotifyKmsKeyArn=f"arn:aws:kms:{REGION}:{ACCOUNT}:key/notify-key",
         **more,
     )
 
@@ -507,6 +516,9 @@ class Call:
                 )
             elif key == "RoleArn":
                 value = deployed_role(str(value))
+            elif key == "TopicArn":
+                base, _, name = str(value).rpartition(":")
+                value = f"{base}:{deployed_name(name)}"
             found[key] = list(value) if isinstance(value, tuple) else value
         return found
 
@@ -958,8 +970,8 @@ def prove(directory: Path, *, partial: str = "") -> str:
     denied = denials(pairs)
     assert not denied, "calls the templates do not allow:\n" + "\n".join(denied)
     # ...and at the defaults (only the required prefix): every call of the features that need
-    # no parameter (all but pull request feedback) is allowed there too.
-    plain = {c for c in calls if c.service not in ("codecommit", "sts")}
+    # no parameter (all but pull request feedback and notifications) is allowed there too.
+    plain = {c for c in calls if c.service not in ("codecommit", "sts", "sns")}
     denied = denials(requests_for(plain, deployment()))
     assert not denied, "calls the default deployment does not allow:\n" + "\n".join(denied)
     allowed = f"all {len(calls)} distinct AWS calls of the run are allowed"
@@ -1137,6 +1149,8 @@ def test_what_the_templates_must_deny_is_denied() -> None:
     key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/k-1"
     via = "kms:ViaService"
     shop = f"arn:aws:codecommit:{REGION}:{REPOSITORY_ACCOUNT}:"
+    topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:"
+    notify_key = f"arn:aws:kms:{REGION}:{ACCOUNT}:key/notify-key"
     allowed = [
         ("service", "codebuild:StartBuild", project + "bb-app", {}),
         ("service", "sts:AssumeRole", f"arn:aws:iam::{REPOSITORY_ACCOUNT}{role}", {}),
@@ -1149,6 +1163,8 @@ def test_what_the_templates_must_deny_is_denied() -> None:
         ("service", "kms:Decrypt", key, {via: f"sqs.{REGION}.amazonaws.com"}),
         ("admin", "kms:GenerateDataKey", key, {via: f"s3.{REGION}.amazonaws.com"}),
         ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "shop", {}),
+        ("service", "sns:Publish", topic + "branchbuild-notifications", {}),
+        ("service", "kms:GenerateDataKey", notify_key, {via: f"sns.{REGION}.amazonaws.com"}),
     ]
     denied = [
         # StartBuild (with source and environment overrides) outside the prefix.
@@ -1173,6 +1189,9 @@ def test_what_the_templates_must_deny_is_denied() -> None:
         # The repository account's role: its listed repositories, feedback calls only.
         ("pull-requests", "codecommit:PostCommentForPullRequest", shop + "payroll", {}),
         ("pull-requests", "codecommit:GitPush", shop + "shop", {}),
+        # Notifications: the listed topics only, their key only through SNS.
+        ("service", "sns:Publish", topic + "someone-elses-topic", {}),
+        ("service", "kms:GenerateDataKey", notify_key, {}),
     ]
     cases = [(_ask(d, r, a, res, **c), True) for r, a, res, c in allowed]
     cases += [(_ask(d, r, a, res, **c), False) for r, a, res, c in denied]

@@ -138,6 +138,11 @@ async def test_make_demo_against_a_running_localstack(
     ):
         assert any(line in row and row.rstrip().endswith("yes") for row in out.splitlines())
     assert "build STOPPED, superseded" in out
+    # Notifications (issue 25): a branch broken, then fixed, on an SNS topic's filtered inbox.
+    notified = [row for row in out.splitlines() if row.startswith("notify feature/demo-notify")]
+    assert [row.rstrip().endswith("yes") for row in notified] == [True, True], out
+    assert "Subject: branchbuild: demo feature/demo-notify build failed" in out
+    assert "Subject: branchbuild: demo feature/demo-notify build fixed" in out
     assert "**branchbuild**: ⏭️ Build superseded by" in out
     assert "**branchbuild**: ✅ Build succeeded" in out
     assert "approval of the current revision: APPROVE by arn:aws:iam::000000000000:user/test" in out
