@@ -11,6 +11,7 @@ import anyio
 import anyio.abc
 
 from .aws import AccountClients, Clients, open_clients
+from .badges import Badges
 from .build_state import Outcomes
 from .builds import BuildBackend, BuildRequest, CodeBuild, StartedBuild
 from .errors import ConfigurationError
@@ -116,7 +117,8 @@ class App:
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket, self.metrics)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
-            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines)
+            badges = Badges(records, s, self.metrics)  # issue 25
+            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines, badges)
             codebuild = CodeBuild(clients.codebuild)
             scheduler = Scheduler(
                 records,
@@ -130,8 +132,11 @@ class App:
                 records,
                 s,
                 self.metrics,
-                listeners=(pull_requests.changed, scheduler.build_changed),
+                listeners=(pull_requests.changed, scheduler.build_changed, badges.changed),
                 pull_requests=pull_requests.event,
+                retry_lookup=(
+                    codebuild.retry_link if s.build_backend is BackendName.CODEBUILD else None
+                ),
             )
             async with anyio.create_task_group() as background:
                 backend = await self._backend(codebuild, clients, background, stack)
@@ -148,7 +153,7 @@ class App:
                     backend_name=s.build_backend.value,
                     metrics=self.metrics,
                     pipelines=pipelines,
-                    started_hooks=(supersede.started, pull_requests.started),
+                    started_hooks=(supersede.started, pull_requests.started, badges.started),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,
                     newer_started=supersede.newer_started,

@@ -87,6 +87,9 @@ class Rule:
     # this rule's builds running at once (None: no limit of its own).
     priority: int = 0
     max_running: int | None = None
+    # CodeBuild's own auto-retry (docs/badges-and-retries.md): autoRetryLimitOverride on
+    # StartBuild; None leaves the project's autoRetryLimit as it is.
+    retries: int | None = None
 
     @property
     def filters_paths(self) -> bool:
@@ -154,6 +157,7 @@ class _RuleModel(_Model):
     git_metadata: bool = False
     priority: int = Field(default=0, ge=-1000, le=1000)
     max_running: int | None = Field(default=None, ge=1)
+    retries: int | None = Field(default=None, ge=0, le=10)
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -213,6 +217,7 @@ class _RuleModel(_Model):
             git_metadata=self.git_metadata,
             priority=self.priority,
             max_running=self.max_running,
+            retries=self.retries,
         )
 
 

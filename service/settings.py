@@ -167,6 +167,11 @@ class Settings(LocalSettings):
     capacity_probe_interval: float = Field(default=5.0, gt=0, le=300)
     running_reconcile_interval: float = Field(default=60.0, gt=0)
 
+    # Status badges (service/badges.py, docs/badges-and-retries.md): an SVG per branch and
+    # pull request in the artifact bucket; the base URL they are served from, for links.
+    badges: bool = False
+    badges_url: Annotated[str, Field(pattern=r"^(|https?://[^\s?#]+)$")] = ""
+
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)
     liveness_timeout: float = Field(default=90.0, gt=0)
