@@ -540,3 +540,59 @@ async def test_a_build_that_passes_on_retry_2_is_one_success_everywhere(
     assert (await ledger(world.aws, archive))["status"] == "SUCCEEDED"
     assert await world.badge(branch) == "passing"
     assert world.comments(pr) == [done]
+
+
+# -- the template's public route ----------------------------------------------------------------
+
+
+def test_public_badges_are_cloudfronts_to_read_and_nothing_else_is_public() -> None:
+    """deploy/pipeline.yaml's PublicBadges, resolved as the IAM proof resolves the templates
+    and evaluated by its IAM policy evaluator: off by default; on, the bucket stays private
+    (every public access block on), and only this stack's distribution may read, only the
+    badges; anyone else, and CloudFront itself elsewhere in the bucket, is denied."""
+    from tests.cfn import Stack
+    from tests.test_iam import HTTPS, Request, simulate
+
+    repositories = "arn:aws:codecommit:eu-west-1:123456789012:app"
+    plain = Stack("branchbuild-pipeline", "pipeline.yaml", {"RepositoryArns": repositories})
+    assert not plain.exists("BadgeDistribution")
+    assert not plain.exists("BadgeOriginAccessControl")
+    [deny] = plain.properties("ArtifactBucketPolicy")["PolicyDocument"]["Statement"]
+    assert deny["Effect"] == "Deny"
+
+    stack = Stack(
+        "branchbuild-pipeline",
+        "pipeline.yaml",
+        {"RepositoryArns": repositories, "PublicBadges": "true"},
+    )
+    assert stack.exists("BadgeDistribution") and stack.exists("BadgeOriginAccessControl")
+    block = stack.properties("ArtifactBucket")["PublicAccessBlockConfiguration"]
+    assert set(block.values()) == {True} and len(block) == 4
+    config = stack.properties("BadgeDistribution")["DistributionConfig"]
+    [origin] = config["Origins"]
+    assert origin["OriginPath"] == "/" + PREFIX.rstrip("/")
+    assert sorted(config["DefaultCacheBehavior"]["AllowedMethods"]) == ["GET", "HEAD"]
+    assert config["DefaultCacheBehavior"]["ViewerProtocolPolicy"] == "redirect-to-https"
+
+    policy = stack.properties("ArtifactBucketPolicy")["PolicyDocument"]
+    bucket = stack.physical_name("ArtifactBucket")
+    distribution = f"arn:aws:cloudfront::123456789012:distribution/{stack.name}-BadgeDistribution"
+    badge = f"arn:aws:s3:::{bucket}/{branch_key('app', 'feature/x')}"
+    archive = f"arn:aws:s3:::{bucket}/app/feature/x/{'a' * 40}.zip"
+    cloudfront = {"aws:SourceArn": distribution} | HTTPS
+
+    def read(principal: str, resource: str, context: dict[str, str]) -> Request:
+        return Request("public", principal, "s3:GetObject", resource, [], policy, context)
+
+    assert (
+        simulate(
+            [
+                read("cloudfront.amazonaws.com", badge, cloudfront),
+                read("cloudfront.amazonaws.com", archive, cloudfront),
+                read("cloudfront.amazonaws.com", badge, cloudfront | {"aws:SourceArn": "x"}),
+                read("arn:aws:iam::999999999999:root", badge, HTTPS),
+                read("arn:aws:iam::999999999999:root", archive, HTTPS),
+            ]
+        )
+        == ["Allowed"] + ["ImplicitlyDenied"] * 4
+    )
