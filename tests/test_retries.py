@@ -171,6 +171,7 @@ async def test_a_build_of_the_same_archive_that_is_no_auto_retry_is_ignored(worl
     # Someone starts a build by hand with the same variables (a console "retry").
     [stray] = await world.standin.occupy(1, project="app")
     world.standin.builds[stray].variables = dict(first.variables)
+    world.standin.builds[stray].retry_limit = 2  # it has an autoRetryConfig: attempt 0
     event = build_event(world, stray, "SUCCEEDED")
     assert await outcomes.record(parse_build_state(event)) == "ignored"
     entry = await Ledger(Records(world.aws.s3, world.aws.bucket)).read(ARCHIVE)
