@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -36,7 +37,7 @@ from xml.sax.saxutils import escape
 import anyio
 
 from .aws import error_code, translated
-from .errors import StorageError
+from .errors import PermanentError, StorageError
 from .ledger import Entry, Ledger
 from .metrics import Metrics
 from .records import MAX_ATTEMPTS, Conflict, Records
@@ -239,7 +240,7 @@ class Badges:
             StorageError: S3 failed (transient: the job's hooks run again).
         """
         if self.enabled:
-            await self.branch(archive)
+            await self._never_blocking(self.branch(archive), archive)
 
     async def changed(self, change: Change) -> None:
         """Outcomes listener: the build's ledger entry changed (or a redelivery re-checks).
@@ -248,7 +249,17 @@ class Badges:
             StorageError: S3 failed (transient: the event is retried).
         """
         if self.enabled and change.after is not None:
-            await self.publish_branch(change.after)
+            await self._never_blocking(self.publish_branch(change.after), change.archive)
+
+    async def _never_blocking(self, write: Awaitable[object], archive: str) -> None:
+        """A permission or a setting never fails a build's push or event for its badge: it is
+        logged and counted (as the pull request feedback's are); transient errors propagate
+        (the job's hooks, or the event, are retried)."""
+        try:
+            await write
+        except PermanentError as exc:
+            self.metrics.errors.labels(kind=exc.kind).inc()
+            log.error("the badge of %s could not be written: %s", archive, exc)
 
     async def branch(self, archive: str) -> None:
         entry = await self.ledger.read(archive)

@@ -45,12 +45,15 @@ from service.badges import (
     status_of,
     svg,
 )
+from service.build_state import Change
+from service.builds import StartedBuild
+from service.errors import AccessDenied
 from service.ledger import Entry
 from service.metrics import Metrics
 from service.records import Records
 from service.retries import RETRYING
 from service.settings import load_settings
-from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, wait_for
+from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, push_for, wait_for
 from tests.test_build_state import build_state_event, counted, ledger, send_build_event
 
 if TYPE_CHECKING:
@@ -596,3 +599,17 @@ def test_public_badges_are_cloudfronts_to_read_and_nothing_else_is_public() -> N
         )
         == ["Allowed"] + ["ImplicitlyDenied"] * 4
     )
+
+
+async def test_a_badge_that_cannot_be_written_never_fails_the_build(aws: AwsResources) -> None:
+    """A permission or a setting (here: no such bucket) is logged and counted; the job's hook
+    and the event listener return, so the push and the event are not retried for it."""
+    s = load_settings(queue_url="q", work_queue_url="w", bucket=aws.bucket, badges=True)
+    metrics = Metrics()
+    badges = Badges(Records(aws.s3, "branchbuild-no-such-bucket"), s, metrics)
+    built = entry("p:1", T0, "SUCCEEDED")
+    await badges.changed(Change(archive="shop/x.zip", before=None, after=built))
+    await badges.started(push_for("shop", "feature/x"), StartedBuild("p:1", "p"), "shop/x.zip")
+    assert metrics.errors.labels(kind="access_denied")._value.get() == 2
+    with pytest.raises(AccessDenied):  # what the hooks catch, and only there
+        await badges.publish_branch(built)
