@@ -141,20 +141,35 @@ class CodeBuild:
             raise CapacityRefused(str(exc), reason=capacity_reason(cause)) from cause
 
     async def statuses(self, build_ids: list[str]) -> dict[str, str]:
-        """``buildStatus`` of each build CodeBuild knows (a missing id is left out).
+        """``buildStatus`` of each build CodeBuild knows (a missing id is left out); of a build
+        CodeBuild retried, its last attempt's.
 
         Raises:
             BuildError: BatchGetBuilds failed (transient).
             AccessDenied: not allowed (permanent).
         """
         found: dict[str, str] = {}
-        for start in range(0, len(build_ids), _BATCH):
-            chunk = build_ids[start : start + _BATCH]
-            with translated("read the status of builds", transient=BuildError):
-                reply = await self.client.batch_get_builds(ids=chunk)
-            for build in reply.get("builds", []):
-                if "id" in build and "buildStatus" in build:
-                    found[build["id"]] = build["buildStatus"]
+        # A build CodeBuild retried (its auto-retry) goes on as its retry: the last attempt's
+        # status is the build's (at most 10 retries: as many rounds).
+        following = {build_id: build_id for build_id in build_ids}
+        for _ in range(11):
+            if not following:
+                break
+            attempts = list(following)
+            retried: dict[str, str] = {}
+            for start in range(0, len(attempts), _BATCH):
+                chunk = attempts[start : start + _BATCH]
+                with translated("read the status of builds", transient=BuildError):
+                    reply = await self.client.batch_get_builds(ids=chunk)
+                for build in reply.get("builds", []):
+                    if "id" not in build or "buildStatus" not in build:
+                        continue
+                    origin = following[build["id"]]
+                    found[origin] = build["buildStatus"]
+                    after = build.get("autoRetryConfig", {}).get("nextAutoRetry")
+                    if after and build["buildStatus"] != "IN_PROGRESS":
+                        retried[after.split(":build/", 1)[-1]] = origin
+            following = retried
         return found
 
     async def retry_link(self, build_id: str) -> RetryLink | None:

@@ -217,3 +217,25 @@ async def test_superseding_a_retried_build_stops_the_attempt_that_runs(world: Wo
     entry = await Ledger(records).read(ARCHIVE)
     assert entry is not None
     assert (entry.status, entry.superseded_by) == ("STOPPED", "b" * 40)
+
+
+async def test_a_retried_builds_status_is_its_last_attempts(world: World) -> None:
+    """What the scheduler's running-slot reconciliation reads (BatchGetBuilds): a build whose
+    first attempt failed is still running while CodeBuild's retry runs."""
+    first = await world.start(2)
+    request = BuildRequest(push_for("app", "b"), "app", world.aws.bucket, "app/b/x.zip")
+    other = world.standin.builds[(await world.codebuild.start(request)).build_id]
+    retry1 = await world.standin.finish(first.id, "FAILED")
+    assert retry1 is not None
+    assert await world.codebuild.statuses([first.id, other.id]) == {
+        first.id: "IN_PROGRESS",
+        other.id: "IN_PROGRESS",
+    }
+    retry2 = await world.standin.finish(retry1.id, "FAILED")
+    assert retry2 is not None
+    await world.standin.finish(retry2.id, "SUCCEEDED")
+    await world.standin.finish(other.id, "FAILED")  # the project's limit: retried once
+    assert await world.codebuild.statuses([first.id, other.id, "app:gone"]) == {
+        first.id: "SUCCEEDED",
+        other.id: "IN_PROGRESS",
+    }
