@@ -365,6 +365,8 @@ class Outcomes:
             if link is not None:
                 after = await self.ledger.update(state.archive, change)
                 self._retried(state, link, before, after)
+                if before is None:  # the entry went meanwhile (the branch's clean-up)
+                    return "ignored"
         if state.build_id not in {before.build_id, before.current_build} and link is None:
             log.info(
                 "ignored: the ledger at %s names build %s, not %s",
