@@ -53,8 +53,10 @@ from service.metrics import Metrics
 from service.records import Records
 from service.retries import RETRYING
 from service.settings import load_settings
+from tests.cfn import Stack
 from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, push_for, wait_for
 from tests.test_build_state import build_state_event, counted, ledger, send_build_event
+from tests.test_iam import HTTPS, Request, simulate
 
 if TYPE_CHECKING:
     from types_aiobotocore_codecommit import CodeCommitClient
@@ -553,9 +555,6 @@ def test_public_badges_are_cloudfronts_to_read_and_nothing_else_is_public() -> N
     and evaluated by its IAM policy evaluator: off by default; on, the bucket stays private
     (every public access block on), and only this stack's distribution may read, only the
     badges; anyone else, and CloudFront itself elsewhere in the bucket, is denied."""
-    from tests.cfn import Stack
-    from tests.test_iam import HTTPS, Request, simulate
-
     repositories = "arn:aws:codecommit:eu-west-1:123456789012:app"
     plain = Stack("branchbuild-pipeline", "pipeline.yaml", {"RepositoryArns": repositories})
     assert not plain.exists("BadgeDistribution")
