@@ -551,34 +551,33 @@ async def test_a_build_that_passes_on_retry_2_is_one_success_everywhere(
 
 
 def test_public_badges_are_cloudfronts_to_read_and_nothing_else_is_public() -> None:
-    """deploy/pipeline.yaml's PublicBadges, resolved as the IAM proof resolves the templates
-    and evaluated by its IAM policy evaluator: off by default; on, the bucket stays private
-    (every public access block on), and only this stack's distribution may read, only the
-    badges; anyone else, and CloudFront itself elsewhere in the bucket, is denied."""
+    """deploy/badges.yaml and the pipeline's BadgeDistributionArn, resolved as the IAM proof
+    resolves the templates and evaluated by its IAM policy evaluator: off by default; on, the
+    bucket stays private (every public access block on), and only that distribution may read,
+    only the badges; anyone else, and CloudFront itself elsewhere in the bucket, is denied."""
     repositories = "arn:aws:codecommit:eu-west-1:123456789012:app"
     plain = Stack("branchbuild-pipeline", "pipeline.yaml", {"RepositoryArns": repositories})
-    assert not plain.exists("BadgeDistribution")
-    assert not plain.exists("BadgeOriginAccessControl")
     [deny] = plain.properties("ArtifactBucketPolicy")["PolicyDocument"]["Statement"]
     assert deny["Effect"] == "Deny"
 
-    stack = Stack(
-        "branchbuild-pipeline",
-        "pipeline.yaml",
-        {"RepositoryArns": repositories, "PublicBadges": "true"},
-    )
-    assert stack.exists("BadgeDistribution") and stack.exists("BadgeOriginAccessControl")
-    block = stack.properties("ArtifactBucket")["PublicAccessBlockConfiguration"]
-    assert set(block.values()) == {True} and len(block) == 4
-    config = stack.properties("BadgeDistribution")["DistributionConfig"]
+    badges = Stack("branchbuild-badges", "badges.yaml", imports=plain.exports())
+    config = badges.properties("Distribution")["DistributionConfig"]
     [origin] = config["Origins"]
+    bucket = plain.physical_name("ArtifactBucket")
+    assert origin["DomainName"] == f"{bucket}.s3.eu-west-1.amazonaws.com"
     assert origin["OriginPath"] == "/" + PREFIX.rstrip("/")
     assert sorted(config["DefaultCacheBehavior"]["AllowedMethods"]) == ["GET", "HEAD"]
     assert config["DefaultCacheBehavior"]["ViewerProtocolPolicy"] == "redirect-to-https"
 
+    distribution = "arn:aws:cloudfront::123456789012:distribution/E2BADGES0EXAMPLE"
+    stack = Stack(
+        "branchbuild-pipeline",
+        "pipeline.yaml",
+        {"RepositoryArns": repositories, "BadgeDistributionArn": distribution},
+    )
+    block = stack.properties("ArtifactBucket")["PublicAccessBlockConfiguration"]
+    assert set(block.values()) == {True} and len(block) == 4
     policy = stack.properties("ArtifactBucketPolicy")["PolicyDocument"]
-    bucket = stack.physical_name("ArtifactBucket")
-    distribution = f"arn:aws:cloudfront::123456789012:distribution/{stack.name}-BadgeDistribution"
     badge = f"arn:aws:s3:::{bucket}/{branch_key('app', 'feature/x')}"
     archive = f"arn:aws:s3:::{bucket}/app/feature/x/{'a' * 40}.zip"
     cloudfront = {"aws:SourceArn": distribution} | HTTPS
