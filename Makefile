@@ -65,7 +65,8 @@ demo: venv system-deps localstack
 
 # git and the OpenSSH client are the service's only system dependencies; promtool (Debian's
 # prometheus package) checks the alert rules and serves the scrape test; node and npm run the
-# IAM policy evaluator of tests/test_iam.py.
+# IAM policy evaluator of tests/test_iam.py; chromium and chromium-driver render the status
+# badge in tests/test_badges.py.
 system-deps:
 	@missing=""; \
 	command -v git >/dev/null || missing="$$missing git"; \
@@ -74,6 +75,8 @@ system-deps:
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
 	command -v node >/dev/null || missing="$$missing nodejs"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \

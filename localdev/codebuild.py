@@ -12,7 +12,13 @@ BatchGetBuilds and StopBuild, every request validated against botocore's model o
 * a project's ``concurrentBuildLimit`` (``project_limits``): beyond it StartBuild fails
   (``AccountLimitExceededException``, the message naming the project);
 * ``throttle(n)``: the next n StartBuild calls fail with ``ThrottlingException``;
-* ``idempotencyToken``: the same token within 5 minutes returns the same build.
+* ``idempotencyToken``: the same token within 5 minutes returns the same build;
+* **auto-retry** (``autoRetryLimitOverride``, or a project's ``retry_limits``): a build that
+  ends ``FAILED``, ``FAULT`` or ``TIMED_OUT`` with retries left is retried as CodeBuild does,
+  as a new build with the same variables, its ``autoRetryConfig`` linking the two
+  (``previousAutoRetry``/``nextAutoRetry``, ``autoRetryNumber``), after the failed build's
+  final event. What CodeBuild's own events carry of auto-retry is not known, so the events
+  say nothing of it: branchbuild reads the chain with ``BatchGetBuilds``.
 
 Builds never end by themselves: the test ends them (:meth:`CodeBuildStandIn.finish`), and a
 queued build then takes the freed place. :meth:`occupy` fills the account with builds started
@@ -39,6 +45,8 @@ __all__ = ["CodeBuildStandIn", "StandInBuild"]
 
 TARGET_PREFIX = "CodeBuild_20161006."
 IDEMPOTENCY_SECONDS = 300
+# CodeBuild retries "a failed build"; a stopped one was stopped on purpose.
+RETRIED = frozenset({"FAILED", "FAULT", "TIMED_OUT"})
 OnEvent = Callable[[dict[str, Any]], Awaitable[None]]
 
 
@@ -53,6 +61,10 @@ class StandInBuild:
     requested: float = field(default_factory=time.time)
     started: float | None = None
     ended: float | None = None
+    retry_limit: int | None = None  # autoRetryLimit (None: no autoRetryConfig at all)
+    retry_number: int = 0
+    previous: str | None = None  # build ARNs, as autoRetryConfig names them
+    next: str | None = None
 
     @property
     def active(self) -> bool:
@@ -77,6 +89,7 @@ class CodeBuildStandIn(JsonStandIn):
         queue_factor: int = 5,
         project_limits: dict[str, int] | None = None,
         on_event: OnEvent | None = None,
+        retry_limits: dict[str, int] | None = None,
         account: str = "123456789012",
         region: str = "eu-west-1",
         host: str = "127.0.0.1",
@@ -87,6 +100,7 @@ class CodeBuildStandIn(JsonStandIn):
         self.queue_factor = queue_factor
         self.project_limits = dict(project_limits or {})
         self.on_event = on_event
+        self.retry_limits = dict(retry_limits or {})  # projects' own autoRetryLimit
         self.account = account
         self.region = region
         self.builds: dict[str, StandInBuild] = {}
@@ -120,15 +134,34 @@ class CodeBuildStandIn(JsonStandIn):
     def throttle(self, times: int) -> None:
         self._throttle = times
 
-    async def finish(self, build_id: str, status: str = "SUCCEEDED", *, emit: bool = True) -> None:
-        """End a build (``emit`` False: its final event is lost); a queued one takes its place."""
+    async def finish(
+        self, build_id: str, status: str = "SUCCEEDED", *, emit: bool = True
+    ) -> StandInBuild | None:
+        """End a build (``emit`` False: its final event is lost); a queued one takes its
+        place. Returns CodeBuild's auto-retry of it, if it fails with retries left."""
         build = self.builds[build_id]
         if not build.active:
-            return
+            return None
         build.status, build.phase, build.ended = status, "COMPLETED", time.time()
         if emit:
             await self._emit(build)
+        retry = None
+        if status in RETRIED and build.retry_number < (build.retry_limit or 0):
+            retry = self._accept(build.project, dict(build.variables), None)
+            retry.retry_limit, retry.retry_number = build.retry_limit, build.retry_number + 1
+            retry.previous, build.next = self._arn(build), self._arn(retry)
+            self.requests.append(("RetryBuild", {"id": build.id}))  # CodeBuild's own call
         await self._promote()
+        if retry is not None:
+            await self._emit(retry)
+        return retry
+
+    def attempts(self, build_id: str) -> list[StandInBuild]:
+        """The build and its auto-retries, in order."""
+        chain = [self.builds[build_id]]
+        while chain[-1].next is not None:
+            chain.append(self.builds[chain[-1].next.split(":build/", 1)[1]])
+        return chain
 
     # -- the protocol ---------------------------------------------------------------------
 
@@ -176,6 +209,8 @@ class CodeBuildStandIn(JsonStandIn):
             v["name"]: v.get("value", "") for v in params.get("environmentVariablesOverride", [])
         }
         build = self._accept(project, variables, token)
+        limit = params.get("autoRetryLimitOverride", self.retry_limits.get(project))
+        build.retry_limit = limit if isinstance(limit, int) else None
         await self._emit(build)
         return {"build": self._to_api(build)}
 
@@ -223,7 +258,18 @@ class CodeBuildStandIn(JsonStandIn):
         return f"arn:aws:codebuild:{self.region}:{self.account}:build/{build.id}"
 
     def _to_api(self, build: StandInBuild) -> dict[str, Any]:
-        return {
+        retry: dict[str, Any] = {}
+        if build.retry_limit is not None:
+            config: dict[str, Any] = {
+                "autoRetryLimit": build.retry_limit,
+                "autoRetryNumber": build.retry_number,
+            }
+            if build.previous:
+                config["previousAutoRetry"] = build.previous
+            if build.next:
+                config["nextAutoRetry"] = build.next
+            retry = {"autoRetryConfig": config}
+        return retry | {
             "id": build.id,
             "arn": self._arn(build),
             "projectName": build.project,

@@ -185,6 +185,10 @@ def service_env(
         "BRANCHBUILD_HTTP_HOST": "127.0.0.1",
         "BRANCHBUILD_HTTP_PORT": str(options.http_port),
         "BRANCHBUILD_LOG_FORMAT": "text",
+        # Status badges (docs/badges-and-retries.md): LocalStack serves the bucket's objects
+        # to anyone, as deploy/badges.yaml's distribution does in AWS.
+        "BRANCHBUILD_BADGES": "true",
+        "BRANCHBUILD_BADGES_URL": f"{options.endpoint}/{outputs['BucketName']}/badges~",
     }
 
 

@@ -52,9 +52,10 @@ phases:
 """
 
 
-async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
+async def demo(options: Options, keys: Keys, codecommit: str, badges: str = "") -> bool:
     """Push four things, then a pull request's branch twice, wait for their outcomes, print a
-    table and what branchbuild left on the pull request; True if all are as expected."""
+    table, the branches' status badges (served from ``badges``) and what branchbuild left on
+    the pull request; True if all are as expected."""
     from localdev.build_records import list_builds
 
     work = options.state / "demo-work" / uuid.uuid4().hex[:8]
@@ -115,6 +116,9 @@ async def demo(options: Options, keys: Keys, codecommit: str) -> bool:
     after = await _metrics(options.http_port)
     pr_rows, pr_ok, pr_text = await _demo_pull_request(options, codecommit, git, passing, work)
     merge_rows, merge_ok, merge_text = await _demo_merge_build(options, codecommit, env, work)
+
+    badge_rows, badge_ok, badge_text = await _demo_badges(badges, repo)
+    pr_rows, pr_ok, pr_text = pr_rows + badge_rows, pr_ok + badge_ok, badge_text + pr_text
     rows = [
         ("push feature/demo-pass", "build SUCCEEDED", f"build {status(passing) or 'none'}"),
         ("push feature/demo-fail", "build FAILED", f"build {status(failing) or 'none'}"),
@@ -336,6 +340,36 @@ async def _demo_merge_build(
     ]
     view = await view_pull_request(codecommit, options.region, number)
     return rows, ok, "What branchbuild left on the merge-built pull request:\n\n" + describe(view)
+
+
+async def _demo_badges(
+    base: str, repository: str
+) -> tuple[list[tuple[str, str, str]], list[bool], str]:
+    """Each branch's status badge, fetched over HTTP as a README would show it."""
+    from xml.etree import ElementTree
+
+    from service.badges import escape_name
+
+    expected = {"feature/demo-pass": "passing", "feature/demo-fail": "failing"}
+    expected["feature/demo-pr"] = "passing"
+    rows, ok, urls = [], [], []
+    async with aiohttp.ClientSession() as http:
+        for branch, word in expected.items():
+            url = f"{base}/{escape_name(repository)}/branch/{escape_name(branch)}.svg"
+            urls.append(f"  {branch}: {url}")
+            got = "none"
+            with anyio.move_on_after(60):
+                while got != word:
+                    async with http.get(url) as reply:
+                        if reply.status == 200 and reply.content_type == "image/svg+xml":
+                            root = ElementTree.fromstring(await reply.text())
+                            texts = [e.text for e in root.iter() if e.get("id") == "message"]
+                            got = str(texts[0]) if texts else "unreadable"
+                    if got != word:
+                        await anyio.sleep(0.5)
+            rows.append((f"badge {branch}", word, got))
+            ok.append(got == word)
+    return rows, ok, "Status badges (SVG, image/svg+xml):\n" + "\n".join(urls) + "\n\n"
 
 
 async def _metrics(port: int) -> dict[str, float]:

@@ -106,7 +106,8 @@ async def run(options: Options) -> int:
         proc = await stack.enter_async_context(child(command, env, options, "branchbuild"))
         await wait_ready(options.http_port, proc, options)
         if options.demo:
-            return 0 if await demo(options, keys, standin.endpoint) else 1
+            badges = env["BRANCHBUILD_BADGES_URL"]
+            return 0 if await demo(options, keys, standin.endpoint, badges) else 1
         sys.stdout.write(instructions(options, keys, standin.endpoint))
         sys.stdout.flush()
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:

@@ -12,6 +12,7 @@ import anyio.abc
 from aiobotocore.config import AioConfig
 
 from .aws import AccountClients, Clients, open_clients
+from .badges import Badges
 from .build_state import Outcomes
 from .builds import BuildBackend, BuildRequest, CodeBuild, StartedBuild
 from .errors import ConfigurationError
@@ -123,7 +124,8 @@ class App:
             # issue 13: build outcomes, superseding, pull request feedback
             records = Records(clients.s3, s.bucket, self.metrics)
             accounts = AccountClients(clients, stack, s.pull_request_role_template)
-            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines)
+            badges = Badges(records, s, self.metrics)  # issue 25
+            pull_requests = PullRequests(accounts, records, s, self.metrics, pipelines, badges)
             merges = MergeBuilds(accounts, records, s, self.metrics, pipelines, work_queue)
             codebuild = CodeBuild(clients.codebuild)
             scheduler = Scheduler(
@@ -151,8 +153,12 @@ class App:
                     scheduler.build_changed,
                     merges.changed,
                     notifier.changed,
+                    badges.changed,
                 ),
                 pull_requests=with_merges(pull_requests.event, merges),
+                retry_lookup=(
+                    codebuild.retry_link if s.build_backend is BackendName.CODEBUILD else None
+                ),
             )
             async with anyio.create_task_group() as background:
                 backend = await self._backend(codebuild, clients, background, stack)
@@ -174,6 +180,7 @@ class App:
                         pull_requests.started,
                         merges.started,
                         notifier.started,
+                        badges.started,
                     ),
                     on_branch_deleted=supersede.branch_deleted,
                     scheduler=scheduler,

@@ -34,6 +34,7 @@ from pydantic import (
     model_validator,
 )
 
+from .builds import RetryLink
 from .errors import BranchbuildError, MalformedEvent, TransientError
 from .events import Envelope, Model, detail_type, iso, load, parse_time, text, validated
 from .ledger import Entry, Ledger, entry_key
@@ -41,6 +42,7 @@ from .metrics import Metrics
 from .outcome import Outcome
 from .queue import Message, Queue
 from .records import Records
+from .retries import RETRYING, Lookup, find_attempt, move, will_retry
 from .settings import Settings
 
 log = logging.getLogger("branchbuild.outcomes")
@@ -214,14 +216,18 @@ def parse_build_state(body: str) -> BuildState:
 
 def advance(entry: Entry, state: BuildState) -> Entry | None:
     """The ledger entry after ``state``, or None when the event changes nothing (a duplicate,
-    a late IN_PROGRESS after a final state, another build's event)."""
-    if entry.build_id != state.build_id:
+    a late IN_PROGRESS after a final state, another build's or attempt's event). A failed
+    attempt that CodeBuild retries is ``RETRYING``, not final (:mod:`service.retries`)."""
+    if entry.current_build != state.build_id:
         return None
     current = entry.status
-    if current in FINAL or (current == state.status):
+    if current in FINAL or current == RETRYING or (current == state.status):
         return None
+    if state.status in FINAL and will_retry(entry, state.status):
+        return replace(entry, status=RETRYING, logs=state.logs or entry.logs)
     new = replace(entry, status=state.status)
-    if state.started_at is not None:
+    # A retry's duration counts from the first attempt's start.
+    if state.started_at is not None and (entry.attempt_number == 0 or new.started_at is None):
         new = replace(new, started_at=iso(state.started_at))
     elif new.started_at is None and state.status == IN_PROGRESS:
         new = replace(new, started_at=iso(state.time))
@@ -260,12 +266,16 @@ class Outcomes:
         *,
         listeners: tuple[Listener, ...] = (),
         pull_requests: Callable[[str], Awaitable[str]] | None = None,
+        retry_lookup: Lookup | None = None,
     ) -> None:
+        """``retry_lookup``: where a build stands in CodeBuild's auto-retry chain
+        (:meth:`service.builds.CodeBuild.retry_link`); None: retries are not followed."""
         self.ledger = Ledger(records)
         self.settings = settings
         self.metrics = metrics
         self.listeners = listeners
         self.pull_requests = pull_requests
+        self.retry_lookup = retry_lookup
 
     @staticmethod
     def claims(body: str) -> bool:
@@ -308,6 +318,36 @@ class Outcomes:
         if await queue.delete([message]):
             log.warning("could not delete event message %s; it will be recorded again", message.id)
 
+    def _count(self, change: Change) -> None:
+        if change.finished_now and change.after is not None:
+            self.metrics.build_results.labels(status=result_label(change.after)).inc()
+            took = duration(change.after)
+            if took is not None:
+                self.metrics.build_seconds.observe(took)
+
+    def _maybe_retry(self, state: BuildState, entry: Entry) -> bool:
+        """Whether an event of a build the entry does not name may be CodeBuild's retry."""
+        return (
+            state.build_id not in {entry.build_id, entry.current_build}
+            and entry.retry_limit > 0
+            and self.retry_lookup is not None
+        )
+
+    def _retried(
+        self, state: BuildState, link: RetryLink, before: Entry | None, after: Entry | None
+    ) -> None:
+        if before is None or after is None or after.attempt_build_id != state.build_id:
+            return
+        if before.attempt_build_id != state.build_id:  # this event moved the entry to it
+            self.metrics.build_retries.inc()
+        log.info(
+            "build %s is retry %s of %s",
+            state.build_id,
+            link.number,
+            before.build_id,
+            extra={"build_id": state.build_id, "event_id": state.event_id},
+        )
+
     async def record(self, state: BuildState) -> str:
         """Apply one build state event to the ledger; returns the ``outcome`` label.
 
@@ -324,11 +364,15 @@ class Outcomes:
             return "ignored"
         key = entry_key(state.archive)
         before: Entry | None = None
+        link: RetryLink | None = None
 
         def change(entry: Entry | None) -> Entry | None:
             nonlocal before
             before = entry
-            return None if entry is None else advance(entry, state)
+            if entry is None:
+                return None
+            moved = move(entry, link) if link is not None else None
+            return advance(moved or entry, state) or moved
 
         after = await self.ledger.update(state.archive, change)
         if before is None:
@@ -336,7 +380,15 @@ class Outcomes:
                 f"no ledger entry at {key} for build {state.build_id} (yet): "
                 "not started by branchbuild, or StartBuild has not been recorded"
             )
-        if before.build_id != state.build_id:
+        if self._maybe_retry(state, before):
+            assert self.retry_lookup is not None
+            link = await find_attempt(self.retry_lookup, before, state.build_id)
+            if link is not None:
+                after = await self.ledger.update(state.archive, change)
+                self._retried(state, link, before, after)
+                if before is None:  # the entry went meanwhile (the branch's clean-up)
+                    return "ignored"
+        if state.build_id not in {before.build_id, before.current_build} and link is None:
             log.info(
                 "ignored: the ledger at %s names build %s, not %s",
                 key,
@@ -351,11 +403,7 @@ class Outcomes:
                 await listener(Change(archive=state.archive, before=before, after=before))
             return "stale"
         change_ = Change(archive=state.archive, before=before, after=after)
-        if change_.finished_now:
-            self.metrics.build_results.labels(status=result_label(after)).inc()
-            took = duration(after)
-            if took is not None:
-                self.metrics.build_seconds.observe(took)
+        self._count(change_)
         log.info("build %s is %s", state.build_id, state.status, extra=context)
         for listener in self.listeners:
             await listener(change_)

@@ -38,6 +38,8 @@ class BuildRequest:
     extra_environment: tuple[tuple[str, str], ...] = ()
     # Set for ``source: codecommit``: CodeBuild clones this URL itself (no archive).
     codecommit_url: str | None = None
+    # The rule's ``retries``: CodeBuild's autoRetryLimitOverride (None: the project's own).
+    retries: int | None = None
 
     @property
     def commit(self) -> str:
@@ -66,6 +68,18 @@ class BuildRequest:
 class StartedBuild:
     build_id: str
     project: str
+    # CodeBuild's autoRetryLimit for this build (service.retries): what its reply says, else
+    # what was asked for.
+    retries: int = 0
+
+
+@dataclass(frozen=True)
+class RetryLink:
+    """A build's place in CodeBuild's auto-retry chain (``Build.autoRetryConfig``)."""
+
+    build_id: str
+    number: int  # autoRetryNumber: 0 for the build branchbuild started
+    previous: str | None  # the build id it retries (None for the first)
 
 
 class BuildBackend(Protocol):
@@ -127,27 +141,68 @@ class CodeBuild:
             raise CapacityRefused(str(exc), reason=capacity_reason(cause)) from cause
 
     async def statuses(self, build_ids: list[str]) -> dict[str, str]:
-        """``buildStatus`` of each build CodeBuild knows (a missing id is left out).
+        """``buildStatus`` of each build CodeBuild knows (a missing id is left out); of a build
+        CodeBuild retried, its last attempt's.
 
         Raises:
             BuildError: BatchGetBuilds failed (transient).
             AccessDenied: not allowed (permanent).
         """
         found: dict[str, str] = {}
-        for start in range(0, len(build_ids), _BATCH):
-            chunk = build_ids[start : start + _BATCH]
-            with translated("read the status of builds", transient=BuildError):
-                reply = await self.client.batch_get_builds(ids=chunk)
-            for build in reply.get("builds", []):
-                if "id" in build and "buildStatus" in build:
-                    found[build["id"]] = build["buildStatus"]
+        # A build CodeBuild retried (its auto-retry) goes on as its retry: the last attempt's
+        # status is the build's (at most 10 retries: as many rounds).
+        following = {build_id: build_id for build_id in build_ids}
+        for _ in range(11):
+            if not following:
+                break
+            attempts = list(following)
+            retried: dict[str, str] = {}
+            for start in range(0, len(attempts), _BATCH):
+                chunk = attempts[start : start + _BATCH]
+                with translated("read the status of builds", transient=BuildError):
+                    reply = await self.client.batch_get_builds(ids=chunk)
+                for build in reply.get("builds", []):
+                    if "id" not in build or "buildStatus" not in build:
+                        continue
+                    origin = following[build["id"]]
+                    found[origin] = build["buildStatus"]
+                    after = build.get("autoRetryConfig", {}).get("nextAutoRetry")
+                    if after and build["buildStatus"] != "IN_PROGRESS":
+                        retried[after.split(":build/", 1)[-1]] = origin
+            following = retried
         return found
+
+    async def retry_link(self, build_id: str) -> RetryLink | None:
+        """Where ``build_id`` stands in its auto-retry chain; None when CodeBuild does not
+        know the build or says nothing of auto-retry.
+
+        Raises:
+            BuildError: BatchGetBuilds failed (transient).
+            AccessDenied: not allowed (permanent).
+        """
+        with translated("read the auto-retry chain of a build", transient=BuildError):
+            reply = await self.client.batch_get_builds(ids=[build_id])
+        for build in reply.get("builds", []):
+            config = build.get("autoRetryConfig")
+            if build.get("id") != build_id or not config:
+                continue
+            previous = config.get("previousAutoRetry")
+            return RetryLink(
+                build_id=build_id,
+                number=int(config.get("autoRetryNumber", 0)),
+                previous=previous.split(":build/", 1)[-1] if previous else None,
+            )
+        return None
 
     async def _start_once(self, request: BuildRequest) -> StartedBuild:
         variables: list[EnvironmentVariableTypeDef] = [
             {"name": name, "value": value, "type": "PLAINTEXT"}
             for name, value in request.environment.items()
         ]
+        # A rule without ``retries`` leaves the project's own autoRetryLimit in force.
+        retry: dict[str, int] = (
+            {} if request.retries is None else {"autoRetryLimitOverride": request.retries}
+        )
         with translated(f"start a build of project {request.project}", transient=BuildError):
             if request.codecommit_url is not None:
                 reply = await self.client.start_build(
@@ -158,6 +213,7 @@ class CodeBuild:
                     environmentVariablesOverride=variables,
                     artifactsOverride={"type": "NO_ARTIFACTS"},
                     idempotencyToken=request.idempotency_token,
+                    **retry,  # type: ignore[arg-type]
                 )
             else:
                 reply = await self.client.start_build(
@@ -167,5 +223,9 @@ class CodeBuild:
                     environmentVariablesOverride=variables,
                     artifactsOverride={"type": "NO_ARTIFACTS"},
                     idempotencyToken=request.idempotency_token,
+                    **retry,  # type: ignore[arg-type]
                 )
-        return StartedBuild(build_id=reply["build"]["id"], project=request.project)
+        build = reply["build"]
+        limit = build.get("autoRetryConfig", {}).get("autoRetryLimit")
+        retries = limit if isinstance(limit, int) else (request.retries or 0)
+        return StartedBuild(build_id=build["id"], project=request.project, retries=retries)

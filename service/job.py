@@ -138,6 +138,7 @@ async def run_job(push: Push, services: Services, *, recovering: bool = True) ->
         key=key,
         extra_environment=rule.environment,
         codecommit_url=codecommit_url(push) if direct else None,
+        retries=rule.retries,
     )
     return await _start_or_wait(request, rule, s)
 
@@ -205,6 +206,9 @@ async def start_recorded(
             ref=push.ref,
             build_id=started.build_id,
             project=request.project,
+            repository=push.repository,
+            pushed_at=(pushed_at or datetime.now(UTC)).astimezone(UTC).isoformat(),
+            retries=str(started.retries) if started.retries else None,
         ),
     )
     for hook in s.started_hooks:  # issue 13: supersede, pull request feedback

@@ -93,6 +93,28 @@ class Entry:
     ended_at: str | None = None
     logs: str | None = None
     superseded_by: str | None = None
+    # The push's repository and time (ISO 8601 UTC: the event's, else the start's), which
+    # order a branch's badges (service.badges); None in entries written before them.
+    repository: str | None = None
+    pushed_at: str | None = None
+    # CodeBuild auto-retry (service.retries): the build's autoRetryLimit, and which attempt
+    # the entry now follows (``attempt`` N > 0 is retry N, build ``attempt_build_id``).
+    retries: str | None = None
+    attempt: str | None = None
+    attempt_build_id: str | None = None
+
+    @property
+    def current_build(self) -> str:
+        """The build id of the attempt the entry follows (the started build, or its retry)."""
+        return self.attempt_build_id or self.build_id
+
+    @property
+    def attempt_number(self) -> int:
+        return int(self.attempt) if self.attempt and self.attempt.isdigit() else 0
+
+    @property
+    def retry_limit(self) -> int:
+        return int(self.retries) if self.retries and self.retries.isdigit() else 0
 
     def to_document(self) -> dict[str, str]:
         return {k: v for k, v in asdict(self).items() if v is not None}

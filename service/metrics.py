@@ -168,6 +168,18 @@ class Metrics:
             ["decision"],
             registry=r,
         )
+        # Issue 25: status badges and CodeBuild's auto-retry (docs/badges-and-retries.md).
+        self.badges_written = Counter(
+            "branchbuild_badges_written",
+            "Badge images written to S3, by the status they show.",
+            ["status"],
+            registry=r,
+        )
+        self.build_retries = Counter(
+            "branchbuild_build_retries",
+            "Failed build attempts that CodeBuild retried (its auto-retry), counted once each.",
+            registry=r,
+        )
         # Read at each scrape, in the event loop that serves /metrics (make soak samples it).
         self.asyncio_tasks = Gauge(
             "branchbuild_asyncio_tasks",

@@ -102,6 +102,9 @@ class Rule:
     # Notifications (service/notify.py): the SNS topics and the outcomes that notify.
     notify_topics: tuple[str, ...] = ()
     notify_on: tuple[str, ...] = ()
+    # CodeBuild's own auto-retry (docs/badges-and-retries.md): autoRetryLimitOverride on
+    # StartBuild; None leaves the project's autoRetryLimit as it is.
+    retries: int | None = None
 
     @property
     def filters_paths(self) -> bool:
@@ -201,6 +204,7 @@ class _RuleModel(_Model):
     max_running: int | None = Field(default=None, ge=1)
     pull_requests: _PullRequests = _PullRequests()
     notify: _Notify = _Notify()
+    retries: int | None = Field(default=None, ge=0, le=10)
 
     @field_validator("repository", mode="before")
     @classmethod
@@ -276,6 +280,7 @@ class _RuleModel(_Model):
                 self.notify.topics if self.notify.topics is not None else defaults.notify_topics
             ),
             notify_on=self.notify.on if self.notify.on is not None else defaults.notify_on,
+            retries=self.retries,
         )
 
 

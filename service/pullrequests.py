@@ -26,6 +26,7 @@ from botocore.exceptions import ClientError
 from pydantic import model_validator
 
 from .aws import AccountClients, error_code, naming, translated
+from .badges import Badges, pull_request_key, url
 from .build_state import PULL_REQUEST_DETAIL_TYPE, Change, duration
 from .builds import StartedBuild
 from .decide import check_account
@@ -50,6 +51,7 @@ from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
 from .pipelines import Pipelines, Rule
 from .records import Document, Records
+from .retries import RETRYING, attempt_text
 from .settings import PullRequestFeedback, Settings
 
 if TYPE_CHECKING:
@@ -115,8 +117,9 @@ class Target:
     destination_commit: str
 
 
-def render(ledger: Entry, feedback: Document) -> str:
-    """The comment: status, duration, commit, build and CloudWatch Logs link."""
+def render(ledger: Entry, feedback: Document, badge: str | None = None) -> str:
+    """The comment: status, duration, commit, build and CloudWatch Logs link; ``badge``: the
+    pull request's badge image (its URL, or its S3 key when it has none), shown on top."""
     status = ledger.status or "STARTED"
     headline = {
         "STARTED": "⏳ Build started",
@@ -130,6 +133,7 @@ def render(ledger: Entry, feedback: Document) -> str:
     superseded = ledger.superseded_by
     if status == "STOPPED" and superseded:
         headline = f"⏭️ Build superseded by `{str(superseded)[:12]}`"
+    headline = retried_headline(ledger, headline)
     took = duration(ledger)
     rows = [
         ("Status", status if not (status == "STOPPED" and superseded) else "SUPERSEDED"),
@@ -140,8 +144,31 @@ def render(ledger: Entry, feedback: Document) -> str:
     ]
     if ledger.logs:
         rows.append(("Logs", f"[CloudWatch Logs]({ledger.logs})"))
+    attempt = attempt_text(ledger)
+    if attempt is not None:
+        rows.insert(3, ("Attempt", f"{attempt} (build `{ledger.current_build}`)"))
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    return f"**branchbuild**: {headline}\n\n| | |\n|---|---|\n{table}\n"
+    top = ""
+    if badge is not None:
+        top = f"![build status]({badge})\n\n" if "://" in badge else f"Badge: `{badge}`\n\n"
+    return f"{top}**branchbuild**: {headline}\n\n| | |\n|---|---|\n{table}\n"
+
+
+def retried_headline(ledger: Entry, headline: str) -> str:
+    """The headline of a build CodeBuild retried (service.retries): the last attempt decides."""
+    n = ledger.attempt_number
+    if ledger.status == RETRYING:
+        limit = ledger.retry_limit
+        return f"🔁 Attempt {n + 1} failed, CodeBuild retries it (retry {n + 1} of {limit})"
+    if n < 1 or ledger.superseded_by:
+        return headline
+    if ledger.status == "SUCCEEDED":
+        return f"✅ Build passed on retry {n}"
+    if ledger.status in _FAILED:
+        return f"{headline} (and on every retry: {n} of {n})"
+    if ledger.status == "IN_PROGRESS":
+        return f"🔄 Build in progress (retry {n} of {ledger.retry_limit})"
+    return headline
 
 
 def _duration(seconds: float) -> str:
@@ -161,8 +188,11 @@ class PullRequests:
         settings: Settings,
         metrics: Metrics,
         pipelines: Pipelines | None = None,
+        badges: Badges | None = None,
     ) -> None:
-        """``pipelines``: a repository's rule may name its own archive key template."""
+        """``pipelines``: a repository's rule may name its own archive key template;
+        ``badges``: the pull requests' badges are written and shown (BRANCHBUILD_BADGES)."""
+        self.badges = badges if badges is not None and badges.enabled else None
         self.accounts = accounts
         self.records = records
         self.ledger = Ledger(records)
@@ -278,13 +308,12 @@ class PullRequests:
         try:
             client = await self.accounts.codecommit(str(doc["account"]))
             targets = await self._targets(client, doc)
-            content = render(entry, doc)
-            if self._rule(str(doc["repository"])).merge_build:  # issue 25
-                content += (
-                    "\nThis is the **branch build** (the source branch as pushed); the "
-                    "**merge build** has its own comment.\n"
-                )
             for target in targets:
+                if self.badges is not None:  # this build is of the pull request's newest commit
+                    await self.badges.pull_request(
+                        str(doc["repository"]), target.pull_request_id, entry
+                    )
+                content = self._render(entry, doc, target.pull_request_id)
                 await self._comment(client, archive, doc, target, content)
             # Pull requests that moved on to a newer commit keep this commit's comment, and
             # it still tells how this build ended (e.g. superseded); no approval there.
@@ -292,6 +321,7 @@ class PullRequests:
             for pull_request_id in doc.get("comments", {}):
                 if pull_request_id not in matching:
                     earlier = Target(pull_request_id, "", str(doc["commit"]), "")
+                    content = self._render(entry, doc, pull_request_id)
                     await self._comment(client, archive, doc, earlier, content)
             for target in targets:
                 if self.settings.pull_request_feedback is PullRequestFeedback.COMMENT_AND_APPROVAL:
@@ -300,6 +330,21 @@ class PullRequests:
             self.metrics.pull_request_updates.labels(action="failed").inc()
             self.metrics.errors.labels(kind=exc.kind).inc()
             log.error("pull request feedback for %s failed: %s", archive, exc)
+
+    def _render(self, entry: Entry, doc: Document, pull_request_id: str) -> str:
+        content = render(entry, doc, self._badge(doc, pull_request_id))
+        if self._rule(str(doc["repository"])).merge_build:  # issue 25
+            content += (
+                "\nThis is the **branch build** (the source branch as pushed); the "
+                "**merge build** has its own comment.\n"
+            )
+        return content
+
+    def _badge(self, doc: Document, pull_request_id: str) -> str | None:
+        if self.badges is None:
+            return None
+        key = pull_request_key(str(doc["repository"]), pull_request_id)
+        return url(self.settings, key) or key
 
     async def _targets(self, client: CodeCommitClient, doc: Document) -> list[Target]:
         repository, ref, commit = str(doc["repository"]), str(doc["ref"]), str(doc["commit"])

@@ -42,6 +42,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import anyio
 
@@ -118,6 +119,7 @@ class WaitingPush:
             "claim": {"owner": self.claim_owner, "until": self.claim_until}
             if self.claim_owner
             else None,
+            "retries": r.retries,
         }
 
     @classmethod
@@ -136,6 +138,7 @@ class WaitingPush:
                         (str(name), str(value)) for name, value in data.get("environment", [])
                     ),
                     codecommit_url=data.get("codecommit_url"),
+                    retries=_retries(data.get("retries")),
                 ),
                 rule=str(data.get("rule", "")),
                 priority=int(data.get("priority", 0)),
@@ -628,3 +631,8 @@ def _without(current: Document | None, tokens: set[str]) -> Document | None:
 def _later(theirs: Push, ours: Push) -> bool:
     """Whether the waiting push is later than ``ours`` (a redriven old message)."""
     return isinstance(theirs.time, str) and isinstance(ours.time, str) and theirs.time > ours.time
+
+
+def _retries(value: Any) -> int | None:
+    """A waiting push's rule ``retries`` (absent in documents written before it existed)."""
+    return value if isinstance(value, int) and 0 <= value <= 10 else None

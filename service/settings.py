@@ -171,6 +171,10 @@ class Settings(LocalSettings):
     # notifies unless it names its own, and the outcomes that notify.
     notify_topics: CommaList = ()
     notify_on: CommaList = ("failed", "fixed", "dead_lettered")
+    # Status badges (service/badges.py, docs/badges-and-retries.md): an SVG per branch and
+    # pull request in the artifact bucket; the base URL they are served from, for links.
+    badges: bool = False
+    badges_url: Annotated[str, Field(pattern=r"^(|https?://[^\s?#]+)$")] = ""
 
     http_host: str = "0.0.0.0"
     http_port: int = Field(default=8080, ge=0, le=65535)

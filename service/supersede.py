@@ -169,11 +169,13 @@ class Supersede:
         ended = False
         # A deleted branch has no newer commit: its build is recorded as stopped for that.
         superseded_by = newer.commit or reason
+        attempt = build_id  # CodeBuild's auto-retry of it, if the ledger follows one
 
         def mark(entry: Entry | None) -> Entry | None:
-            nonlocal ended
+            nonlocal ended, attempt
             if entry is None or entry.build_id != build_id:
                 return None
+            attempt = entry.current_build
             ended = entry.status in FINAL
             if ended or entry.superseded_by == superseded_by:
                 return None
@@ -183,6 +185,7 @@ class Supersede:
         if ended:
             log.info("the superseded build %s had already ended", build_id)
             return
+        build_id = attempt
         if self.codebuild is None:
             if self.local is None:
                 log.info("build %s is superseded; this build backend cannot stop it", build_id)
