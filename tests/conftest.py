@@ -53,6 +53,7 @@ def free_port() -> int:
 _GROUPS = {"localstack_endpoint": "localstack", "image": "image", "results": "bench"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the marks into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         for fixture, group in _GROUPS.items():
@@ -96,7 +97,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.nodeid == SCENARIO and (report.when == "call" or report.outcome != "passed"):
+    if report.nodeid.split("@")[0] == SCENARIO and (report.when == "call" or report.outcome != "passed"):
         _run["scenario"] = report.outcome
 
 

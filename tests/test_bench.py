@@ -58,7 +58,9 @@ RUN_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
+# Session-scoped: one smoke run for all its tests, which conftest keeps on one xdist worker
+# (a module fixture is set up again each time that worker comes back to this module).
+@pytest.fixture(scope="session")
 def results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out = tmp_path_factory.mktemp("bench-results")
     cache = tmp_path_factory.mktemp("bench-cache")
