@@ -97,7 +97,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.nodeid.split("@")[0] == SCENARIO and (report.when == "call" or report.outcome != "passed"):
+    if report.nodeid.split("@")[0] == SCENARIO and (
+        report.when == "call" or report.outcome != "passed"
+    ):
         _run["scenario"] = report.outcome
 
 
