@@ -240,7 +240,7 @@ class Badges:
             StorageError: S3 failed (transient: the job's hooks run again).
         """
         if self.enabled:
-            await self._never_blocking(self.branch(archive), archive)
+            await self.never_blocking(self.branch(archive), archive)
 
     async def changed(self, change: Change) -> None:
         """Outcomes listener: the build's ledger entry changed (or a redelivery re-checks).
@@ -249,9 +249,9 @@ class Badges:
             StorageError: S3 failed (transient: the event is retried).
         """
         if self.enabled and change.after is not None:
-            await self._never_blocking(self.publish_branch(change.after), change.archive)
+            await self.never_blocking(self.publish_branch(change.after), change.archive)
 
-    async def _never_blocking(self, write: Awaitable[object], archive: str) -> None:
+    async def never_blocking(self, write: Awaitable[object], archive: str) -> None:
         """A permission or a setting never fails a build's push or event for its badge: it is
         logged and counted (as the pull request feedback's are); transient errors propagate
         (the job's hooks, or the event, are retried)."""

@@ -399,12 +399,24 @@ class Outcomes:
             return "ignored"
         if after is None:
             log.info("stale %s event of %s", state.status, state.build_id, extra=context)
-            for listener in self.listeners:
-                await listener(Change(archive=state.archive, before=before, after=before))
+            await self._tell(Change(archive=state.archive, before=before, after=before))
             return "stale"
         change_ = Change(archive=state.archive, before=before, after=after)
         self._count(change_)
         log.info("build %s is %s", state.build_id, state.status, extra=context)
-        for listener in self.listeners:
-            await listener(change_)
+        await self._tell(change_)
         return "recorded"
+
+    async def _tell(self, change: Change) -> None:
+        """Every listener hears of the change, whatever another one raised (a notification SNS
+        refuses must not keep the badge or the running slot behind); then the first error is
+        raised, and the event is retried (each listener is idempotent)."""
+        first: BaseException | None = None
+        for listener in self.listeners:
+            try:
+                await listener(change)
+            except Exception as exc:  # each listener on its own
+                log.warning("a build state listener failed: %s", exc)
+                first = first or exc
+        if first is not None:
+            raise first

@@ -112,8 +112,6 @@ class Intake:
                 if isinstance(event, Push):
                     rule = self.pipelines.rule_for(event.repository)
                 decision = decide(event, self.settings, rule)
-                if isinstance(event, Push) and self.on_push is not None:
-                    await self.on_push(event)
             except PermanentError as exc:
                 await self._reject(message, exc)
                 continue
@@ -155,9 +153,35 @@ class Intake:
                 extra={"message_id": message.id, "event_id": push.event_id},
             )
             self.metrics.events.labels(event=_event_label(push), outcome=Outcome.QUEUED.value).inc()
-        undeleted = await self.intake.delete([m for m, _ in forward] + skipped)
+        done = await self._after_queued([m for m, _ in forward] + skipped)
+        undeleted = await self.intake.delete(done)
         for message in undeleted:
             log.warning("could not delete intake message %s; it will be deduplicated", message.id)
+
+    async def _after_queued(self, messages: list[Message]) -> list[Message]:
+        """Run the ``on_push`` hook (merge builds: a push may move a pull request's
+        destination) for each push, built or skipped, once its own build is queued: the hook
+        never holds a push back. A failed hook retries its message (the push's work message is
+        deduplicated, and the ledger never builds a commit twice), except on its last receive,
+        where it is logged and the message is done. Returns the messages that are done."""
+        if self.on_push is None:
+            return messages
+        done: list[Message] = []
+        for message in messages:
+            try:
+                event = parse_event(message.body)
+                if isinstance(event, Push):
+                    await self.on_push(event)
+            except Exception as exc:
+                error = exc if isinstance(exc, BranchbuildError) else unexpected(exc)
+                self.metrics.errors.labels(kind=error.kind).inc()
+                if not self.intake.is_last_attempt(message):
+                    log.warning("after queueing message %s: %s; retried", message.id, error)
+                    await self._fail(message, error)
+                    continue
+                log.error("after queueing message %s: %s; given up", message.id, error)
+            done.append(message)
+        return done
 
     async def _reject(self, message: Message, error: PermanentError) -> None:
         self.metrics.errors.labels(kind=error.kind).inc()

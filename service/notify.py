@@ -49,6 +49,7 @@ from .errors import (
     BranchbuildError,
     MalformedEvent,
     NotificationRefused,
+    PermanentError,
     TransientError,
     unexpected,
 )
@@ -308,11 +309,13 @@ def result_of(entry: Entry) -> str | None:
     status = entry.status or ""
     if status not in FINAL:
         return None
+    if entry.superseded_by:  # a newer commit's build decides (even if this one, or the retry
+        return "superseded"  # CodeBuild made of it before StopBuild reached it, ran on)
     if status == "SUCCEEDED":
         return "succeeded"
     if status in _FAILED:
         return "failed"
-    return "superseded" if entry.superseded_by else "stopped"
+    return "stopped"
 
 
 def outcome_of(result: str, previous: str | None) -> str:
@@ -391,8 +394,8 @@ class Notifier:
 
         Raises:
             StorageError: S3 failed (transient: the job is retried, this runs again).
-            TransientError, NotificationRefused: as :meth:`changed`, for a build that had
-                already ended.
+            TransientError: as :meth:`changed`, for a build that had already ended (a
+                refusal is logged and counted there: the state event's path reports it).
         """
         if not self._rule(push.repository).notify_topics:
             return
@@ -417,7 +420,12 @@ class Notifier:
         # the ledger's write and this hook) found nothing to notify: it is notified here.
         entry = await Ledger(self.records).read(archive)
         if entry is not None and entry.build_id == build.build_id and result_of(entry):
-            await self.changed(Change(archive=archive, before=entry, after=entry))
+            try:
+                await self.changed(Change(archive=archive, before=entry, after=entry))
+            except PermanentError as exc:  # never fail the push's job for its notification:
+                # the build state event's path reports it (and dead-letters that event)
+                self.metrics.errors.labels(kind=exc.kind).inc()
+                log.error("the notification of %s could not be sent: %s", archive, exc)
 
     async def changed(self, change: Change) -> None:
         """Outcomes listener: a build's ledger entry changed (or a redelivery re-checks).
@@ -453,7 +461,7 @@ class Notifier:
             account=str(doc["account"]),
             region=str(doc["region"]),
             build_region=region() or str(doc["region"]),
-            build_id=entry.build_id,
+            build_id=entry.current_build,  # the attempt that decided (retries)
             project=entry.project,
             status=entry.status,
             started_at=entry.started_at,

@@ -310,9 +310,10 @@ class PullRequests:
             targets = await self._targets(client, doc)
             for target in targets:
                 if self.badges is not None:  # this build is of the pull request's newest commit
-                    await self.badges.pull_request(
+                    badge = self.badges.pull_request(
                         str(doc["repository"]), target.pull_request_id, entry
                     )
+                    await self.badges.never_blocking(badge, archive)  # never the comment's
                 content = self._render(entry, doc, target.pull_request_id)
                 await self._comment(client, archive, doc, target, content)
             # Pull requests that moved on to a newer commit keep this commit's comment, and

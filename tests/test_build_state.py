@@ -18,6 +18,11 @@ from typing import Any
 import pytest
 
 from localdev.githost import codecommit_event
+from service.build_state import Change, Outcomes, parse_build_state
+from service.errors import NotificationRefused
+from service.ledger import Entry, Ledger
+from service.metrics import Metrics
+from service.records import Records
 from tests.helpers import (
     AwsResources,
     GitWorld,
@@ -27,6 +32,7 @@ from tests.helpers import (
     create_project,
     wait_for,
 )
+from tests.test_worker import settings_for
 
 pytestmark = pytest.mark.e2e
 
@@ -273,3 +279,31 @@ async def test_kept_branches_and_a_finished_older_build_are_not_stopped(
     await counted(service, 4, "branchbuild_jobs_total", outcome="built")
     assert await aws.recorded("StopBuild") == []
     assert "superseded_by" not in await ledger(aws, old_archive)
+
+
+async def test_every_listener_hears_a_change_though_one_fails(aws: AwsResources) -> None:
+    """A listener that raises (SNS refusing a notification) must not keep the others (the
+    badge, the running slot) from the change; the first error is raised after them all, so the
+    event is retried."""
+    records = Records(aws.s3, aws.bucket)
+    archive = "shop/feature/x/" + "c" * 40 + ".zip"
+    build_id = "shop:" + str(uuid.uuid4())
+    await Ledger(records).started(
+        archive, Entry("c" * 40, "refs/heads/feature/x", build_id, "shop")
+    )
+    heard: list[str] = []
+
+    async def refusing(change: Change) -> None:
+        heard.append("refusing")
+        raise NotificationRefused("SNS refused it")
+
+    async def badge(change: Change) -> None:
+        heard.append(f"badge {change.after.status if change.after else None}")
+
+    outcomes = Outcomes(records, settings_for(aws), Metrics(), listeners=(refusing, badge))
+    event = build_state_event(build_id, "SUCCEEDED", archive=archive, at=datetime.now(UTC))
+    with pytest.raises(NotificationRefused):
+        await outcomes.record(parse_build_state(json.dumps(event)))
+    assert heard == ["refusing", "badge SUCCEEDED"]
+    entry = await Ledger(records).read(archive)
+    assert entry is not None and entry.status == "SUCCEEDED"

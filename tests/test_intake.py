@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 
+from service.errors import StorageError
+from service.events import Push
 from service.health import Health
 from service.intake import Intake
 from service.metrics import Metrics
@@ -40,7 +42,9 @@ class Running:
 
 
 @asynccontextmanager
-async def running(aws: AwsResources, **overrides: Any) -> AsyncIterator[Running]:
+async def running(
+    aws: AwsResources, on_push: Callable[[Push], Awaitable[None]] | None = None, **overrides: Any
+) -> AsyncIterator[Running]:
     s = settings_for(aws, **overrides)
     metrics = Metrics()
     intake_queue = WatchedQueue(aws.sqs, aws.intake_url, name="intake")
@@ -49,7 +53,9 @@ async def running(aws: AwsResources, **overrides: Any) -> AsyncIterator[Running]
     await intake_queue.describe()
     visibility = s.intake_visibility_timeout
     leases = Leases(visibility=visibility, interval=visibility / 3, metrics=metrics)
-    intake = Intake(intake_queue, work_queue, s, metrics, Health(liveness_timeout=60), leases)
+    intake = Intake(
+        intake_queue, work_queue, s, metrics, Health(liveness_timeout=60), leases, on_push=on_push
+    )
     state = Running(intake, anyio.Event(), anyio.Event())
 
     async def run() -> None:
@@ -138,3 +144,29 @@ async def test_stop_lets_the_parked_poll_finish_and_forwards_what_it_brings(
     assert await counts(aws, aws.intake_url) == (0, 0)
     [forwarded] = await work_bodies(aws)
     assert forwarded["name"] == "feature/late"
+
+
+async def test_a_failing_push_hook_never_holds_the_push_back(aws: AwsResources) -> None:
+    """The on_push hook (merge builds) runs once the push's own build is queued: when it fails
+    (CodeCommit or S3 down), the push is built all the same; the hook is retried with its
+    message until the last receive, then given up, and nothing is dead-lettered."""
+    seen: list[str] = []
+
+    async def failing(push: Push) -> None:
+        seen.append(push.name)
+        raise StorageError("S3 is down")
+
+    commit = "b" * 40
+    await aws.send_event(event_for("r", "refs/heads/feature/y", commit))
+    await aws.send_event(event_for("r", "refs/heads/develop", commit))  # protected: hook too
+    async with running(aws, on_push=failing, retry_base_delay=0, retry_max_delay=0) as state:
+
+        async def settled() -> bool:
+            return await counts(aws, aws.intake_url) == (0, 0)
+
+        await wait_for(settled, within=60, what="the intake queue emptied")
+        assert state.events(event="created", outcome="queued") >= 1
+    [forwarded] = await work_bodies(aws)
+    assert (forwarded["name"], forwarded["commit"]) == ("feature/y", commit)
+    assert sorted(seen) == ["develop", "develop", "feature/y", "feature/y"]  # two receives
+    assert await aws.dlq_bodies(aws.intake_dlq_url) == []

@@ -22,7 +22,7 @@ from aiohttp import web
 from localdev.githost import codecommit_event
 from service.build_state import Change
 from service.builds import StartedBuild
-from service.errors import ConfigurationError, TransientError
+from service.errors import ConfigurationError, NotificationRefused, TransientError
 from service.events import Action, Push, RefChange, RefType, parse_event, parse_work
 from service.ledger import Entry, Ledger
 from service.metrics import Metrics
@@ -185,6 +185,10 @@ def test_outcomes_and_which_notify() -> None:
     ]
     assert result_of(entry("STOPPED")) == "stopped"
     assert result_of(entry("STOPPED", superseded_by="b" * 40)) == "superseded"
+    # A superseded build that ran on (CodeBuild's retry of it, which StopBuild did not reach)
+    # is superseded whatever it ended as: the newer commit's build decides.
+    for status in ("FAILED", "SUCCEEDED"):
+        assert result_of(entry(status, superseded_by="b" * 40)) == "superseded"
     assert result_of(entry("IN_PROGRESS")) is None and result_of(entry(None)) is None
     assert outcome_of("succeeded", "failed") == "fixed"
     assert outcome_of("succeeded", "succeeded") == outcome_of("succeeded", None) == "succeeded"
@@ -658,3 +662,26 @@ async def test_a_build_that_ended_before_its_start_was_recorded_still_notifies(
         )
         assert published == 1
         assert await aws.count(url) == 1
+
+
+async def test_a_refused_notification_never_fails_the_pushs_job(aws: AwsResources) -> None:
+    """The start hook finds the build ended and notifies it, but SNS refuses for good (no such
+    topic): the job's hook returns (the push was built; the state event's path reports the
+    refusal), and the error is counted."""
+    session = aioboto3.Session()
+    async with session.client("sns", endpoint_url=aws.endpoint) as sns:
+        arn = f"arn:aws:sns:{REGION}:123456789012:no-such-topic-{uuid.uuid4().hex[:8]}"
+        settings = load_settings(**(SETTINGS | {"bucket": aws.bucket}), notify_topics=arn)
+        records = Records(aws.s3, aws.bucket)
+        notifier = Notifier(sns, records, settings, Metrics())
+        push = Push(
+            "e", "123456789012", REGION, "shop", RefType.BRANCH, "gone", Action.UPDATED, "c" * 40
+        )
+        archive = "shop/gone/" + "c" * 40 + ".zip"
+        done = Entry("c" * 40, push.ref, "shop:3", "shop", status="FAILED")
+        await Ledger(records).update(archive, lambda _: done)
+        await notifier.started(push, StartedBuild("shop:3", "shop"), archive)  # no raise
+        with pytest.raises(NotificationRefused):  # what the state event's path sees
+            await notifier.changed(Change(archive=archive, before=None, after=done))
+        errors = notifier.metrics.registry.get_sample_value
+        assert errors("branchbuild_errors_total", {"kind": "notification_refused"}) == 1

@@ -23,6 +23,7 @@ from aiobotocore.config import AioConfig
 from localdev.codecommit import CodeCommitStandIn, git_resolver
 from localdev.githost import codecommit_event
 from service.aws import AccountClients, Clients
+from service.badges import Badges
 from service.ledger import Entry, Ledger
 from service.metrics import Metrics
 from service.pullrequests import FEEDBACK_SUFFIX, PullRequests, comment_token
@@ -402,3 +403,41 @@ async def test_a_comment_whose_record_was_lost_is_found_by_its_token_beyond_the_
         "branchbuild_pull_request_updates_total", {"action": "failed"}
     )
     assert not failed
+
+
+async def test_a_pull_request_badge_that_cannot_be_written_never_stops_the_comment(
+    world: World,
+) -> None:
+    """Badges on, but the pull request's badge cannot be written (here: no such bucket, an
+    access error): the comment is posted all the same, and the badge's error is counted."""
+    await world.repo.checkout("feature/badge")
+    commit = await world.repo.commit({"badge.py": "pass\n"})
+    await world.repo.push("feature/badge")
+    pr = await world.open_pull_request("feature/badge")
+    archive, build_id = f"shop/feature/badge/{commit}.zip", "shop:1a2b3c4d-5e6f-7081"
+    settings = settings_for(world.aws, pull_request_feedback="comment", badges=True)
+    session = aioboto3.Session(aws_access_key_id="testing", aws_secret_access_key="x")
+    records = Records(world.aws.s3, world.aws.bucket)
+    metrics = Metrics()
+    badges = Badges(Records(world.aws.s3, "branchbuild-no-such-bucket"), settings, metrics)
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            session.client("codecommit", endpoint_url=world.standin.endpoint)
+        )
+        await Ledger(records).started(
+            archive, Entry(commit, "refs/heads/feature/badge", build_id=build_id, project="shop")
+        )
+        feedback: dict[str, Any] = {"repository": "shop", "account": "123456789012"}
+        feedback |= {"ref": "refs/heads/feature/badge", "commit": commit, "build_id": build_id}
+        await records.write(archive + FEEDBACK_SUFFIX, feedback | {"comments": {}}, replacing=None)
+        clients = Clients(
+            world.aws.sqs, world.aws.s3, world.aws.codebuild, client, session, AioConfig()
+        )
+        accounts = AccountClients(clients, stack, "")
+        await PullRequests(accounts, records, settings, metrics, badges=badges).sync(archive)
+    [comment] = world.comments(pr)
+    assert comment.startswith("Badge: `") or "build status" in comment
+    assert "**branchbuild**: ⏳ Build started" in comment
+    sample = metrics.registry.get_sample_value
+    assert sample("branchbuild_errors_total", {"kind": "access_denied"}) == 1
+    assert not sample("branchbuild_pull_request_updates_total", {"action": "failed"})
