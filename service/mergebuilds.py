@@ -29,7 +29,7 @@ import hashlib
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +76,9 @@ class Sides:
     destination_ref: str
     destination_commit: str
     strategy: MergeStrategy
+    # When the change that asked for this merge happened (its event's time, UTC ...Z): a late
+    # or redriven event never replaces the merge of sides seen later.
+    since: str | None = None
 
     @property
     def wanted(self) -> Document:
@@ -224,6 +227,8 @@ class MergeBuilds:
                 for target in pr.get("pullRequestTargets", []):
                     sides = _sides(account, region, repository, pull_request_id, dict(target), rule)
                     if sides is not None:
+                        sides = replace(sides, since=event.time)
+                    if sides is not None:
                         await self._merge(client, sides, rule)
             except PermanentError as exc:
                 self._failed(exc, repository)
@@ -255,7 +260,7 @@ class MergeBuilds:
                         push.account, push.region, push.repository, pull_request_id, target, rule
                     )
                     if sides is not None:
-                        await self._merge(client, sides, rule)
+                        await self._merge(client, replace(sides, since=push.time), rule)
             except PermanentError as exc:
                 self._failed(exc, push.repository)
 
@@ -289,6 +294,13 @@ class MergeBuilds:
     async def _merge(self, client: CodeCommitClient, sides: Sides, rule: Rule) -> None:
         key = merges_key(sides.repository, sides.pull_request_id)
         current = await self.records.read(key)
+        if current is not None and _earlier(sides, current.data):
+            log.info(
+                "pull request %s: a late event's merge (of sides seen before %s) is not built",
+                sides.pull_request_id,
+                current.data.get("since"),
+            )
+            return
         if current is not None and _same(current.data, sides):
             # Merged before (a redelivered event, or the same move seen twice): queue the
             # same commit again (the work queue and the ledger drop a duplicate).
@@ -316,9 +328,9 @@ class MergeBuilds:
                     raise
 
         def record(now: Document | None) -> Document | None:
-            if now is not None and _same(now, sides):
-                return None  # another instance merged these sides first: theirs stands
-            return sides.wanted | {"commit": commit}
+            if now is not None and (_same(now, sides) or _earlier(sides, now)):
+                return None  # another instance merged these (or later) sides first
+            return sides.wanted | {"commit": commit, "since": sides.since}
 
         await self.records.update(key, record)
         settled = await self.records.read(key)
@@ -344,7 +356,8 @@ class MergeBuilds:
             name=merge_branch(sides.pull_request_id),
             action=Action.UPDATED,
             commit=commit,
-            time=datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            # The trigger's time: superseding orders a pull request's merge builds by it.
+            time=sides.since or datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         )
         fresh: Document = {
             "repository": sides.repository,
@@ -498,6 +511,12 @@ class MergeBuilds:
 
 def _same(data: Document, sides: Sides) -> bool:
     return all(data.get(k) == v for k, v in sides.wanted.items())
+
+
+def _earlier(sides: Sides, recorded: Document) -> bool:
+    """Whether ``sides`` come from a change older than the one the record merged."""
+    since = recorded.get("since")
+    return bool(sides.since and isinstance(since, str) and sides.since < since)
 
 
 def _sides(

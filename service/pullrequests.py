@@ -36,6 +36,7 @@ from .events import (
     Action,
     Commit,
     Envelope,
+    EventTime,
     Named,
     Push,
     RefType,
@@ -92,6 +93,7 @@ class _PullRequestChange(_PullRequestEvent):
     detail: _PullRequestDetail
     account: Account
     region: Region | None = None  # merge builds need it (service.mergebuilds)
+    time: EventTime = None  # merge builds order their triggers by it
 
 
 def parse_pull_request(body: str) -> _PullRequestChange | None:

@@ -13,7 +13,7 @@ import uuid
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +25,7 @@ import pytest
 from localdev.codecommit import CodeCommitStandIn, git_resolver
 from localdev.githost import codecommit_event
 from service.errors import ConfigurationError, MalformedEvent
-from service.events import merge_branch, merged_pull_request, parse_event, parse_work
+from service.events import RefChange, merge_branch, merged_pull_request, parse_event, parse_work
 from service.pipelines import MergeStrategy, parse_config
 from service.settings import load_settings
 from tests.helpers import (
@@ -41,6 +41,7 @@ from tests.helpers import (
     zip_listing,
 )
 from tests.test_build_state import build_state_event, counted, ledger, send_build_event
+from tests.test_intake import counts
 
 if TYPE_CHECKING:
     from types_aiobotocore_codecommit import CodeCommitClient
@@ -238,6 +239,19 @@ async def test_a_pull_request_is_built_as_merged_and_again_when_either_side_move
     created = world.standin.pull_requests[pr]
     await world.standin._emit(created, "pullRequestSourceBranchUpdated")
     await counted(service, 3, "branchbuild_events_total", event="pull_request", outcome="recorded")
+    assert len(world.standin.calls("CreateUnreferencedMergeCommit")) == 3
+    assert len(await world.merge_built(pr, 3)) == 3
+
+    # A late event (an hour old, redriven) of the destination's first commit: its sides are
+    # older than the merge built last, so nothing is merged or built from the older tree.
+    late = RefChange("shop", "refs/heads/main", None, main)
+    await world.aws.send_event(codecommit_event(late, time=datetime.now(UTC) - timedelta(hours=1)))
+    await counted(service, 1, "branchbuild_events_total", event="created", outcome="protected")
+
+    async def settled() -> bool:  # its merge hook, which runs after, is done too
+        return await counts(world.aws, world.aws.intake_url) == (0, 0)
+
+    await wait_for(settled, within=60, what="the late event settled")
     assert len(world.standin.calls("CreateUnreferencedMergeCommit")) == 3
     assert len(await world.merge_built(pr, 3)) == 3
 
