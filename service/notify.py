@@ -309,13 +309,11 @@ def result_of(entry: Entry) -> str | None:
     status = entry.status or ""
     if status not in FINAL:
         return None
-    if entry.superseded_by:  # a newer commit's build decides (even if this one, or the retry
-        return "superseded"  # CodeBuild made of it before StopBuild reached it, ran on)
     if status == "SUCCEEDED":
         return "succeeded"
     if status in _FAILED:
         return "failed"
-    return "stopped"
+    return "superseded" if entry.superseded_by else "stopped"
 
 
 def outcome_of(result: str, previous: str | None) -> str:

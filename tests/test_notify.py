@@ -185,10 +185,9 @@ def test_outcomes_and_which_notify() -> None:
     ]
     assert result_of(entry("STOPPED")) == "stopped"
     assert result_of(entry("STOPPED", superseded_by="b" * 40)) == "superseded"
-    # A superseded build that ran on (CodeBuild's retry of it, which StopBuild did not reach)
-    # is superseded whatever it ended as: the newer commit's build decides.
-    for status in ("FAILED", "SUCCEEDED"):
-        assert result_of(entry(status, superseded_by="b" * 40)) == "superseded"
+    # A build that ended on its own before StopBuild reached it keeps its result: it failed
+    # (and a success after it is a fix), though a newer commit marked it superseded.
+    assert result_of(entry("FAILED", superseded_by="b" * 40)) == "failed"
     assert result_of(entry("IN_PROGRESS")) is None and result_of(entry(None)) is None
     assert outcome_of("succeeded", "failed") == "fixed"
     assert outcome_of("succeeded", "succeeded") == outcome_of("succeeded", None) == "succeeded"
