@@ -101,7 +101,7 @@ class Intake:
     async def handle(self, messages: list[Message]) -> None:
         """Forward buildable pushes in order, acknowledge skips, release poison."""
         forward: list[tuple[Message, Push]] = []
-        skipped: list[Message] = []
+        skipped: list[tuple[Message, Push | OtherEvent]] = []
         for message in messages:
             try:
                 if self.outcomes is not None and self.outcomes.claims(message.body):
@@ -126,7 +126,7 @@ class Intake:
                     extra={"message_id": message.id, "event_id": event.event_id},
                 )
                 self.metrics.events.labels(event=kind, outcome=decision.outcome.value).inc()
-                skipped.append(message)
+                skipped.append((message, event))
             else:
                 forward.append((message, decision))
         try:
@@ -153,23 +153,24 @@ class Intake:
                 extra={"message_id": message.id, "event_id": push.event_id},
             )
             self.metrics.events.labels(event=_event_label(push), outcome=Outcome.QUEUED.value).inc()
-        done = await self._after_queued([m for m, _ in forward] + skipped)
+        done = await self._after_queued([*forward, *skipped])
         undeleted = await self.intake.delete(done)
         for message in undeleted:
             log.warning("could not delete intake message %s; it will be deduplicated", message.id)
 
-    async def _after_queued(self, messages: list[Message]) -> list[Message]:
+    async def _after_queued(
+        self, settled: list[tuple[Message, Push | OtherEvent]]
+    ) -> list[Message]:
         """Run the ``on_push`` hook (merge builds: a push may move a pull request's
         destination) for each push, built or skipped, once its own build is queued: the hook
         never holds a push back. A failed hook retries its message (the push's work message is
         deduplicated, and the ledger never builds a commit twice), except on its last receive,
         where it is logged and the message is done. Returns the messages that are done."""
         if self.on_push is None:
-            return messages
+            return [message for message, _ in settled]
         done: list[Message] = []
-        for message in messages:
+        for message, event in settled:
             try:
-                event = parse_event(message.body)
                 if isinstance(event, Push):
                     await self.on_push(event)
             except Exception as exc:

@@ -45,7 +45,7 @@ from .intake import work_message
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
 from .pipelines import MergeStrategy, Pipelines, Rule
-from .pullrequests import parse_pull_request
+from .pullrequests import open_targets, parse_pull_request
 from .queue import Queue
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -250,7 +250,7 @@ class MergeBuilds:
         with naming(repositoryName=push.repository):
             try:
                 client = await self.accounts.codecommit(push.account)
-                for pull_request_id, target in await self._open(client, push.repository):
+                for pull_request_id, _, target in await open_targets(client, push.repository):
                     if target.get("destinationReference") != push.ref:
                         continue
                     # The pushed commit, not the pull request's record of it: the event is
@@ -269,25 +269,6 @@ class MergeBuilds:
         self.metrics.merge_builds.labels(outcome="failed").inc()
         self.metrics.errors.labels(kind=exc.kind).inc()
         log.error("merge builds of %s failed: %s", repository, exc)
-
-    async def _open(
-        self, client: CodeCommitClient, repository: str
-    ) -> list[tuple[str, dict[str, Any]]]:
-        ids: list[str] = []
-        pages = client.get_paginator("list_pull_requests").paginate(
-            repositoryName=repository, pullRequestStatus="OPEN"
-        )
-        with translated(f"list the pull requests of {repository}"):
-            async for page in pages:
-                ids += page.get("pullRequestIds", [])
-        found = []
-        for pull_request_id in ids:
-            with translated(f"read pull request {pull_request_id}"):
-                reply = await client.get_pull_request(pullRequestId=pull_request_id)
-            for target in reply["pullRequest"].get("pullRequestTargets", []):
-                if target.get("repositoryName") == repository:
-                    found.append((pull_request_id, dict(target)))
-        return found
 
     # -- merging ---------------------------------------------------------------------------
 

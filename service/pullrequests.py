@@ -178,6 +178,33 @@ def _duration(seconds: float) -> str:
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
+async def open_targets(
+    client: CodeCommitClient, repository: str
+) -> list[tuple[str, str, dict[str, Any]]]:
+    """The open pull requests of ``repository``: (id, revision id, target) for each of their
+    targets in it.
+
+    Raises:
+        TransientError, PermanentError: CodeCommit failed (as :func:`service.aws.translated`).
+    """
+    ids: list[str] = []
+    pages = client.get_paginator("list_pull_requests").paginate(
+        repositoryName=repository, pullRequestStatus="OPEN"
+    )
+    with translated(f"list the pull requests of {repository}"):
+        async for page in pages:
+            ids += page.get("pullRequestIds", [])
+    found = []
+    for pull_request_id in ids:
+        with translated(f"read pull request {pull_request_id}"):
+            reply = await client.get_pull_request(pullRequestId=pull_request_id)
+        pr = reply["pullRequest"]
+        for target in pr.get("pullRequestTargets", []):
+            if target.get("repositoryName") == repository:
+                found.append((pull_request_id, pr.get("revisionId", ""), dict(target)))
+    return found
+
+
 def comment_token(pull_request_id: str, commit: str, build_id: str) -> str:
     return hashlib.sha256(f"{pull_request_id}\0{commit}\0{build_id}".encode()).hexdigest()
 
@@ -351,33 +378,16 @@ class PullRequests:
 
     async def _targets(self, client: CodeCommitClient, doc: Document) -> list[Target]:
         repository, ref, commit = str(doc["repository"]), str(doc["ref"]), str(doc["commit"])
-        ids: list[str] = []
-        pages = client.get_paginator("list_pull_requests").paginate(
-            repositoryName=repository, pullRequestStatus="OPEN"
-        )
-        with translated(f"list the pull requests of {repository}"):
-            async for page in pages:
-                ids += page.get("pullRequestIds", [])
-        found: list[Target] = []
-        for pull_request_id in ids:
-            with translated(f"read pull request {pull_request_id}"):
-                reply = await client.get_pull_request(pullRequestId=pull_request_id)
-            pr = reply["pullRequest"]
-            for target in pr.get("pullRequestTargets", []):
-                if (
-                    target.get("repositoryName") == repository
-                    and target.get("sourceReference") == ref
-                    and target.get("sourceCommit") == commit
-                ):
-                    found.append(
-                        Target(
-                            pull_request_id=pull_request_id,
-                            revision=pr.get("revisionId", ""),
-                            source_commit=commit,
-                            destination_commit=target.get("destinationCommit", ""),
-                        )
-                    )
-        return found
+        return [
+            Target(
+                pull_request_id=pull_request_id,
+                revision=revision,
+                source_commit=commit,
+                destination_commit=target.get("destinationCommit", ""),
+            )
+            for pull_request_id, revision, target in await open_targets(client, repository)
+            if target.get("sourceReference") == ref and target.get("sourceCommit") == commit
+        ]
 
     async def _comment(
         self, client: CodeCommitClient, archive: str, doc: Document, target: Target, content: str
