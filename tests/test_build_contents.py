@@ -297,8 +297,9 @@ async def test_any_tree_archives_as_its_checkout(
     tree: Drawn,
     submodule: tuple[str, Drawn] | None,
 ) -> None:
-    """Any tree (attributes, symlinks, executable bits, odd names, a submodule with its
-    own attributes) archives as `git clone` + checkout + `submodule update` leaves it."""
+    """Any tree (attributes and macros, symlinks, executable bits, odd names, a submodule with
+    its own attributes, an empty directory) archives as `git clone` + checkout +
+    `submodule update` leaves it."""
     git_world = world.world
     n = next(_counter)
     repo = await WorkCopy.create(git_world, tmp_path, f"prop{n}")
@@ -310,11 +311,14 @@ async def test_any_tree_archives_as_its_checkout(
         await sub.git("commit", "--quiet", "--allow-empty", "-m", "sub")
         await sub.push("main")
         sub_commit = await sub.git("rev-parse", "HEAD")
+        # And an empty directory: a submodule `git submodule update` leaves alone.
         (repo.path / ".gitmodules").write_text(
             f'[submodule "m"]\n\tpath = {path}\n\turl = ../propsub{n}\n'
+            f'[submodule "e"]\n\tpath = empty\n\turl = ../propsub{n}\n\tupdate = none\n'
         )
         await repo.git("add", ".gitmodules")
-        await repo.git("update-index", "--add", "--cacheinfo", f"160000,{sub_commit},{path}")
+        for at in (path, "empty"):
+            await repo.git("update-index", "--add", "--cacheinfo", f"160000,{sub_commit},{at}")
     await repo.git("commit", "--quiet", "--allow-empty", "-m", "tree")
     commit = await repo.git("rev-parse", "HEAD")
     await repo.push("main")
