@@ -199,6 +199,22 @@ async def test_absolute_urls_only_to_allowed_hosts(git_world: GitWorld, tmp_path
     assert tree_of_zip(data)["vendor/lib/lib.txt"] == ("file", False, b"lib\n")
 
 
+
+async def test_an_allowed_host_with_an_unknown_key_fails_naming_the_submodule(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """The same SSH host under a name known_hosts does not pin: never trusted on first use,
+    a permanent failure naming the submodule."""
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit({"lib.txt": "lib\n"})
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    url = f"ssh://git@localhost:{git_world.host.port}/v1/repos/lib"
+    commit = await with_gitlink(app, "vendor/lib", url, lib_commit)
+    await app.push("main")
+    with pytest.raises(SubmoduleError, match="vendor/lib .*cannot be fetched: .*known_hosts"):
+        await archived(git_world, tmp_path, commit, submodule_hosts="localhost")
+
 @pytest.mark.parametrize(
     "url",
     [
