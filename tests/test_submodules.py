@@ -199,7 +199,6 @@ async def test_absolute_urls_only_to_allowed_hosts(git_world: GitWorld, tmp_path
     assert tree_of_zip(data)["vendor/lib/lib.txt"] == ("file", False, b"lib\n")
 
 
-
 async def test_an_allowed_host_with_an_unknown_key_fails_naming_the_submodule(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
@@ -214,6 +213,7 @@ async def test_an_allowed_host_with_an_unknown_key_fails_naming_the_submodule(
     await app.push("main")
     with pytest.raises(SubmoduleError, match="vendor/lib .*cannot be fetched: .*known_hosts"):
         await archived(git_world, tmp_path, commit, submodule_hosts="localhost")
+
 
 @pytest.mark.parametrize(
     "url",
