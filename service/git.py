@@ -597,8 +597,12 @@ class Git:
         def with_alternates() -> dict[str, str]:
             return env | {"GIT_ALTERNATE_OBJECT_DIRECTORIES": os.pathsep.join(alternates)}
 
-        async def compose(git_dir: Path, commit: str, url: str, depth: int, where: str) -> str:
+        async def compose(
+            git_dir: Path, commit: str, url: str, depth: int, where: str
+        ) -> str | None:
             listing = await self._git(git_dir, "ls-tree", "-r", "-z", commit, env=with_alternates())
+            if not listing:  # an empty tree: the gitlink stays, an empty directory as checked out
+                return None
             links = submodules.gitlinks(listing)
             if not links:
                 return f"{commit}^{{tree}}"
@@ -619,35 +623,27 @@ class Git:
             await self._git(git_dir, "read-tree", commit, env=indexed)
             for path, wanted in links:
                 label = where + path
+                name, raw, update = declared.get(path, (path, None, None))
+                if raw is not None and not submodules.checked_out(update, label):
+                    continue  # `update = none`: an empty directory, as in a checkout
                 boundaries.append(label)
-                sub = await self._fetch_submodule(stack, declared, path, wanted, url, label)
+                sub = await self._fetch_submodule(stack, name, raw, wanted, url, label)
                 alternates.append(str(sub.git_dir / "objects"))
                 tree = await compose(sub.git_dir, wanted, sub.url, depth + 1, label + "/")
+                if tree is None:
+                    continue
                 indexed["GIT_ALTERNATE_OBJECT_DIRECTORIES"] = os.pathsep.join(alternates)
                 await self._git(git_dir, "update-index", "--force-remove", "--", path, env=indexed)
                 await self._git(git_dir, "read-tree", f"--prefix={path}/", tree, env=indexed)
             return (await self._git(git_dir, "write-tree", env=indexed)).decode().strip()
 
         tree = await compose(fetched.git_dir, fetched.commit, fetched.url, 0, "")
-        if not boundaries:
+        if tree is None or not boundaries:
             return None
         env = with_alternates()
         attributes = scratch / "attributes"
-        listing = await self._git(fetched.git_dir, "ls-tree", "-r", "-z", tree, env=env)
-        found: dict[str, bytes] = {}
-        for entry in listing.split(b"\0"):
-            meta, _, raw = entry.partition(b"\t")
-            path = raw.decode("utf-8", "surrogateescape")
-            fields = meta.split()
-            if fields[:2] in ([b"100644", b"blob"], [b"100755", b"blob"]) and (
-                path == ".gitattributes" or path.endswith("/.gitattributes")
-            ):
-                found[path] = await self._git(
-                    fetched.git_dir, "cat-file", "blob", fields[2].decode(), env=env
-                )
-        for boundary in boundaries:
-            key = f"{boundary}/.gitattributes"
-            found[key] = _UNSET_CHECKOUT_ATTRIBUTES + b"\n" + found.get(key, b"")
+        found = await self._attribute_files(fetched.git_dir, tree, env)
+        found = submodules.scoped_attributes(found, boundaries)
 
         def write() -> None:
             for path, content in found.items():
@@ -659,11 +655,30 @@ class Git:
         await anyio.to_thread.run_sync(write)
         return tree, env, attributes
 
+    async def _attribute_files(
+        self, git_dir: Path, tree: str, env: dict[str, str]
+    ) -> dict[str, bytes]:
+        """Every ``.gitattributes`` (a regular file: git ignores a link) of ``tree``: path ->
+        its bytes."""
+        listing = await self._git(git_dir, "ls-tree", "-r", "-z", tree, env=env)
+        found: dict[str, bytes] = {}
+        for entry in listing.split(b"\0"):
+            meta, _, raw = entry.partition(b"\t")
+            path = raw.decode("utf-8", "surrogateescape")
+            fields = meta.split()
+            if fields[:2] in ([b"100644", b"blob"], [b"100755", b"blob"]) and (
+                path == ".gitattributes" or path.endswith("/.gitattributes")
+            ):
+                found[path] = await self._git(
+                    git_dir, "cat-file", "blob", fields[2].decode(), env=env
+                )
+        return found
+
     async def _fetch_submodule(
         self,
         stack: AsyncExitStack,
-        declared: dict[str, tuple[str, str | None]],
-        path: str,
+        name: str,
+        raw: str | None,
         commit: str,
         url: str,
         label: str,
@@ -675,7 +690,6 @@ class Git:
             SubmoduleError: no URL, a URL not allowed, refused or gone at the server.
             GitError: the fetch failed in a way that may pass.
         """
-        name, raw = declared.get(path, (path, None))
         if raw is None:
             raise SubmoduleError(f"submodule {label}: no URL for it in .gitmodules")
         sub_url = submodules.with_user(
@@ -765,10 +779,6 @@ _CHECKOUT = (
 # The cache's info/attributes, the attribute file of highest precedence: git archive applies
 # the tree's export-ignore and export-subst, a checkout never does.
 _ARCHIVE_ATTRIBUTES = b"* -export-ignore -export-subst\n"
-
-# First line of each submodule root's attributes in a composed tree: the superproject's
-# checkout attributes do not reach into a submodule (the submodule's own lines follow).
-_UNSET_CHECKOUT_ATTRIBUTES = b"* !text !eol !crlf !ident !filter !working-tree-encoding"
 
 # Incoming objects stay packed, one pack per fetch: no loose-object pile-up. git's own
 # housekeeping (`gc --auto`, run by the fetch) merges the small packs once there are 50

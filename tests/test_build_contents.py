@@ -97,6 +97,45 @@ async def test_line_endings_and_ident_convert_as_a_checkout_does(
     assert tree["id.c"] == ("file", False, f"/* $Id: {blob} $ */\n".encode())
 
 
+async def test_every_kind_of_attribute_applies_as_in_a_checkout(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """export-ignore and export-subst never apply, wherever they are set (a nested
+    .gitattributes, through a macro); crlf, -crlf, eol alone, text=auto with eol, ident over
+    an expanded $Id$ and working-tree-encoding apply as a checkout applies them."""
+    repo = await WorkCopy.create(git_world, tmp_path, "kinds")
+    commit = await repo.commit(
+        {
+            ".gitattributes": "[attr]slim export-ignore export-subst\n[attr]win text eol=crlf\n"
+            "docs/ slim\n*.w win\n*.enc text working-tree-encoding=UTF-16LE\n*.cr crlf\n"
+            "*.nocr -crlf\n*.e eol=crlf\nid.c ident\n*.auto text=auto eol=crlf\n",
+            "docs/a.md": "$Format:%H$\n",
+            "sub/.gitattributes": "x.txt export-subst\nignored/ export-ignore\n*.w -text\n",
+            "sub/x.txt": "$Format:%H$ $Format:%an$\n",
+            "sub/ignored/f": "f\n",
+            "sub/y.w": "a\nb\n",
+            "a.w": "a\nb\n",
+            "u.enc": "h\u00e9llo\nworld\n".encode("utf-16-le"),
+            "c.cr": "x\ny\n",
+            "c.nocr": "x\r\ny\n",
+            "d.e": "x\ny\n",
+            "id.c": "$Id: stale $\n$Id$\n",
+            "m.auto": "a\r\nb\n",
+            "n.auto": "a\nb\n",
+        }
+    )
+    await repo.push("main")
+    data, _ = await archive_and_checkout(git_world, tmp_path, repo, commit)
+    tree = tree_of_zip(data)
+    assert tree["docs/a.md"] == ("file", False, b"$Format:%H$\n")
+    assert tree["sub/x.txt"] == ("file", False, b"$Format:%H$ $Format:%an$\n")
+    assert tree["sub/ignored/f"] == ("file", False, b"f\n")
+    assert tree["a.w"] == ("file", False, b"a\r\nb\r\n")  # the macro applied
+    assert tree["sub/y.w"] == ("file", False, b"a\nb\n")
+    assert tree["u.enc"] == ("file", False, "h\u00e9llo\nworld\n".encode("utf-16-le"))
+    assert tree["d.e"] == ("file", False, b"x\r\ny\r\n")
+
+
 async def test_a_filter_driver_named_by_the_repository_never_runs(
     git_world: GitWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -174,6 +213,8 @@ _attribute_lines = st.sampled_from(
         "*.txt ident",
         "src/** export-ignore",
         "* filter=evil",
+        "[attr]win text eol=crlf\n*.bat win",
+        "*.bat win",
     ]
 )
 
@@ -256,8 +297,9 @@ async def test_any_tree_archives_as_its_checkout(
     tree: Drawn,
     submodule: tuple[str, Drawn] | None,
 ) -> None:
-    """Any tree (attributes, symlinks, executable bits, odd names, a submodule with its
-    own attributes) archives as `git clone` + checkout + `submodule update` leaves it."""
+    """Any tree (attributes and macros, symlinks, executable bits, odd names, a submodule with
+    its own attributes, an empty directory) archives as `git clone` + checkout +
+    `submodule update` leaves it."""
     git_world = world.world
     n = next(_counter)
     repo = await WorkCopy.create(git_world, tmp_path, f"prop{n}")
@@ -269,11 +311,14 @@ async def test_any_tree_archives_as_its_checkout(
         await sub.git("commit", "--quiet", "--allow-empty", "-m", "sub")
         await sub.push("main")
         sub_commit = await sub.git("rev-parse", "HEAD")
+        # And an empty directory: a submodule `git submodule update` leaves alone.
         (repo.path / ".gitmodules").write_text(
             f'[submodule "m"]\n\tpath = {path}\n\turl = ../propsub{n}\n'
+            f'[submodule "e"]\n\tpath = empty\n\turl = ../propsub{n}\n\tupdate = none\n'
         )
         await repo.git("add", ".gitmodules")
-        await repo.git("update-index", "--add", "--cacheinfo", f"160000,{sub_commit},{path}")
+        for at in (path, "empty"):
+            await repo.git("update-index", "--add", "--cacheinfo", f"160000,{sub_commit},{at}")
     await repo.git("commit", "--quiet", "--allow-empty", "-m", "tree")
     commit = await repo.git("rev-parse", "HEAD")
     await repo.push("main")
@@ -345,6 +390,26 @@ async def test_git_metadata_makes_the_build_directory_a_clean_checkout_of_the_br
     # setuptools-scm finds a version from it (no tag: 0.1.dev1+g<commit>).
     version = await run(build, sys.executable, "-m", "setuptools_scm")
     assert f"g{commit[:7]}" in version, version
+
+
+async def test_git_metadata_of_branches_with_odd_names(git_world: GitWorld, tmp_path: Path) -> None:
+    """Any branch name git accepts becomes the checked-out branch, as it is: never parsed by
+    a shell, never an option."""
+    repo = await WorkCopy.create(git_world, tmp_path, "odd")
+    commit = await repo.commit({"a.txt": "a\n", ".gitattributes": "*.txt text eol=crlf ident\n"})
+    git = Git(make_settings(git_world, tmp_path))
+    for n, branch in enumerate(
+        ["HEAD", "-dash", "f\u00e9/$(touch${IFS}pwned)", "a'b\"c", "@", "a;b|c&`id`"]
+    ):
+        await repo.push(f"main:refs/heads/{branch}")
+        fetched = await git.fetch(push_for("odd", branch, commit))
+        data = await archive_bytes(git, fetched, Extras(git_metadata_ref=f"refs/heads/{branch}"))
+        build = tmp_path / f"build{n}"
+        unpack(data, build)
+        assert await run(build, "git", "symbolic-ref", "HEAD") == f"refs/heads/{branch}"
+        assert await run(build, "git", "rev-parse", "HEAD") == commit
+        assert await run(build, "git", "status", "--porcelain", "--untracked-files=all") == ""
+    assert not [p async for p in anyio.Path(tmp_path).rglob("pwned")]
 
 
 async def test_git_metadata_of_a_tag_is_a_detached_head_with_the_tag(

@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 
 from service.errors import (
@@ -109,12 +111,76 @@ async def test_submodules_are_checked_out_recursively_at_their_exact_commits(
     assert differences(plain, tree_of_checkout(bare)) == []
 
 
-async def test_the_depth_limit_names_the_submodule_too_deep(
+async def test_attribute_macros_stay_in_their_repository(
     git_world: GitWorld, tmp_path: Path
 ) -> None:
-    _, commit, _ = await three_levels(git_world, tmp_path)
-    with pytest.raises(SubmoduleError, match="vendor/lib/third/leaf.*BRANCHBUILD_SUBMODULE_DEPTH"):
-        await archived(git_world, tmp_path, commit, submodule_depth=1)
+    """A submodule's own macros apply to its files, the superproject's never do (git reads
+    macros from a repository's top-level .gitattributes only)."""
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit(
+        {
+            ".gitattributes": "[attr]dos text eol=crlf\n*.cmd dos\n*.bat win\n",
+            "run.cmd": "a\nb\n",
+            "run.bat": "a\nb\n",
+            "docs/.gitattributes": "*.md dos\n",
+            "docs/guide.md": "a\n",
+        }
+    )
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    files: dict[str, str | bytes] = {
+        ".gitattributes": "[attr]win text eol=crlf\n*.bat win\n*.cmd dos\n",
+        "x.bat": "a\n",
+    }
+    commit = await with_gitlink(app, "sp ace/lib", "../lib", lib_commit, files)
+    await app.push("main")
+    data = await archived(git_world, tmp_path, commit)
+    cloned = await checkout(git_world, "app", commit, tmp_path / "checkout", submodules=True)
+    assert differences(tree_of_zip(data), tree_of_checkout(cloned)) == []
+    tree = tree_of_zip(data)
+    assert tree["x.bat"] == ("file", False, b"a\r\n")
+    assert tree["sp ace/lib/run.cmd"] == ("file", False, b"a\r\nb\r\n")  # lib's macro
+    assert tree["sp ace/lib/docs/guide.md"] == ("file", False, b"a\r\n")
+    assert tree["sp ace/lib/run.bat"] == ("file", False, b"a\nb\n")  # not app's
+
+
+async def test_the_update_field_of_gitmodules_as_git_reads_it(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """`update = none` leaves the submodule's directory empty, as `git submodule update
+    --init` does; `update = !command` fails the push naming it (git refuses it too)."""
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit({"lib.txt": "lib\n"})
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    gitmodules = (
+        '[submodule "kept"]\n\tpath = kept\n\turl = ../lib\n\tupdate = merge\n'
+        '[submodule "none"]\n\tpath = none\n\turl = ../lib\n\tupdate = none\n'
+    )
+    (app.path / ".gitmodules").write_text(gitmodules)
+    await app.git("add", ".gitmodules")
+    for path in ("kept", "none"):
+        await app.git("update-index", "--add", "--cacheinfo", f"160000,{lib_commit},{path}")
+    await app.git("commit", "--quiet", "-m", "two submodules")
+    commit = await app.git("rev-parse", "HEAD")
+    (app.path / ".gitmodules").write_text(
+        gitmodules + '[submodule "command"]\n\tpath = command\n\turl = ../lib\n'
+        "\tupdate = !touch pwned\n"
+    )
+    await app.git("add", ".gitmodules")
+    await app.git("update-index", "--add", "--cacheinfo", f"160000,{lib_commit},command")
+    await app.git("commit", "--quiet", "-m", "a command")
+    hostile = await app.git("rev-parse", "HEAD")
+    await app.push("main")
+    data = await archived(git_world, tmp_path, commit)
+    cloned = await checkout(git_world, "app", commit, tmp_path / "checkout", submodules=True)
+    assert differences(tree_of_zip(data), tree_of_checkout(cloned)) == []
+    tree = tree_of_zip(data)
+    assert tree["kept/lib.txt"] == ("file", False, b"lib\n")
+    assert tree["none"] == ("dir",) and not any(p.startswith("none/") for p in tree)
+    with pytest.raises(SubmoduleError, match="submodule command: .*update = '!touch pwned'"):
+        await archived(git_world, tmp_path, hostile)
+    assert not [p async for p in anyio.Path(tmp_path).rglob("pwned")]
 
 
 async def test_absolute_urls_only_to_allowed_hosts(git_world: GitWorld, tmp_path: Path) -> None:
@@ -133,6 +199,22 @@ async def test_absolute_urls_only_to_allowed_hosts(git_world: GitWorld, tmp_path
     assert tree_of_zip(data)["vendor/lib/lib.txt"] == ("file", False, b"lib\n")
 
 
+async def test_an_allowed_host_with_an_unknown_key_fails_naming_the_submodule(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    """The same SSH host under a name known_hosts does not pin: never trusted on first use,
+    a permanent failure naming the submodule."""
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    lib_commit = await lib.commit({"lib.txt": "lib\n"})
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    url = f"ssh://git@localhost:{git_world.host.port}/v1/repos/lib"
+    commit = await with_gitlink(app, "vendor/lib", url, lib_commit)
+    await app.push("main")
+    with pytest.raises(SubmoduleError, match="vendor/lib .*cannot be fetched: .*known_hosts"):
+        await archived(git_world, tmp_path, commit, submodule_hosts="localhost")
+
+
 @pytest.mark.parametrize(
     "url",
     [
@@ -141,11 +223,64 @@ async def test_absolute_urls_only_to_allowed_hosts(git_world: GitWorld, tmp_path
         "https://example.com/lib.git",
         "git@example.com:lib.git",
         "../../../../../etc",
+        "/srv/git/lib",
+        "--upload-pack=touch%20pwned",
+        "-uexample.com:lib",
+        "fd::17/lib",
     ],
 )
 def test_urls_that_are_never_fetched(url: str) -> None:
     with pytest.raises(SubmoduleError, match="submodule vendor/x"):
         resolve_url("ssh://git@host/v1/repos/app", url, ("example.com", "host"), "vendor/x")
+
+
+@pytest.mark.parametrize(
+    "url", ["ssh://-oProxyCommand=touch%20pwned/lib", "ssh://-oProxyCommand=x@host/lib"]
+)
+def test_urls_that_would_be_ssh_options_are_refused(url: str) -> None:
+    with pytest.raises(SubmoduleError, match="vendor/x: .*ssh option"):
+        resolve_url("ssh://git@host/v1/repos/app", url, ("*",), "vendor/x")
+
+
+def test_relative_urls_resolve_as_git_resolves_them(tmp_path: Path) -> None:
+    """./x, ../x, ../../group/x against a CodeCommit URL: what `git submodule init` writes."""
+    base = "ssh://APKAEXAMPLE@git-codecommit.eu-west-1.amazonaws.com/v1/repos/app"
+    urls = ["./x", "../x", "../../group/x", "../x/", ".././x", "../lib.git"]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "GIT_CONFIG_NOSYSTEM": "1"}
+
+    def git(*args: str) -> str:
+        done = subprocess.run(  # noqa: S603
+            ["git", *args], cwd=tmp_path, env=env, check=True, capture_output=True, text=True
+        )
+        return done.stdout
+
+    git("init", "--quiet")
+    git("remote", "add", "origin", base)
+    for n, url in enumerate(urls):
+        git("config", "-f", ".gitmodules", f"submodule.s{n}.path", f"p{n}")
+        git("config", "-f", ".gitmodules", f"submodule.s{n}.url", url)
+        git("update-index", "--add", "--cacheinfo", f"160000,{n + 1:040d},p{n}")
+    git("submodule", "init")
+    for n, url in enumerate(urls):
+        expected = git("config", f"submodule.s{n}.url").strip()
+        assert resolve_url(base, url, (), f"p{n}") == expected, url
+
+
+async def test_a_submodule_at_an_empty_commit_is_an_empty_directory(
+    git_world: GitWorld, tmp_path: Path
+) -> None:
+    lib = await WorkCopy.create(git_world, tmp_path, "lib")
+    empty = await lib.git("hash-object", "-w", "-t", "tree", "/dev/null")
+    lib_commit = await lib.git("commit-tree", empty, "-m", "nothing yet")
+    await lib.git("update-ref", "refs/heads/main", lib_commit)
+    await lib.push("main")
+    app = await WorkCopy.create(git_world, tmp_path, "app")
+    commit = await with_gitlink(app, "lib", "../lib", lib_commit, {"a.txt": "a\n"})
+    await app.push("main")
+    data = await archived(git_world, tmp_path, commit)
+    cloned = await checkout(git_world, "app", commit, tmp_path / "checkout", submodules=True)
+    assert differences(tree_of_zip(data), tree_of_checkout(cloned)) == []
+    assert tree_of_zip(data)["lib"] == ("dir",)
 
 
 async def test_a_submodule_that_cannot_be_fetched_fails_naming_it(
