@@ -105,7 +105,10 @@ def test_grants_added_after_the_proof_stop_at_their_resources() -> None:
         ),
         (
             _ask(
-                d, "service", "sns:Publish", f"arn:aws:sns:us-east-1:{ACCOUNT}:branchbuild-builds"
+                d,
+                "service",
+                "sns:Publish",
+                f"arn:aws:sns:us-east-1:{ACCOUNT}:branchbuild-notifications",
             ),
             False,
         ),
