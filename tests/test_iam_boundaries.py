@@ -92,6 +92,10 @@ def test_grants_added_after_the_proof_stop_at_their_resources() -> None:
         (_ask(d, "admin", "codebuild:BatchGetBuilds", PROJECT + "deploy-prod"), False),
         (_ask(d, "admin", "codebuild:ListBuildsForProject", PROJECT + "deploy-prod"), False),
         (_ask(d, "admin", "codebuild:StartBuild", PROJECT + "bb-app"), False),
+        # StartBuild's serviceRoleOverride needs iam:PassRole: a build never runs under
+        # another role than its project's, whoever asks.
+        (_ask(d, "service", "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/deploy"), False),
+        (_ask(d, "admin", "iam:PassRole", f"arn:aws:iam::{ACCOUNT}:role/deploy"), False),
         # Notifications: the listed topic, not one of the same name elsewhere.
         (_ask(d, "service", "sns:Publish", topic + "branchbuild-notifications"), True),
         (
