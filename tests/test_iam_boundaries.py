@@ -8,11 +8,26 @@ beside an allowed request like it, so that a denial is not merely a typo.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
+from contextlib import AsyncExitStack
 from typing import Any
 
-from service.pipelines import parse_config
+import aioboto3
+import pytest
+from aiobotocore.config import AioConfig
+
+from service.aws import AccountClients, Clients, watch_calls
+from service.errors import BranchbuildError, RejectedEvent
+from service.mergebuilds import MergeBuilds
+from service.metrics import Metrics
+from service.pipelines import Pipelines, parse_config
+from service.queue import Queue
+from service.records import Records
 from service.settings import load_settings
 from tests.cfn import ROOT, Stack
+from tests.helpers import AwsResources
 from tests.test_iam import (
     ACCOUNT,
     HTTPS,
@@ -27,6 +42,7 @@ from tests.test_iam import (
     simulate,
     walkthrough,
 )
+from tests.test_worker import settings_for
 
 PROJECT = f"arn:aws:codebuild:{REGION}:{ACCOUNT}:project/"
 BUCKET = "arn:aws:s3:::branchbuild-artifacts/"
@@ -337,3 +353,85 @@ def test_the_example_configurations_merge_builds_and_notifications_are_allowed()
         + [(_ask(alone, "service", "sns:Publish", walkthrough_topic), False)]
     )
     assert not wrong, "\n".join(wrong)
+
+
+class _Calls(logging.Handler):
+    """The aws_call records of this process (service.aws.watch_calls)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.calls: list[dict[str, Any]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        call = getattr(record, "aws_call", None)
+        if call is not None:
+            self.calls.append(call)
+
+
+def _pull_request_event(account: str) -> str:
+    return json.dumps(
+        {
+            "detail-type": "CodeCommit Pull Request State Change",
+            "source": "aws.codecommit",
+            "account": account,
+            "region": REGION,
+            "resources": [f"arn:aws:codecommit:{REGION}:{account}:shop"],
+            "detail": {
+                "event": "pullRequestCreated",
+                "pullRequestId": "1",
+                "pullRequestStatus": "OPEN",
+                "repositoryNames": ["shop"],
+                "sourceReference": "refs/heads/feature/pay",
+                "sourceCommit": "a" * 40,
+                "destinationReference": "refs/heads/main",
+                "destinationCommit": "b" * 40,
+            },
+        }
+    )
+
+
+async def test_a_merge_build_event_of_an_unlisted_account_assumes_nothing(
+    aws: AwsResources,
+) -> None:
+    """Merge builds (feedback off, so the merge builds alone hear the event) refuse an event
+    naming an account not in BRANCHBUILD_ALLOWED_ACCOUNTS before any AWS call: no role is
+    assumed there, whoever sent the event; a listed account's event assumes the role there."""
+    settings = settings_for(
+        aws,
+        pull_request_role_template="arn:aws:iam::{account}:role/branchbuild-pr",
+        allowed_accounts=(ACCOUNT,),
+    )
+    rules = "version: 1\nrules:\n  - repository: shop\n    pull_requests: {merge_build: true}\n"
+    pipelines = Pipelines(parse_config(rules, "pipelines.yaml", settings))
+    session = aioboto3.Session()
+    watch_calls(session, role="service")
+    logger = logging.getLogger("branchbuild.aws")
+    seen = _Calls()
+    level = logger.level
+    logger.addHandler(seen)
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with AsyncExitStack() as stack:
+            codecommit = await stack.enter_async_context(session.client("codecommit"))
+            once = AioConfig(retries={"max_attempts": 1})  # moto answers 500: no retries
+            clients = Clients(aws.sqs, aws.s3, aws.codebuild, codecommit, session, once)
+            merges = MergeBuilds(
+                AccountClients(clients, stack, settings.pull_request_role_template),
+                Records(aws.s3, aws.bucket),
+                settings,
+                Metrics(),
+                pipelines,
+                Queue(aws.sqs, aws.work_url, name="work"),
+            )
+            with pytest.raises(
+                RejectedEvent, match="account '999999999999' is not in BRANCHBUILD_ALLOWED_ACCOUNTS"
+            ):
+                await merges.event(_pull_request_event("999999999999"))
+            assert seen.calls == []
+            with contextlib.suppress(BranchbuildError):  # moto has no pull requests
+                await merges.event(_pull_request_event(ACCOUNT))
+    finally:
+        logger.removeHandler(seen)
+        logger.setLevel(level)
+    assumed = [c["resources"].get("RoleArn") for c in seen.calls if c["operation"] == "AssumeRole"]
+    assert assumed == [f"arn:aws:iam::{ACCOUNT}:role/branchbuild-pr"]
