@@ -19,7 +19,7 @@ import pytest
 from aiobotocore.config import AioConfig
 
 from service.aws import AccountClients, Clients, watch_calls
-from service.errors import BranchbuildError, RejectedEvent
+from service.errors import BranchbuildError, ConfigurationError, RejectedEvent
 from service.mergebuilds import MergeBuilds
 from service.metrics import Metrics
 from service.pipelines import Pipelines, parse_config
@@ -435,3 +435,20 @@ async def test_a_merge_build_event_of_an_unlisted_account_assumes_nothing(
         logger.setLevel(level)
     assumed = [c["resources"].get("RoleArn") for c in seen.calls if c["operation"] == "AssumeRole"]
     assert assumed == [f"arn:aws:iam::{ACCOUNT}:role/branchbuild-pr"]
+
+
+def test_a_reconciliation_account_outside_the_allowed_ones_is_refused_at_load() -> None:
+    """reconcile.account names the account of the pushes the reconciliation queues; one not in
+    BRANCHBUILD_ALLOWED_ACCOUNTS would have every such push refused, silently: the file is
+    refused instead, naming the line (as the example would be, copied unchanged)."""
+    text = 'version: 1\nrules: []\nreconcile:\n  repositories: [shop]\n  account: "111122223333"\n'
+    allowed = {"queue_url": "q", "work_queue_url": "w", "bucket": "bucket"}
+    with pytest.raises(
+        ConfigurationError,
+        match=r"p.yaml:5: reconcile.account: '111122223333' is not in BRANCHBUILD_ALLOWED_ACCOUNTS",
+    ):
+        parse_config(text, "p.yaml", load_settings(**allowed, allowed_accounts=ACCOUNT))
+    listed = load_settings(**allowed, allowed_accounts=f"{ACCOUNT},111122223333")
+    assert parse_config(text, "p.yaml", listed).reconcile_account == "111122223333"
+    # No allow-list: every account is accepted, and so is this one.
+    assert parse_config(text, "p.yaml", load_settings(**allowed)).reconcile_account
