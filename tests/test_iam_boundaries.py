@@ -343,6 +343,19 @@ def test_the_example_configurations_merge_builds_and_notifications_are_allowed()
     [container] = d.service.properties(task)["ContainerDefinitions"]
     env = {e["Name"]: e["Value"] for e in container["Environment"]}
     assert env["BRANCHBUILD_NOTIFY_TOPICS"] == walkthrough_topic
+    # The service loads the example (your account in it) with what the stack sets, and
+    # refuses it without NotifyRuleTopicArns (no notification it could not publish).
+    text = example.read_text().replace(EXAMPLE_ACCOUNT, ACCOUNT)
+    deployed = settings.model_copy(
+        update={
+            "allowed_accounts": (ACCOUNT,),
+            "notify_topics": (env["BRANCHBUILD_NOTIFY_TOPICS"],),
+            "notify_rule_topics": tuple(env["BRANCHBUILD_NOTIFY_RULE_TOPICS"].split(",")),
+        }
+    )
+    assert parse_config(text, str(example), deployed).rule_for("platform-monorepo").notify_topics
+    with pytest.raises(ConfigurationError, match=r"rules\[0\]\.notify\.topics"):
+        parse_config(text, str(example), deployed.model_copy(update={"notify_rule_topics": ()}))
     # Rule topics alone: published to, and no default topic.
     alone = deployment(NotifyRuleTopicArns=",".join(sorted(topics)))
     [task] = alone.service.of_type("AWS::ECS::TaskDefinition")
@@ -452,3 +465,37 @@ def test_a_reconciliation_account_outside_the_allowed_ones_is_refused_at_load() 
     assert parse_config(text, "p.yaml", listed).reconcile_account == "111122223333"
     # No allow-list: every account is accepted, and so is this one.
     assert parse_config(text, "p.yaml", load_settings(**allowed)).reconcile_account
+
+
+def test_a_rule_topic_the_deployment_may_not_publish_to_is_refused_at_load() -> None:
+    """deploy/service.yaml tells the service which topics the task role may publish to
+    (NotifyTopicArns, NotifyRuleTopicArns): a rule naming another is refused at load, naming
+    the line, instead of every notification being refused by IAM. Unset (no deployment says),
+    any topic."""
+    team = f"arn:aws:sns:{REGION}:{ACCOUNT}:payments-builds"
+    default = f"arn:aws:sns:{REGION}:{ACCOUNT}:branchbuild-builds"
+    text = (
+        "version: 1\nrules:\n  - repository: pay\n    notify:\n"
+        f'      topics: ["{team}"]\n  - repository: "*"\n'
+    )
+    base = {"queue_url": "q", "work_queue_url": "w", "bucket": "bucket", "notify_topics": default}
+    d = deployment(NotifyTopicArns=default)
+    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
+    [container] = d.service.properties(task)["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    deployed = load_settings(**base, notify_rule_topics=env["BRANCHBUILD_NOTIFY_RULE_TOPICS"])
+    with pytest.raises(
+        ConfigurationError,
+        match=rf"p.yaml:5: rules\[0\]\.notify\.topics: '{team}' is not among the topics",
+    ):
+        parse_config(text, "p.yaml", deployed)
+    # With the topic in NotifyRuleTopicArns: loaded, and the other rules keep the default.
+    d = deployment(NotifyTopicArns=default, NotifyRuleTopicArns=team)
+    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
+    [container] = d.service.properties(task)["ContainerDefinitions"]
+    env = {e["Name"]: e["Value"] for e in container["Environment"]}
+    listed = load_settings(**base, notify_rule_topics=env["BRANCHBUILD_NOTIFY_RULE_TOPICS"])
+    config = parse_config(text, "p.yaml", listed)
+    assert config.rule_for("pay").notify_topics == (team,)
+    assert config.rule_for("other").notify_topics == (default,)
+    assert parse_config(text, "p.yaml", load_settings(**base)).rule_for("pay").notify_topics
