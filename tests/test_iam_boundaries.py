@@ -499,3 +499,45 @@ def test_a_rule_topic_the_deployment_may_not_publish_to_is_refused_at_load() -> 
     assert config.rule_for("pay").notify_topics == (team,)
     assert config.rule_for("other").notify_topics == (default,)
     assert parse_config(text, "p.yaml", load_settings(**base)).rule_for("pay").notify_topics
+
+
+def test_the_runbooks_aws_cli_redrive_is_allowed_to_operators_as_aws_authorizes_it() -> None:
+    """deploy/README.md's dead letters, with the AWS CLI and a customer managed key: SQS
+    authorizes start-message-move-task with StartMessageMoveTask, ReceiveMessage, DeleteMessage
+    and GetQueueAttributes on the dead-letter queue and SendMessage on the queue it returns to
+    (SQS developer guide, "Configuring queue permissions for dead-letter queue redrive"); the
+    delivery dead-letter queue's events are read, re-sent to the intake queue (through its
+    policy) and deleted. The operators move nothing out of a queue that is not a dead-letter
+    one."""
+    d = walkthrough(KmsKeyArn=KEY)
+    sqs = f"arn:aws:sqs:{REGION}:{ACCOUNT}:branchbuild-"
+    via = {VIA: f"sqs.{REGION}.amazonaws.com"}
+    allowed = [
+        (action, f"{sqs}{dlq}-dlq.fifo")
+        for dlq in ("work", "intake")
+        for action in (
+            "sqs:StartMessageMoveTask",
+            "sqs:ListMessageMoveTasks",
+            "sqs:ReceiveMessage",
+            "sqs:DeleteMessage",
+            "sqs:GetQueueAttributes",
+        )
+    ]
+    allowed += [("sqs:SendMessage", f"{sqs}work.fifo"), ("sqs:SendMessage", f"{sqs}intake.fifo")]
+    allowed += [
+        (action, f"{sqs}delivery-dlq")
+        for action in ("sqs:GetQueueAttributes", "sqs:ReceiveMessage", "sqs:DeleteMessage")
+    ]
+    cases = [(_ask(d, "admin", action, resource), True) for action, resource in allowed]
+    cases += [
+        (_ask(d, "admin", a, KEY, **via), True) for a in ("kms:Decrypt", "kms:GenerateDataKey")
+    ]
+    cases += [
+        (_ask(d, "admin", "sqs:StartMessageMoveTask", f"{sqs}intake.fifo"), False),
+        (_ask(d, "admin", "sqs:StartMessageMoveTask", f"{sqs}delivery-dlq"), False),
+        (_ask(d, "admin", "sqs:SendMessage", f"{sqs}delivery-dlq"), False),
+        (_ask(d, "admin", "sqs:PurgeQueue", f"{sqs}work-dlq.fifo"), False),
+        (_ask(d, "admin", "sqs:DeleteMessage", f"{sqs}intake.fifo"), False),
+    ]
+    wrong = _judge(cases)
+    assert not wrong, "\n".join(wrong)
