@@ -388,10 +388,9 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
                 f"BRANCHBUILD_PROJECT_PREFIX {settings.project_prefix!r} (the service may start "
                 "only the projects whose name begins with it)"
             )
-        publishable = settings.notify_rule_topics
-        if publishable is not None:
+        if settings.notify_listed_topics_only:
             for topic in rule.notify.topics or ():
-                if topic not in publishable and topic not in settings.notify_topics:
+                if topic not in (*settings.notify_topics, *settings.notify_rule_topics):
                     line = _lines(node).get(("rules", index, "notify", "topics"), 1)
                     raise ConfigurationError(
                         f"{source}:{line}: rules[{index}].notify.topics: {topic!r} is not among "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
+from collections.abc import Iterator
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -61,6 +63,20 @@ def _judge(cases: list[tuple[Request, bool]]) -> list[str]:
         for (request, must_allow), result in zip(cases, results, strict=True)
         if (result == "Allowed") != must_allow
     ]
+
+
+@contextlib.contextmanager
+def _environment_of(d: Deployment) -> Iterator[None]:
+    """The service container's environment as the stack sets it (secrets aside), as the only
+    BRANCHBUILD_* variables: load_settings() then reads what a deployed service reads."""
+    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
+    [container] = d.service.properties(task)["ContainerDefinitions"]
+    with pytest.MonkeyPatch.context() as patch:
+        for name in [n for n in os.environ if n.startswith("BRANCHBUILD_")]:
+            patch.delenv(name)
+        for entry in container["Environment"]:
+            patch.setenv(entry["Name"], str(entry["Value"]))
+        yield
 
 
 def _key_policy() -> dict[str, Any]:
@@ -346,16 +362,15 @@ def test_the_example_configurations_merge_builds_and_notifications_are_allowed()
     # The service loads the example (your account in it) with what the stack sets, and
     # refuses it without NotifyRuleTopicArns (no notification it could not publish).
     text = example.read_text().replace(EXAMPLE_ACCOUNT, ACCOUNT)
-    deployed = settings.model_copy(
-        update={
-            "allowed_accounts": (ACCOUNT,),
-            "notify_topics": (env["BRANCHBUILD_NOTIFY_TOPICS"],),
-            "notify_rule_topics": tuple(env["BRANCHBUILD_NOTIFY_RULE_TOPICS"].split(",")),
-        }
-    )
-    assert parse_config(text, str(example), deployed).rule_for("platform-monorepo").notify_topics
-    with pytest.raises(ConfigurationError, match=r"rules\[0\]\.notify\.topics"):
-        parse_config(text, str(example), deployed.model_copy(update={"notify_rule_topics": ()}))
+    with _environment_of(d):
+        config = parse_config(text, str(example), load_settings())
+    assert config.rule_for("platform-monorepo").notify_topics
+    without = deployment(NotifyTopicArns=walkthrough_topic)
+    with (
+        _environment_of(without),
+        pytest.raises(ConfigurationError, match=r"rules\[0\]\.notify\.topics"),
+    ):
+        parse_config(text, str(example), load_settings())
     # Rule topics alone: published to, and no default topic.
     alone = deployment(NotifyRuleTopicArns=",".join(sorted(topics)))
     [task] = alone.service.of_type("AWS::ECS::TaskDefinition")
@@ -470,35 +485,30 @@ def test_a_reconciliation_account_outside_the_allowed_ones_is_refused_at_load() 
 def test_a_rule_topic_the_deployment_may_not_publish_to_is_refused_at_load() -> None:
     """deploy/service.yaml tells the service which topics the task role may publish to
     (NotifyTopicArns, NotifyRuleTopicArns): a rule naming another is refused at load, naming
-    the line, instead of every notification being refused by IAM. Unset (no deployment says),
-    any topic."""
+    the line, instead of every notification being refused by IAM. Without a deployment
+    saying so (local development), any topic."""
     team = f"arn:aws:sns:{REGION}:{ACCOUNT}:payments-builds"
     default = f"arn:aws:sns:{REGION}:{ACCOUNT}:branchbuild-builds"
     text = (
         "version: 1\nrules:\n  - repository: pay\n    notify:\n"
         f'      topics: ["{team}"]\n  - repository: "*"\n'
     )
-    base = {"queue_url": "q", "work_queue_url": "w", "bucket": "bucket", "notify_topics": default}
-    d = deployment(NotifyTopicArns=default)
-    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
-    [container] = d.service.properties(task)["ContainerDefinitions"]
-    env = {e["Name"]: e["Value"] for e in container["Environment"]}
-    deployed = load_settings(**base, notify_rule_topics=env["BRANCHBUILD_NOTIFY_RULE_TOPICS"])
-    with pytest.raises(
-        ConfigurationError,
-        match=rf"p.yaml:5: rules\[0\]\.notify\.topics: '{team}' is not among the topics",
-    ):
-        parse_config(text, "p.yaml", deployed)
+    for stack in (deployment(NotifyTopicArns=default), deployment()):
+        with (
+            _environment_of(stack),
+            pytest.raises(
+                ConfigurationError,
+                match=rf"p.yaml:5: rules\[0\]\.notify\.topics: '{team}' is not among the topics",
+            ),
+        ):
+            parse_config(text, "p.yaml", load_settings())
     # With the topic in NotifyRuleTopicArns: loaded, and the other rules keep the default.
-    d = deployment(NotifyTopicArns=default, NotifyRuleTopicArns=team)
-    [task] = d.service.of_type("AWS::ECS::TaskDefinition")
-    [container] = d.service.properties(task)["ContainerDefinitions"]
-    env = {e["Name"]: e["Value"] for e in container["Environment"]}
-    listed = load_settings(**base, notify_rule_topics=env["BRANCHBUILD_NOTIFY_RULE_TOPICS"])
-    config = parse_config(text, "p.yaml", listed)
+    with _environment_of(deployment(NotifyTopicArns=default, NotifyRuleTopicArns=team)):
+        config = parse_config(text, "p.yaml", load_settings())
     assert config.rule_for("pay").notify_topics == (team,)
     assert config.rule_for("other").notify_topics == (default,)
-    assert parse_config(text, "p.yaml", load_settings(**base)).rule_for("pay").notify_topics
+    local = load_settings(queue_url="q", work_queue_url="w", bucket="bucket")
+    assert parse_config(text, "p.yaml", local).rule_for("pay").notify_topics == (team,)
 
 
 def test_the_runbooks_aws_cli_redrive_is_allowed_to_operators_as_aws_authorizes_it() -> None:
