@@ -363,6 +363,19 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
             f"{source}:{_lines(node).get(('reconcile',), 1)}: reconcile.account: required "
             "(the repositories' AWS account) unless BRANCHBUILD_ALLOWED_ACCOUNTS names one"
         )
+    allowed = settings.allowed_accounts
+    if (
+        account is not None
+        and reconcile.repositories
+        and allowed
+        and not any(fnmatchcase(account, a) for a in allowed)
+    ):
+        # Its pushes would all be refused (decide's allow-list), silently: refuse the file.
+        line = _lines(node).get(("reconcile", "account"), 1)
+        raise ConfigurationError(
+            f"{source}:{line}: reconcile.account: {account!r} is not in "
+            "BRANCHBUILD_ALLOWED_ACCOUNTS (every push it reconciles would be refused)"
+        )
     defaults = Rule.from_settings(settings)
     rules = tuple(
         (rule.repository, rule.resolve(defaults, index)) for index, rule in enumerate(model.rules)
@@ -375,6 +388,16 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
                 f"BRANCHBUILD_PROJECT_PREFIX {settings.project_prefix!r} (the service may start "
                 "only the projects whose name begins with it)"
             )
+        if settings.notify_listed_topics_only:
+            for topic in rule.notify.topics or ():
+                if topic not in (*settings.notify_topics, *settings.notify_rule_topics):
+                    line = _lines(node).get(("rules", index, "notify", "topics"), 1)
+                    raise ConfigurationError(
+                        f"{source}:{line}: rules[{index}].notify.topics: {topic!r} is not among "
+                        "the topics the service may publish to (BRANCHBUILD_NOTIFY_TOPICS, "
+                        "BRANCHBUILD_NOTIFY_RULE_TOPICS: the stack's NotifyTopicArns and "
+                        "NotifyRuleTopicArns)"
+                    )
     return PipelineConfig(
         source=source,
         defaults=defaults,

@@ -171,6 +171,11 @@ class Settings(LocalSettings):
     # notifies unless it names its own, and the outcomes that notify.
     notify_topics: CommaList = ()
     notify_on: CommaList = ("failed", "fixed", "dead_lettered")
+    # The other topics a rule's notify.topics may name (not notified by default) and, when
+    # only those may be named (deploy/service.yaml: the task role may publish to them and to
+    # notify_topics only), a rule naming any other refuses the file.
+    notify_rule_topics: CommaList = ()
+    notify_listed_topics_only: bool = False
     # Status badges (service/badges.py, docs/badges-and-retries.md): an SVG per branch and
     # pull request in the artifact bucket; the base URL they are served from, for links.
     badges: bool = False
@@ -191,6 +196,7 @@ class Settings(LocalSettings):
         "submodule_hosts",
         "notify_topics",
         "notify_on",
+        "notify_rule_topics",
         mode="before",
     )
     @classmethod
@@ -202,6 +208,11 @@ class Settings(LocalSettings):
     @field_validator("notify_topics")
     @classmethod
     def _notify_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_topics(value)
+
+    @field_validator("notify_rule_topics")
+    @classmethod
+    def _notify_rule_topics(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return check_topics(value)
 
     @field_validator("notify_on")

@@ -30,6 +30,7 @@ from tests.helpers import (
     calls_directory,
     create_resources,
     record_calls_of,
+    recorded_logs,
     server_process,
     service_env,
 )
@@ -124,6 +125,13 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
     if hasattr(session.config, "workerinput") or session.shouldstop:
         return
     if _run["scenario"] != "passed":  # not selected, or its failure is reported already
+        logs = recorded_logs(Path(os.environ[CALLS_DIR]))
+        if logs:  # never silently: say whose calls went unchecked
+            why = "was not selected" if not _run["scenario"] else "did not pass"
+            _run["proof"] = (
+                f"NOT run: the AWS calls of {len(logs)} recorded process(es) were not "
+                f"evaluated ({SCENARIO} {why})"
+            )
         return
     from tests.test_iam import prove
 
