@@ -64,7 +64,7 @@ def check_account(account: str, settings: Settings) -> None:
         RejectedEvent: the account is not allowed.
     """
     allowed = settings.allowed_accounts
-    if allowed and not _matches(account, allowed):
+    if allowed and account not in allowed:
         raise RejectedEvent(f"account {account!r} is not in BRANCHBUILD_ALLOWED_ACCOUNTS")
 
 

@@ -220,6 +220,16 @@ class Settings(LocalSettings):
     def _notify_on(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         return check_notify_on(value)
 
+    @field_validator("allowed_accounts")
+    @classmethod
+    def _account_ids(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        # Matched exactly: a pattern ("*", "1234*") would let an event name any account, and
+        # the pull request role is assumed in the account an event names.
+        for account in value:
+            if not re.fullmatch(r"[0-9]{12}", account):
+                raise ValueError(f"{account!r} is not a 12-digit AWS account id")
+        return value
+
     @field_validator("ssh_legacy_rsa_hosts", "submodule_hosts")
     @classmethod
     def _ssh_host_patterns(cls, value: tuple[str, ...]) -> tuple[str, ...]:

@@ -141,6 +141,9 @@ class Stack:
                 raise KeyError(f"{self.template_name}: parameter {key} has no value")
             if spec["Type"] in ("CommaDelimitedList",) or spec["Type"].startswith("List<"):
                 value = value.split(",") if isinstance(value, str) else list(value)
+                # A list's AllowedPattern must match each of its values.
+                for item in value:
+                    _check_parameter(self.template_name, key, spec, item)
             else:
                 _check_parameter(self.template_name, key, spec, value)
             self.parameters[key] = value

@@ -1045,6 +1045,56 @@ def test_a_deployment_without_a_project_prefix_is_refused() -> None:
             )
 
 
+def test_a_wildcard_account_or_resource_in_a_list_parameter_is_refused() -> None:
+    """An account list or an ARN list becomes a policy's account or resource: "*" (or a glob)
+    there would let the task role assume the feedback role in every account, comment in every
+    repository or publish to every topic. CloudFormation refuses it (a list's AllowedPattern
+    matches each value), and so does the service's BRANCHBUILD_ALLOWED_ACCOUNTS."""
+    topic = f"arn:aws:sns:{REGION}:{ACCOUNT}:builds"
+    repository = f"arn:aws:codecommit:{REGION}:{ACCOUNT}:app"
+    for key, value in (
+        ("RepositoryAccountIds", f"{ACCOUNT},*"),
+        ("RepositoryAccountIds", "2109876543*"),
+        ("PullRequestRepositoryArns", f"arn:aws:codecommit:{REGION}:{ACCOUNT}:*"),
+        ("PullRequestRepositoryArns", f"{repository},*"),
+        ("NotifyTopicArns", f"arn:aws:sns:{REGION}:*:builds"),
+        ("NotifyRuleTopicArns", f"arn:aws:sns:{REGION}:{ACCOUNT}:*"),
+    ):
+        with pytest.raises(ParameterRefused, match=key):
+            parameters: dict[str, Any] = {key: value}
+            deployment(**parameters)
+    # The same lists written out are accepted.
+    deployment(
+        RepositoryAccountIds=f"{ACCOUNT},{REPOSITORY_ACCOUNT}",
+        PullRequestRepositoryArns=repository,
+        NotifyTopicArns=topic,
+        NotifyRuleTopicArns=f"{topic}-team.fifo",
+    )
+    for template, parameters in (
+        ("git-reader.yaml", {"RepositoryArns": f"{repository},arn:aws:codecommit:*"}),
+        (
+            "multi-account/repository-account.yaml",
+            {
+                "RepositoryArns": "*",
+                "ServiceAccountId": ACCOUNT,
+                "PipelineEventBusArn": f"arn:aws:events:{REGION}:{ACCOUNT}:event-bus/default",
+            },
+        ),
+        ("multi-account/pipeline-account.yaml", {"SourceAccountIds": f"{REPOSITORY_ACCOUNT},*"}),
+    ):
+        with pytest.raises(ParameterRefused):
+            Stack("s", template, parameters, account=REPOSITORY_ACCOUNT, region=REGION)
+    for accounts in ("*", "2109876543*", f"{REPOSITORY_ACCOUNT},12345"):
+        with pytest.raises(ConfigurationError, match="12-digit AWS account id"):
+            load_settings(
+                queue_url="q", work_queue_url="w", bucket="bucket", allowed_accounts=accounts
+            )
+    settings = load_settings(
+        queue_url="q", work_queue_url="w", bucket="bucket", allowed_accounts=REPOSITORY_ACCOUNT
+    )
+    assert settings.allowed_accounts == (REPOSITORY_ACCOUNT,)
+
+
 def test_the_service_refuses_a_project_outside_its_prefix() -> None:
     with pytest.raises(ConfigurationError, match="does not begin with BRANCHBUILD_PROJECT_PREFIX"):
         load_settings(queue_url="q", work_queue_url="w", bucket="bucket", project_prefix="bb-")
