@@ -41,7 +41,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -344,6 +344,7 @@ class Scheduler:
         now = time.time()
         gone: set[str] = set()
         blocked: str | None = None  # why the round stopped: every push behind waits for it
+        refused: dict[str, str] = {}  # this round's refusals, by key: the gauge's reasons
         try:
             for entry in dispatch_order(entries):
                 if now - entry.since > self.settings.max_wait:
@@ -352,20 +353,27 @@ class Scheduler:
                     continue
                 if entry.claim_owner not in (None, self.owner) and entry.claim_until > now:
                     continue  # another instance is starting it
-                result = await self._try(entry, start)
+                result = await self._try(entry, start, refused)
                 if result == _STARTED:
                     gone.add(entry.key)
                 elif result is not None:
                     blocked = result
                     break
         finally:
-            left = [e for e in entries if e.key not in gone]
+            left = [
+                replace(e, reason=refused.get(e.key, e.reason))
+                for e in entries
+                if e.key not in gone
+            ]
             self._gauge(left, blocked)
         return len(left)
 
-    async def _try(self, entry: WaitingPush, start: StartWaiting) -> str | None:
+    async def _try(
+        self, entry: WaitingPush, start: StartWaiting, refused: dict[str, str] | None = None
+    ) -> str | None:
         """Start one waiting push: ``_STARTED``, None (skipped: its own limit, a lost claim, a
-        project's limit) or the reason nothing more may start this round."""
+        project's limit) or the reason nothing more may start this round. A capacity refusal's
+        reason goes in ``refused``, by the entry's key."""
         rule = self.pipelines.rule_for(entry.push.repository)
         if self.limited(rule):  # a full running set stops here, before any write
             why = _refusal(await running_builds(self.records), entry.request, rule, self.settings)
@@ -386,6 +394,8 @@ class Scheduler:
             await self.release(entry.request, rule)
             await self._unclaim(entry, exc.reason)
             self.metrics.capacity_refusals.labels(reason=exc.reason).inc()
+            if refused is not None:
+                refused[entry.key] = exc.reason
             log.info("still refused (%s): %s", exc.reason, exc)
             return None if exc.reason == "project_limit" else exc.reason
         # Other failures keep a reserved slot (the build may have started before the failure):

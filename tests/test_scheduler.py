@@ -11,17 +11,21 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aioboto3
 import anyio
 import pytest
+from aiobotocore.config import AioConfig
+from botocore.retries import standard
 
 from localdev.codebuild import CodeBuildStandIn
 from service.build_state import Change
-from service.builds import BuildRequest, StartedBuild
-from service.errors import ConfigurationError
+from service.builds import THROTTLE_CODES, BuildRequest, CodeBuild, StartedBuild
+from service.errors import CapacityRefused, ConfigurationError
 from service.events import Action, codecommit_event, parse_work
 from service.ledger import Entry
 from service.metrics import Metrics
@@ -505,3 +509,117 @@ async def test_an_instance_that_loses_the_claim_never_frees_the_winners_slot(
     assert list(await running_builds(loser.records)) == [request.idempotency_token]
     other = request_for(aws, "shop", "feature/other")
     assert await loser.admit(other, rule) is not None  # the one slot is still taken
+
+
+# -- in-process: every kind of capacity refusal, over HTTP from the CodeBuild stand-in ----------
+
+# Throttling as the services name it (botocore's standard retry mode's throttle codes, which a
+# proxy or another region's front end may answer), and a bare HTTP 429 without a code.
+THROTTLES = [
+    ("ThrottlingException", 400),
+    ("TooManyRequestsException", 400),
+    ("RequestLimitExceeded", 400),
+    ("Throttling", 400),
+    ("RequestThrottledException", 400),
+    ("SlowDown", 503),
+    ("", 429),
+]
+
+
+@asynccontextmanager
+async def standin_backend(codebuild: CodeBuildStandIn) -> AsyncIterator[CodeBuild]:
+    """The production backend over HTTP to the stand-in; one attempt a call (botocore's own
+    retries of a throttle would only make the test slower: what reaches branchbuild is the
+    last attempt's refusal either way)."""
+    config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1})
+    session = aioboto3.Session()
+    async with session.client("codebuild", endpoint_url=codebuild.endpoint, config=config) as c:
+        yield CodeBuild(c)
+
+
+@pytest.mark.parametrize(("code", "status"), THROTTLES)
+async def test_every_throttle_code_is_a_capacity_refusal_not_a_failure(
+    code: str, status: int
+) -> None:
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        cb.throttle(1, code=code, status=status)
+        request = BuildRequest(push_for("shop", "feature/t"), "shop", "bucket", "t.zip")
+        with pytest.raises(CapacityRefused) as refused:
+            await backend.start(request)
+        assert refused.value.reason == "throttled"
+        assert (await backend.start(request)).build_id == cb.started_by()[0].id
+
+
+def test_the_throttle_codes_cover_botocores() -> None:
+    """A botocore upgrade that names a new throttle code fails here, not in production."""
+    botocores = vars(standard.ThrottledRetryableChecker)["_THROTTLED_ERROR_CODES"]
+    assert botocores and set(botocores) <= THROTTLE_CODES
+
+
+@pytest.mark.parametrize(
+    ("quota", "occupied", "limits", "reason"),
+    [
+        (0, {}, {}, "account_queue_full"),  # "... more than 0 builds in queue for the account"
+        (1, {"someone-else": 6}, {}, "account_queue_full"),  # one running, five queued
+        (5, {"shop": 2}, {"shop": 2}, "project_limit"),  # the project's concurrentBuildLimit
+    ],
+)
+async def test_account_limit_refusals_are_capacity_refusals_with_their_reason(
+    quota: int, occupied: dict[str, int], limits: dict[str, int], reason: str
+) -> None:
+    async with (
+        CodeBuildStandIn(quota=quota, project_limits=limits) as cb,
+        standin_backend(cb) as backend,
+    ):
+        for project, count in occupied.items():
+            await cb.occupy(count, project=project)
+        request = BuildRequest(push_for("shop", "feature/q"), "shop", "bucket", "q.zip")
+        with pytest.raises(CapacityRefused) as refused:
+            await backend.start(request)
+        assert refused.value.reason == reason
+        assert cb.refusals == {"AccountLimitExceededException": 1}
+
+
+async def test_waiting_pushes_behind_a_throttle_and_a_project_limit(aws: AwsResources) -> None:
+    """A throttle (of a code other than ThrottlingException) holds the whole round back and
+    every push waits for it; a project at its concurrentBuildLimit holds back only its own
+    pushes; each push starts exactly once when its capacity returns, and the refusals are
+    counted by reason, apart from failures."""
+    async with (
+        CodeBuildStandIn(quota=5, project_limits={"a": 1}) as cb,
+        standin_backend(cb) as backend,
+    ):
+        scheduler, metrics = scheduler_for(aws)
+        rule = Rule.from_settings(scheduler.settings)
+        [other] = await cb.occupy(1, project="a")  # project a is at its limit
+        requests = [request_for(aws, name, "feature/w") for name in ("a", "b", "c")]
+        for request in requests:
+            await scheduler.wait(request, rule, "account_queue_full")
+        sample = metrics.registry.get_sample_value
+
+        cb.throttle(1, code="TooManyRequestsException")
+        assert await scheduler.dispatch(backend.start) == 3
+        assert cb.started_by() == []
+        assert sample("branchbuild_capacity_refusals_total", {"reason": "throttled"}) == 1
+        # The first refused (as it now says), the two behind it untried (their last reason).
+        assert sample("branchbuild_waiting_pushes", {"reason": "throttled"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "account_queue_full"}) == 2
+        assert {w.push.repository: w.reason for w in await scheduler.listing()} == {
+            "a": "throttled",
+            "b": "account_queue_full",
+            "c": "account_queue_full",
+        }
+
+        assert await scheduler.dispatch(backend.start) == 1  # b and c start, a waits
+        assert [b.project for b in cb.started_by()] == ["b", "c"]
+        [waiting] = await scheduler.listing()
+        assert (waiting.push.repository, waiting.reason) == ("a", "project_limit")
+        assert sample("branchbuild_capacity_refusals_total", {"reason": "project_limit"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "project_limit"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "throttled"}) == 0
+
+        await cb.finish(other)
+        assert await scheduler.dispatch(backend.start) == 0
+        assert [b.project for b in cb.started_by()] == ["b", "c", "a"]
+        assert sample("branchbuild_wait_duration_seconds_count") == 3
+        assert await aws.count(aws.work_dlq_url) == 0
