@@ -375,9 +375,10 @@ class Scheduler:
         project's limit) or the reason nothing more may start this round. A capacity refusal's
         reason goes in ``refused``, by the entry's key."""
         rule = self.pipelines.rule_for(entry.push.repository)
-        if self.limited(rule):  # a full running set stops here, before any write
+        if self.limited(rule):  # a full running set stops here, before any write but its reason
             why = _refusal(await running_builds(self.records), entry.request, rule, self.settings)
             if why is not None:
+                await self._held(entry, why, refused)
                 return why if why == FLEET_LIMIT else None
         # The claim first: only its holder reserves, names or frees this push's slot (an
         # instance that lost the claim must not free the slot the winner is starting with).
@@ -386,7 +387,9 @@ class Scheduler:
         if self.limited(rule):
             why = await self._reserve(entry.request, rule)
             if why is not None:  # taken meanwhile by another instance
-                await self._unclaim(entry, entry.reason)
+                await self._unclaim(entry, why)
+                if refused is not None:
+                    refused[entry.key] = why
                 return why if why == FLEET_LIMIT else None
         try:
             build = await start(entry.request)
@@ -454,6 +457,25 @@ class Scheduler:
 
         await self.records.update(entry.key, change)
         return won
+
+    async def _held(self, entry: WaitingPush, reason: str, refused: dict[str, str] | None) -> None:
+        """A running limit holds ``entry`` back: the gauge and the store (``branchbuild
+        status``) say so; written only when the reason changes. Never raises."""
+        if refused is not None:
+            refused[entry.key] = reason
+        if entry.reason == reason:
+            return
+        token = entry.request.idempotency_token
+
+        def change(current: Document | None) -> Document | None:
+            if not current or current.get("token") != token or current.get("reason") == reason:
+                return None
+            return current | {"reason": reason}
+
+        try:
+            await self.records.update(entry.key, change)
+        except BranchbuildError as exc:  # only what status shows; the next round tries again
+            log.warning("could not record why %s waits: %s", entry.key, exc)
 
     async def _unclaim(self, entry: WaitingPush, reason: str) -> None:
         token = entry.request.idempotency_token

@@ -623,3 +623,43 @@ async def test_waiting_pushes_behind_a_throttle_and_a_project_limit(aws: AwsReso
         assert [b.project for b in cb.started_by()] == ["b", "c", "a"]
         assert sample("branchbuild_wait_duration_seconds_count") == 3
         assert await aws.count(aws.work_dlq_url) == 0
+
+
+async def test_a_push_held_back_by_its_rules_limit_says_so_and_starts_when_a_slot_frees(
+    aws: AwsResources,
+) -> None:
+    """A waiting push whose rule is at its ``max_running`` is skipped (others start), and the
+    gauge and ``branchbuild status`` (the store) say ``rule_limit``, not ``behind``; the final
+    event of the rule's running build frees the slot and the push starts."""
+    async with CodeBuildStandIn(quota=5) as cb, standin_backend(cb) as backend:
+        scheduler, metrics = scheduler_for(aws)
+        text = "version: 1\nrules:\n  - repository: lim\n    max_running: 1\n"
+        scheduler.pipelines.current = parse_config(text, "p.yaml", scheduler.settings)
+        limited = scheduler.pipelines.rule_for("lim")
+        running = request_for(aws, "lim", "feature/one")
+        assert await scheduler.admit(running, limited) is None  # the rule's one slot
+        build = await backend.start(running)
+        await scheduler.started(running, limited, build)
+        held, free = request_for(aws, "lim", "feature/two"), request_for(aws, "other", "x")
+        await scheduler.wait(held, limited, "behind")
+        await scheduler.wait(free, scheduler.pipelines.rule_for("other"), "behind")
+
+        assert await scheduler.dispatch(backend.start) == 1
+        assert [b.variables["REPOSITORY_NAME"] for b in cb.started_by()] == ["lim", "other"]
+        [waiting] = await scheduler.listing()
+        assert (waiting.push.name, waiting.reason) == ("feature/two", "rule_limit")
+        sample = metrics.registry.get_sample_value
+        assert sample("branchbuild_waiting_pushes", {"reason": "rule_limit"}) == 1
+        assert not sample("branchbuild_waiting_pushes", {"reason": "behind"})
+
+        assert await scheduler.dispatch(backend.start) == 1  # still held: nothing written
+        await cb.finish(build.build_id)
+        entry = Entry(
+            commit=running.commit, ref=running.push.ref, build_id=build.build_id, project="lim"
+        )
+        await scheduler.build_changed(
+            Change(archive=running.key, before=None, after=replace(entry, status="SUCCEEDED"))
+        )
+        assert await scheduler.dispatch(backend.start) == 0
+        assert [b.variables["BRANCH_NAME"] for b in cb.started_by()][-1] == "feature/two"
+        assert len(await running_builds(scheduler.records)) == 1  # feature/two's slot
