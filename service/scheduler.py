@@ -16,10 +16,11 @@ instead of failing:
   remove a newer push written meanwhile.
 * **The dispatcher** (:meth:`Scheduler.run`, in every instance) lists the store and starts
   what it can: higher rule ``priority`` first, then round robin across repositories (each
-  repository's oldest first), each entry claimed by compare-and-swap (``claim``: owner and
-  expiry) so that two instances never start the same one. StartBuild keeps the push's
-  idempotency token, and the ledger is checked first, so a crash between StartBuild and the
-  store's update starts nothing twice and loses nothing (the claim lapses after
+  repository's oldest first, and the repository served longest ago first: the turns,
+  ``branchbuild-state/served.json``, are the fleet's), each entry claimed by compare-and-swap
+  (``claim``: owner and expiry) so that two instances never start the same one. StartBuild
+  keeps the push's idempotency token, and the ledger is checked first, so a crash between
+  StartBuild and the store's update starts nothing twice and loses nothing (the claim lapses after
   ``BRANCHBUILD_VISIBILITY_TIMEOUT``). While pushes wait it lists every
   ``BRANCHBUILD_CAPACITY_PROBE_INTERVAL`` seconds (and at once when a push begins to wait here
   or a build ends); with nothing waiting, every ``IDLE_INTERVAL`` seconds (another instance's
@@ -31,7 +32,7 @@ instead of failing:
   (:meth:`Scheduler.build_changed`, an outcomes listener) or, should that event be lost, by
   ``BatchGetBuilds`` every ``BRANCHBUILD_RUNNING_RECONCILE_INTERVAL`` seconds.
 
-This module is the one owner of both documents.
+This module is the one owner of these documents.
 """
 
 from __future__ import annotations
@@ -63,6 +64,10 @@ log = logging.getLogger("branchbuild.scheduler")
 
 WAITING_PREFIX = STATE_PREFIX + "waiting/"
 RUNNING_KEY = STATE_PREFIX + "running.json"
+# When the dispatchers last started a waiting push of each repository (the round robin's
+# memory across rounds, fleet-wide): {"repositories": {name: epoch seconds}}.
+SERVED_KEY = STATE_PREFIX + "served.json"
+SERVED_FORGET = 86400.0  # an entry older than this is dropped (it ranks as never served)
 # Listing interval while nothing waits (seconds): only another instance's pushes, should it
 # die, are found this way; a push that begins to wait here wakes the dispatcher at once.
 IDLE_INTERVAL = 30.0
@@ -151,18 +156,23 @@ class WaitingPush:
             raise MalformedEvent(f"unreadable waiting document {key}: {exc}") from None
 
 
-def dispatch_order(entries: list[WaitingPush]) -> list[WaitingPush]:
+def dispatch_order(
+    entries: list[WaitingPush], served: dict[str, float] | None = None
+) -> list[WaitingPush]:
     """Higher priority first; within a priority, round robin across repositories (the
-    oldest of each repository, then the second oldest of each, ...), older first."""
+    oldest of each repository, then the second oldest of each, ...), and within a turn the
+    repository served longest ago first (``served``: when a push of each last started; a
+    round that starts one push at a time still goes round), then older first."""
+    served = served or {}
     by_repository: dict[tuple[int, str], list[WaitingPush]] = {}
     for entry in sorted(entries, key=lambda e: e.since):
         by_repository.setdefault((entry.priority, entry.push.repository), []).append(entry)
     ranked = [
-        (-priority, turn, entry.since, entry)
-        for (priority, _), queue in by_repository.items()
+        (-priority, turn, served.get(repository, 0.0), entry.since, entry)
+        for (priority, repository), queue in by_repository.items()
         for turn, entry in enumerate(queue)
     ]
-    return [entry for *_, entry in sorted(ranked, key=lambda r: r[:3])]
+    return [entry for *_, entry in sorted(ranked, key=lambda r: r[:4])]
 
 
 class Scheduler:
@@ -341,12 +351,13 @@ class Scheduler:
             StorageError: S3 failed (transient: the next round tries again).
         """
         entries = await self.listing()
+        served = await self._served() if entries else {}
         now = time.time()
         gone: set[str] = set()
         blocked: str | None = None  # why the round stopped: every push behind waits for it
         refused: dict[str, str] = {}  # this round's refusals, by key: the gauge's reasons
         try:
-            for entry in dispatch_order(entries):
+            for entry in dispatch_order(entries, served):
                 if now - entry.since > self.settings.max_wait:
                     await self._expire(entry)
                     gone.add(entry.key)
@@ -410,6 +421,7 @@ class Scheduler:
             await self._unclaim(entry, entry.reason)
             raise
         await self._done(entry)
+        await self._serve(entry.push.repository)
         waited = max(0.0, time.time() - entry.since)
         self.metrics.wait_seconds.observe(waited)
         log.info(
@@ -438,6 +450,39 @@ class Scheduler:
         for reason in self._reasons | counts.keys():
             self.metrics.waiting.labels(reason=reason).set(counts.get(reason, 0))
         self._reasons |= counts.keys()
+
+    async def _served(self) -> dict[str, float]:
+        """When a waiting push of each repository last started (empty if unreadable: the
+        order is then by age alone for a round)."""
+        try:
+            current = await self.records.read(SERVED_KEY)
+        except BranchbuildError as exc:
+            log.warning("could not read %s: %s", SERVED_KEY, exc)
+            return {}
+        found = (current.data if current else {}).get("repositories", {})
+        if not isinstance(found, dict):
+            return {}
+        return {
+            str(name): float(when) for name, when in found.items() if isinstance(when, int | float)
+        }
+
+    async def _serve(self, repository: str) -> None:
+        """Record that a push of ``repository`` started (its turn is taken). Never raises."""
+        now = time.time()
+
+        def change(current: Document | None) -> Document | None:
+            found = (current or {}).get("repositories", {})
+            kept = {
+                name: when
+                for name, when in (found.items() if isinstance(found, dict) else [])
+                if isinstance(when, int | float) and now - when < SERVED_FORGET
+            }
+            return {"repositories": kept | {repository: now}}
+
+        try:
+            await self.records.update(SERVED_KEY, change)
+        except BranchbuildError as exc:
+            log.warning("could not record the turn of %s: %s", repository, exc)
 
     async def _claim(self, entry: WaitingPush) -> bool:
         token = entry.request.idempotency_token

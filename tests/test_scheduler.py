@@ -663,3 +663,28 @@ async def test_a_push_held_back_by_its_rules_limit_says_so_and_starts_when_a_slo
         assert await scheduler.dispatch(backend.start) == 0
         assert [b.variables["BRANCH_NAME"] for b in cb.started_by()][-1] == "feature/two"
         assert len(await running_builds(scheduler.records)) == 1  # feature/two's slot
+
+
+async def test_round_robin_holds_when_capacity_frees_one_build_at_a_time(
+    aws: AwsResources,
+) -> None:
+    """CodeBuild frees one place per round (builds end one by one, minutes apart): each round
+    starts one push, and the turns still go round the repositories, whatever instance
+    dispatches. Ranked afresh each round without memory, the big repository's burst went
+    first to its last push (first come, first served) and the small one waited behind it."""
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        first, _ = scheduler_for(aws)
+        second, _ = scheduler_for(aws)  # another instance: the turns are the fleet's
+        rule = Rule.from_settings(first.settings)
+        someone_else = await cb.occupy(6)  # one running, five queued: full
+        for repository, branch in [("big", "1"), ("big", "2"), ("big", "3"), ("small", "1")]:
+            await first.wait(request_for(aws, repository, branch), rule, "account_queue_full")
+        await first.wait(request_for(aws, "small", "2"), rule, "account_queue_full")
+        assert await first.dispatch(backend.start) == 5  # refused: nothing starts
+        started = []
+        for n, build_id in enumerate(someone_else[:5]):
+            await cb.finish(build_id)  # one place in CodeBuild's queue
+            assert await (first, second)[n % 2].dispatch(backend.start) == 4 - n
+            [newest] = cb.started_by()[n:]
+            started.append((newest.variables["REPOSITORY_NAME"], newest.variables["BRANCH_NAME"]))
+        assert started == [("big", "1"), ("small", "1"), ("big", "2"), ("small", "2"), ("big", "3")]
