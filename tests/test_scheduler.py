@@ -34,6 +34,7 @@ from service.pipelines import Pipelines, Rule, parse_config
 from service.queue import Queue
 from service.records import Records
 from service.scheduler import (
+    RUNNING_KEY,
     WAITING_PREFIX,
     Scheduler,
     WaitingPush,
@@ -688,3 +689,43 @@ async def test_round_robin_holds_when_capacity_frees_one_build_at_a_time(
             [newest] = cb.started_by()[n:]
             started.append((newest.variables["REPOSITORY_NAME"], newest.variables["BRANCH_NAME"]))
         assert started == [("big", "1"), ("small", "1"), ("big", "2"), ("small", "2"), ("big", "3")]
+
+
+async def test_reconciliation_frees_only_the_slots_of_builds_that_ended_or_never_started(
+    aws: AwsResources,
+) -> None:
+    """The running set after lost events and a crash: a build that ended without its event
+    (SUCCEEDED, FAILED, STOPPED), one CodeBuild no longer knows, and a reservation whose
+    StartBuild never happened (older than the lapse) are freed by BatchGetBuilds; a running
+    build, a queued one and a fresh reservation keep their slots."""
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        scheduler, _ = scheduler_for(aws, max_running=10)
+        scheduler.statuses = backend.statuses
+        rule = Rule.from_settings(scheduler.settings)
+        kept, freed = set(), set()
+        for n, ending in enumerate(["SUCCEEDED", "FAILED", "STOPPED", None, None]):
+            request = request_for(aws, "rec", f"feature/{n}")
+            assert await scheduler.admit(request, rule) is None
+            build = await backend.start(request)  # the first runs, the others queue
+            await scheduler.started(request, rule, build)
+            if ending is not None:
+                await cb.finish(build.build_id, ending, emit=False)  # its event is lost
+            (freed if ending else kept).add(request.idempotency_token)
+        gone = request_for(aws, "rec", "feature/gone")  # CodeBuild knows no such build
+        await scheduler.admit(gone, rule)
+        await scheduler.started(gone, rule, StartedBuild("rec:no-such-build", "rec"))
+        stale, fresh = request_for(aws, "rec", "feature/stale"), request_for(aws, "rec", "new")
+        await scheduler.admit(stale, rule)  # reserved, then its instance died
+        await scheduler.admit(fresh, rule)  # reserved, StartBuild about to happen
+        freed |= {gone.idempotency_token, stale.idempotency_token}
+        kept.add(fresh.idempotency_token)
+
+        def backdate(current: Any) -> Any:
+            builds = dict(current["builds"])
+            builds[stale.idempotency_token] = builds[stale.idempotency_token] | {"since": 0}
+            return {"builds": builds}
+
+        await scheduler.records.update(RUNNING_KEY, backdate)
+        assert await scheduler.reconcile_running() == len(freed)
+        assert set(await running_builds(scheduler.records)) == kept
+        assert await scheduler.reconcile_running() == 0
