@@ -702,7 +702,8 @@ async def test_reconciliation_frees_only_the_slots_of_builds_that_ended_or_never
         scheduler, _ = scheduler_for(aws, max_running=10)
         scheduler.statuses = backend.statuses
         rule = Rule.from_settings(scheduler.settings)
-        kept, freed = set(), set()
+        kept: set[str] = set()
+        freed: set[str] = set()
         for n, ending in enumerate(["SUCCEEDED", "FAILED", "STOPPED", None, None]):
             request = request_for(aws, "rec", f"feature/{n}")
             assert await scheduler.admit(request, rule) is None
