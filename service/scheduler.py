@@ -51,7 +51,7 @@ from .aws import translated
 from .build_state import FINAL, Change
 from .builds import BuildRequest, StartedBuild
 from .errors import BranchbuildError, CapacityRefused, MalformedEvent, PermanentError, StorageError
-from .events import Push, parse_work
+from .events import Push, merged_pull_request, parse_work
 from .intake import work_message
 from .metrics import Metrics
 from .outcome import Outcome
@@ -156,6 +156,14 @@ class WaitingPush:
             raise MalformedEvent(f"unreadable waiting document {key}: {exc}") from None
 
 
+def priority_of(rule: Rule, push: Push) -> int:
+    """A waiting push's priority: a merge build's (``pull_requests.priority``), else the
+    rule's."""
+    if rule.merge_priority is not None and merged_pull_request(push) is not None:
+        return rule.merge_priority
+    return rule.priority
+
+
 def dispatch_order(
     entries: list[WaitingPush], served: dict[str, float] | None = None
 ) -> list[WaitingPush]:
@@ -258,7 +266,7 @@ class Scheduler:
             key=key,
             request=request,
             rule=rule.name,
-            priority=rule.priority,
+            priority=priority_of(rule, push),
             reason=reason,
             since=time.time(),
             claim_owner=None,

@@ -730,3 +730,26 @@ async def test_reconciliation_frees_only_the_slots_of_builds_that_ended_or_never
         assert await scheduler.reconcile_running() == len(freed)
         assert set(await running_builds(scheduler.records)) == kept
         assert await scheduler.reconcile_running() == 0
+
+
+async def test_a_rules_pull_request_builds_can_start_before_its_other_branches(
+    aws: AwsResources,
+) -> None:
+    """``pull_requests.priority``: a rule's merge builds (``pr/<id>/.merge``, the pull
+    requests' own builds) wait with that priority, ahead of the repository's other branches
+    and other repositories' pushes of the rule's priority; the rule's other pushes keep it."""
+    scheduler, _ = scheduler_for(aws)
+    text = (
+        "version: 1\nrules:\n  - repository: shop\n    priority: 1\n"
+        "    pull_requests:\n      merge_build: true\n      priority: 10\n"
+        "  - repository: '*'\n    priority: 1\n"
+    )
+    scheduler.pipelines.current = parse_config(text, "p.yaml", scheduler.settings)
+    shop, other = scheduler.pipelines.rule_for("shop"), scheduler.pipelines.rule_for("tools")
+    await scheduler.wait(request_for(aws, "shop", "feature/x"), shop, "account_queue_full")
+    await scheduler.wait(request_for(aws, "tools", "feature/y"), other, "behind")
+    await scheduler.wait(request_for(aws, "shop", "pr/7/.merge"), shop, "behind")
+    order = [(w.push.name, w.priority) for w in dispatch_order(await scheduler.listing())]
+    assert order == [("pr/7/.merge", 10), ("feature/x", 1), ("feature/y", 1)]
+    with pytest.raises(ConfigurationError, match=r"pull_requests.priority"):
+        parse_config(text.replace("priority: 10", "priority: 1001"), "p.yaml", scheduler.settings)
