@@ -365,10 +365,14 @@ class Scheduler:
         blocked: str | None = None  # why the round stopped: every push behind waits for it
         refused: dict[str, str] = {}  # this round's refusals, by key: the gauge's reasons
         try:
-            for entry in dispatch_order(entries, served):
+            ordered = dispatch_order(entries, served)
+            # Every push is checked for its wait, not only those before a refusal ends the round.
+            for entry in ordered:
                 if now - entry.since > self.settings.max_wait:
                     await self._expire(entry)
                     gone.add(entry.key)
+            for entry in ordered:
+                if entry.key in gone:
                     continue
                 if entry.claim_owner not in (None, self.owner) and entry.claim_until > now:
                     continue  # another instance is starting it

@@ -753,3 +753,24 @@ async def test_a_rules_pull_request_builds_can_start_before_its_other_branches(
     assert order == [("pr/7/.merge", 10), ("feature/x", 1), ("feature/y", 1)]
     with pytest.raises(ConfigurationError, match=r"pull_requests.priority"):
         parse_config(text.replace("priority: 10", "priority: 1001"), "p.yaml", scheduler.settings)
+
+
+async def test_max_wait_holds_for_a_push_behind_one_that_is_refused(aws: AwsResources) -> None:
+    """A push waiting longer than ``BRANCHBUILD_MAX_WAIT`` is dead-lettered though a newer
+    push ranked before it (a higher priority) is refused every round: the round stopped at
+    the refusal, and the pushes behind it were never checked for their wait."""
+    async with CodeBuildStandIn(quota=0) as cb, standin_backend(cb) as backend:  # always full
+        scheduler, _ = scheduler_for(aws, max_wait=0.5)
+        low = Rule.from_settings(scheduler.settings)
+        high = replace(low, name="high", priority=10)
+        old = request_for(aws, "tools", "feature/old")
+        await scheduler.wait(old, low, "account_queue_full")
+        await anyio.sleep(0.6)  # longer than max_wait: the point of this test
+        await scheduler.wait(request_for(aws, "shop", "feature/new"), high, "behind")
+        assert await scheduler.dispatch(backend.start) == 1
+        assert cb.refusals == {"AccountLimitExceededException": 1}
+        [(body, attributes)] = await aws.dlq_messages(aws.work_dlq_url)
+        assert parse_work(body) == old.push
+        assert attributes["branchbuild.error_kind"] == "capacity_timeout"
+        [waiting] = await scheduler.listing()
+        assert waiting.push.name == "feature/new"
