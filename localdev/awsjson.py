@@ -25,9 +25,10 @@ _CONTENT_TYPE = "application/x-amz-json-1.1"
 class StandInError(Exception):
     """An error answered the way CodeCommit answers it (``__type`` and ``message``)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, status: int = 400) -> None:
         super().__init__(message)
         self.code = code
+        self.status = status  # the HTTP status (AWS's JSON services answer 400; a proxy, 429)
 
 
 def validate(operation: str, params: Any, *, service: str = "codecommit") -> None:
@@ -163,7 +164,6 @@ class JsonStandIn:
             reply = await self.call(operation, params, request)
         except StandInError as exc:
             self.answered_error(exc)
-            return web.json_response(
-                {"__type": exc.code, "message": str(exc)}, status=400, content_type=_CONTENT_TYPE
-            )
+            body = {"__type": exc.code, "message": str(exc)} if exc.code else {"message": str(exc)}
+            return web.json_response(body, status=exc.status, content_type=_CONTENT_TYPE)
         return web.json_response(reply, content_type=_CONTENT_TYPE)

@@ -11,7 +11,8 @@ BatchGetBuilds and StopBuild, every request validated against botocore's model o
   more than N builds in queue for the account``;
 * a project's ``concurrentBuildLimit`` (``project_limits``): beyond it StartBuild fails
   (``AccountLimitExceededException``, the message naming the project);
-* ``throttle(n)``: the next n StartBuild calls fail with ``ThrottlingException``;
+* ``throttle(n)``: the next n StartBuild calls fail with ``ThrottlingException`` (or the
+  ``code`` and HTTP ``status`` given: another service's throttle code, a bare 429);
 * ``idempotencyToken``: the same token within 5 minutes returns the same build;
 * **auto-retry** (``autoRetryLimitOverride``, or a project's ``retry_limits``): a build that
   ends ``FAILED``, ``FAULT`` or ``TIMED_OUT`` with retries left is retried as CodeBuild does,
@@ -110,6 +111,7 @@ class CodeBuildStandIn(JsonStandIn):
         self.most_running = 0  # the most builds running at once (queued ones not counted)
         self.most_active = 0  # the most builds running or queued at once
         self._throttle = 0
+        self._throttled_as = ("ThrottlingException", 400)
         self._tokens: dict[str, tuple[str, float]] = {}
 
     # -- what a test does -----------------------------------------------------------------
@@ -131,8 +133,10 @@ class CodeBuildStandIn(JsonStandIn):
             await self._emit(build)
         return ids
 
-    def throttle(self, times: int) -> None:
+    def throttle(self, times: int, code: str = "ThrottlingException", status: int = 400) -> None:
+        """Refuse the next ``times`` StartBuild calls with ``code`` (empty: none) and ``status``."""
         self._throttle = times
+        self._throttled_as = (code, status)
 
     async def finish(
         self, build_id: str, status: str = "SUCCEEDED", *, emit: bool = True
@@ -191,7 +195,8 @@ class CodeBuildStandIn(JsonStandIn):
             return {"build": self._to_api(self.builds[self._tokens[token][0]])}
         if self._throttle:
             self._throttle -= 1
-            raise StandInError("ThrottlingException", "Rate exceeded")
+            code, status = self._throttled_as
+            raise StandInError(code, "Rate exceeded", status=status)
         limit = self.project_limits.get(project)
         if limit is not None and sum(b.project == project for b in self.active) >= limit:
             raise StandInError(

@@ -22,8 +22,28 @@ log = logging.getLogger("branchbuild.builds")
 
 _PROJECT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{1,254}")
 # CodeBuild full: the push waits (service.scheduler) instead of retrying here; botocore's own
-# retries already covered ThrottlingException once the call gets here.
-_CAPACITY_CODES = {"AccountLimitExceededException", "ThrottlingException"}
+# retries already covered a throttle once the call gets here. Throttling, whatever its code:
+# botocore's standard retry mode's throttle codes (tests/test_scheduler.py checks they are all
+# here), and an HTTP 429 whatever its code.
+THROTTLE_CODES = frozenset(
+    {
+        "BandwidthLimitExceeded",
+        "EC2ThrottledException",
+        "LimitExceededException",
+        "PriorRequestNotComplete",
+        "ProvisionedThroughputExceededException",
+        "RequestLimitExceeded",
+        "RequestThrottled",
+        "RequestThrottledException",
+        "SlowDown",
+        "ThrottledException",
+        "Throttling",
+        "ThrottlingException",
+        "TooManyRequestsException",
+        "TransactionInProgressException",
+    }
+)
+_TOO_MANY_REQUESTS = 429
 # BatchGetBuilds takes at most 100 ids.
 _BATCH = 100
 
@@ -103,15 +123,19 @@ def project_name(template: str, push: Push) -> str:
     return name
 
 
-def capacity_reason(error: BaseException | None) -> str:
+def capacity_reason(error: BaseException | None) -> str | None:
     """The ``reason`` label of a capacity refusal: ``throttled``, ``project_limit`` (a
-    project's concurrentBuildLimit) or ``account_queue_full`` (the account's queue)."""
-    code = error_code(error) if error is not None else ""
-    if code == "ThrottlingException":
+    project's concurrentBuildLimit) or ``account_queue_full`` (the account's queue); None
+    when ``error`` is no capacity refusal."""
+    if not isinstance(error, ClientError):
+        return None
+    code = error_code(error)
+    status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    if code in THROTTLE_CODES or status == _TOO_MANY_REQUESTS:
         return "throttled"
-    message = ""
-    if isinstance(error, ClientError):
-        message = str(error.response.get("Error", {}).get("Message", "")).lower()
+    if code != "AccountLimitExceededException":
+        return None
+    message = str(error.response.get("Error", {}).get("Message", "")).lower()
     return "project_limit" if "project" in message else "account_queue_full"
 
 
@@ -135,10 +159,10 @@ class CodeBuild:
             return await self._start_once(request)
         except BuildError as exc:
             cause = exc.__cause__
-            code = error_code(cause) if cause is not None else ""
-            if code not in _CAPACITY_CODES:
+            reason = capacity_reason(cause)
+            if reason is None:
                 raise
-            raise CapacityRefused(str(exc), reason=capacity_reason(cause)) from cause
+            raise CapacityRefused(str(exc), reason=reason) from cause
 
     async def statuses(self, build_ids: list[str]) -> dict[str, str]:
         """``buildStatus`` of each build CodeBuild knows (a missing id is left out); of a build

@@ -105,6 +105,9 @@ class Rule:
     # CodeBuild's own auto-retry (docs/badges-and-retries.md): autoRetryLimitOverride on
     # StartBuild; None leaves the project's autoRetryLimit as it is.
     retries: int | None = None
+    # Capacity scheduling: the priority of the rule's merge builds (pull_requests.priority;
+    # None: the rule's priority).
+    merge_priority: int | None = None
 
     @property
     def filters_paths(self) -> bool:
@@ -161,6 +164,7 @@ class _Paths(_Model):
 class _PullRequests(_Model):
     merge_build: bool = False
     merge_strategy: MergeStrategy = MergeStrategy.THREE_WAY_MERGE
+    priority: int | None = Field(default=None, ge=-1000, le=1000)
 
 
 class _Notify(_Model):
@@ -281,6 +285,7 @@ class _RuleModel(_Model):
             ),
             notify_on=self.notify.on if self.notify.on is not None else defaults.notify_on,
             retries=self.retries,
+            merge_priority=self.pull_requests.priority,
         )
 
 

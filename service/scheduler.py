@@ -16,10 +16,11 @@ instead of failing:
   remove a newer push written meanwhile.
 * **The dispatcher** (:meth:`Scheduler.run`, in every instance) lists the store and starts
   what it can: higher rule ``priority`` first, then round robin across repositories (each
-  repository's oldest first), each entry claimed by compare-and-swap (``claim``: owner and
-  expiry) so that two instances never start the same one. StartBuild keeps the push's
-  idempotency token, and the ledger is checked first, so a crash between StartBuild and the
-  store's update starts nothing twice and loses nothing (the claim lapses after
+  repository's oldest first, and the repository served longest ago first: the turns,
+  ``branchbuild-state/served.json``, are the fleet's), each entry claimed by compare-and-swap
+  (``claim``: owner and expiry) so that two instances never start the same one. StartBuild
+  keeps the push's idempotency token, and the ledger is checked first, so a crash between
+  StartBuild and the store's update starts nothing twice and loses nothing (the claim lapses after
   ``BRANCHBUILD_VISIBILITY_TIMEOUT``). While pushes wait it lists every
   ``BRANCHBUILD_CAPACITY_PROBE_INTERVAL`` seconds (and at once when a push begins to wait here
   or a build ends); with nothing waiting, every ``IDLE_INTERVAL`` seconds (another instance's
@@ -31,7 +32,7 @@ instead of failing:
   (:meth:`Scheduler.build_changed`, an outcomes listener) or, should that event be lost, by
   ``BatchGetBuilds`` every ``BRANCHBUILD_RUNNING_RECONCILE_INTERVAL`` seconds.
 
-This module is the one owner of both documents.
+This module is the one owner of these documents.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import anyio
@@ -50,7 +51,7 @@ from .aws import translated
 from .build_state import FINAL, Change
 from .builds import BuildRequest, StartedBuild
 from .errors import BranchbuildError, CapacityRefused, MalformedEvent, PermanentError, StorageError
-from .events import Push, parse_work
+from .events import Push, merged_pull_request, parse_work
 from .intake import work_message
 from .metrics import Metrics
 from .outcome import Outcome
@@ -63,6 +64,10 @@ log = logging.getLogger("branchbuild.scheduler")
 
 WAITING_PREFIX = STATE_PREFIX + "waiting/"
 RUNNING_KEY = STATE_PREFIX + "running.json"
+# When the dispatchers last started a waiting push of each repository (the round robin's
+# memory across rounds, fleet-wide): {"repositories": {name: epoch seconds}}.
+SERVED_KEY = STATE_PREFIX + "served.json"
+SERVED_FORGET = 86400.0  # an entry older than this is dropped (it ranks as never served)
 # Listing interval while nothing waits (seconds): only another instance's pushes, should it
 # die, are found this way; a push that begins to wait here wakes the dispatcher at once.
 IDLE_INTERVAL = 30.0
@@ -151,18 +156,31 @@ class WaitingPush:
             raise MalformedEvent(f"unreadable waiting document {key}: {exc}") from None
 
 
-def dispatch_order(entries: list[WaitingPush]) -> list[WaitingPush]:
+def priority_of(rule: Rule, push: Push) -> int:
+    """A waiting push's priority: a merge build's (``pull_requests.priority``), else the
+    rule's."""
+    if rule.merge_priority is not None and merged_pull_request(push) is not None:
+        return rule.merge_priority
+    return rule.priority
+
+
+def dispatch_order(
+    entries: list[WaitingPush], served: dict[str, float] | None = None
+) -> list[WaitingPush]:
     """Higher priority first; within a priority, round robin across repositories (the
-    oldest of each repository, then the second oldest of each, ...), older first."""
+    oldest of each repository, then the second oldest of each, ...), and within a turn the
+    repository served longest ago first (``served``: when a push of each last started; a
+    round that starts one push at a time still goes round), then older first."""
+    served = served or {}
     by_repository: dict[tuple[int, str], list[WaitingPush]] = {}
     for entry in sorted(entries, key=lambda e: e.since):
         by_repository.setdefault((entry.priority, entry.push.repository), []).append(entry)
     ranked = [
-        (-priority, turn, entry.since, entry)
-        for (priority, _), queue in by_repository.items()
+        (-priority, turn, served.get(repository, 0.0), entry.since, entry)
+        for (priority, repository), queue in by_repository.items()
         for turn, entry in enumerate(queue)
     ]
-    return [entry for *_, entry in sorted(ranked, key=lambda r: r[:3])]
+    return [entry for *_, entry in sorted(ranked, key=lambda r: r[:4])]
 
 
 class Scheduler:
@@ -248,7 +266,7 @@ class Scheduler:
             key=key,
             request=request,
             rule=rule.name,
-            priority=rule.priority,
+            priority=priority_of(rule, push),
             reason=reason,
             since=time.time(),
             claim_owner=None,
@@ -341,35 +359,49 @@ class Scheduler:
             StorageError: S3 failed (transient: the next round tries again).
         """
         entries = await self.listing()
+        served = await self._served() if entries else {}
         now = time.time()
         gone: set[str] = set()
         blocked: str | None = None  # why the round stopped: every push behind waits for it
+        refused: dict[str, str] = {}  # this round's refusals, by key: the gauge's reasons
         try:
-            for entry in dispatch_order(entries):
+            ordered = dispatch_order(entries, served)
+            # Every push is checked for its wait, not only those before a refusal ends the round.
+            for entry in ordered:
                 if now - entry.since > self.settings.max_wait:
                     await self._expire(entry)
                     gone.add(entry.key)
+            for entry in ordered:
+                if entry.key in gone:
                     continue
                 if entry.claim_owner not in (None, self.owner) and entry.claim_until > now:
                     continue  # another instance is starting it
-                result = await self._try(entry, start)
+                result = await self._try(entry, start, refused)
                 if result == _STARTED:
                     gone.add(entry.key)
                 elif result is not None:
                     blocked = result
                     break
         finally:
-            left = [e for e in entries if e.key not in gone]
+            left = [
+                replace(e, reason=refused.get(e.key, e.reason))
+                for e in entries
+                if e.key not in gone
+            ]
             self._gauge(left, blocked)
         return len(left)
 
-    async def _try(self, entry: WaitingPush, start: StartWaiting) -> str | None:
+    async def _try(
+        self, entry: WaitingPush, start: StartWaiting, refused: dict[str, str] | None = None
+    ) -> str | None:
         """Start one waiting push: ``_STARTED``, None (skipped: its own limit, a lost claim, a
-        project's limit) or the reason nothing more may start this round."""
+        project's limit) or the reason nothing more may start this round. A capacity refusal's
+        reason goes in ``refused``, by the entry's key."""
         rule = self.pipelines.rule_for(entry.push.repository)
-        if self.limited(rule):  # a full running set stops here, before any write
+        if self.limited(rule):  # a full running set stops here, before any write but its reason
             why = _refusal(await running_builds(self.records), entry.request, rule, self.settings)
             if why is not None:
+                await self._held(entry, why, refused)
                 return why if why == FLEET_LIMIT else None
         # The claim first: only its holder reserves, names or frees this push's slot (an
         # instance that lost the claim must not free the slot the winner is starting with).
@@ -378,7 +410,9 @@ class Scheduler:
         if self.limited(rule):
             why = await self._reserve(entry.request, rule)
             if why is not None:  # taken meanwhile by another instance
-                await self._unclaim(entry, entry.reason)
+                await self._unclaim(entry, why)
+                if refused is not None:
+                    refused[entry.key] = why
                 return why if why == FLEET_LIMIT else None
         try:
             build = await start(entry.request)
@@ -386,6 +420,8 @@ class Scheduler:
             await self.release(entry.request, rule)
             await self._unclaim(entry, exc.reason)
             self.metrics.capacity_refusals.labels(reason=exc.reason).inc()
+            if refused is not None:
+                refused[entry.key] = exc.reason
             log.info("still refused (%s): %s", exc.reason, exc)
             return None if exc.reason == "project_limit" else exc.reason
         # Other failures keep a reserved slot (the build may have started before the failure):
@@ -397,6 +433,7 @@ class Scheduler:
             await self._unclaim(entry, entry.reason)
             raise
         await self._done(entry)
+        await self._serve(entry.push.repository)
         waited = max(0.0, time.time() - entry.since)
         self.metrics.wait_seconds.observe(waited)
         log.info(
@@ -426,6 +463,39 @@ class Scheduler:
             self.metrics.waiting.labels(reason=reason).set(counts.get(reason, 0))
         self._reasons |= counts.keys()
 
+    async def _served(self) -> dict[str, float]:
+        """When a waiting push of each repository last started (empty if unreadable: the
+        order is then by age alone for a round)."""
+        try:
+            current = await self.records.read(SERVED_KEY)
+        except BranchbuildError as exc:
+            log.warning("could not read %s: %s", SERVED_KEY, exc)
+            return {}
+        found = (current.data if current else {}).get("repositories", {})
+        if not isinstance(found, dict):
+            return {}
+        return {
+            str(name): float(when) for name, when in found.items() if isinstance(when, int | float)
+        }
+
+    async def _serve(self, repository: str) -> None:
+        """Record that a push of ``repository`` started (its turn is taken). Never raises."""
+        now = time.time()
+
+        def change(current: Document | None) -> Document | None:
+            found = (current or {}).get("repositories", {})
+            kept = {
+                name: when
+                for name, when in (found.items() if isinstance(found, dict) else [])
+                if isinstance(when, int | float) and now - when < SERVED_FORGET
+            }
+            return {"repositories": kept | {repository: now}}
+
+        try:
+            await self.records.update(SERVED_KEY, change)
+        except BranchbuildError as exc:
+            log.warning("could not record the turn of %s: %s", repository, exc)
+
     async def _claim(self, entry: WaitingPush) -> bool:
         token = entry.request.idempotency_token
         now = time.time()
@@ -444,6 +514,25 @@ class Scheduler:
 
         await self.records.update(entry.key, change)
         return won
+
+    async def _held(self, entry: WaitingPush, reason: str, refused: dict[str, str] | None) -> None:
+        """A running limit holds ``entry`` back: the gauge and the store (``branchbuild
+        status``) say so; written only when the reason changes. Never raises."""
+        if refused is not None:
+            refused[entry.key] = reason
+        if entry.reason == reason:
+            return
+        token = entry.request.idempotency_token
+
+        def change(current: Document | None) -> Document | None:
+            if not current or current.get("token") != token or current.get("reason") == reason:
+                return None
+            return current | {"reason": reason}
+
+        try:
+            await self.records.update(entry.key, change)
+        except BranchbuildError as exc:  # only what status shows; the next round tries again
+            log.warning("could not record why %s waits: %s", entry.key, exc)
 
     async def _unclaim(self, entry: WaitingPush, reason: str) -> None:
         token = entry.request.idempotency_token

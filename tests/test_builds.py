@@ -52,6 +52,12 @@ def request() -> BuildRequest:
             "Cannot have more than 1 active builds for the project",
             "project_limit",
         ),
+        (  # the wording CodeBuild's quota page quotes for the account's running builds
+            "AccountLimitExceededException",
+            "Cannot have more than 1 active builds for the account",
+            "account_queue_full",
+        ),
+        ("TooManyRequestsException", "Too Many Requests", "throttled"),
     ],
 )
 async def test_a_capacity_refusal_is_raised_at_once_with_its_reason(

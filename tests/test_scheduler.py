@@ -11,17 +11,21 @@ import json
 import signal
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import aioboto3
 import anyio
 import pytest
+from aiobotocore.config import AioConfig
+from botocore.retries import standard
 
 from localdev.codebuild import CodeBuildStandIn
 from service.build_state import Change
-from service.builds import BuildRequest, StartedBuild
-from service.errors import ConfigurationError
+from service.builds import THROTTLE_CODES, BuildRequest, CodeBuild, StartedBuild
+from service.errors import CapacityRefused, ConfigurationError
 from service.events import Action, codecommit_event, parse_work
 from service.ledger import Entry
 from service.metrics import Metrics
@@ -30,6 +34,7 @@ from service.pipelines import Pipelines, Rule, parse_config
 from service.queue import Queue
 from service.records import Records
 from service.scheduler import (
+    RUNNING_KEY,
     WAITING_PREFIX,
     Scheduler,
     WaitingPush,
@@ -505,3 +510,267 @@ async def test_an_instance_that_loses_the_claim_never_frees_the_winners_slot(
     assert list(await running_builds(loser.records)) == [request.idempotency_token]
     other = request_for(aws, "shop", "feature/other")
     assert await loser.admit(other, rule) is not None  # the one slot is still taken
+
+
+# -- in-process: every kind of capacity refusal, over HTTP from the CodeBuild stand-in ----------
+
+# Throttling as the services name it (botocore's standard retry mode's throttle codes, which a
+# proxy or another region's front end may answer), and a bare HTTP 429 without a code.
+THROTTLES = [
+    ("ThrottlingException", 400),
+    ("TooManyRequestsException", 400),
+    ("RequestLimitExceeded", 400),
+    ("Throttling", 400),
+    ("RequestThrottledException", 400),
+    ("SlowDown", 503),
+    ("", 429),
+]
+
+
+@asynccontextmanager
+async def standin_backend(codebuild: CodeBuildStandIn) -> AsyncIterator[CodeBuild]:
+    """The production backend over HTTP to the stand-in; one attempt a call (botocore's own
+    retries of a throttle would only make the test slower: what reaches branchbuild is the
+    last attempt's refusal either way)."""
+    config = AioConfig(retries={"mode": "standard", "total_max_attempts": 1})
+    session = aioboto3.Session()
+    async with session.client("codebuild", endpoint_url=codebuild.endpoint, config=config) as c:
+        yield CodeBuild(c)
+
+
+@pytest.mark.parametrize(("code", "status"), THROTTLES)
+async def test_every_throttle_code_is_a_capacity_refusal_not_a_failure(
+    code: str, status: int
+) -> None:
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        cb.throttle(1, code=code, status=status)
+        request = BuildRequest(push_for("shop", "feature/t"), "shop", "bucket", "t.zip")
+        with pytest.raises(CapacityRefused) as refused:
+            await backend.start(request)
+        assert refused.value.reason == "throttled"
+        assert (await backend.start(request)).build_id == cb.started_by()[0].id
+
+
+def test_the_throttle_codes_cover_botocores() -> None:
+    """A botocore upgrade that names a new throttle code fails here, not in production."""
+    botocores = vars(standard.ThrottledRetryableChecker)["_THROTTLED_ERROR_CODES"]
+    assert botocores and set(botocores) <= THROTTLE_CODES
+
+
+@pytest.mark.parametrize(
+    ("quota", "occupied", "limits", "reason"),
+    [
+        (0, {}, {}, "account_queue_full"),  # "... more than 0 builds in queue for the account"
+        (1, {"someone-else": 6}, {}, "account_queue_full"),  # one running, five queued
+        (5, {"shop": 2}, {"shop": 2}, "project_limit"),  # the project's concurrentBuildLimit
+    ],
+)
+async def test_account_limit_refusals_are_capacity_refusals_with_their_reason(
+    quota: int, occupied: dict[str, int], limits: dict[str, int], reason: str
+) -> None:
+    async with (
+        CodeBuildStandIn(quota=quota, project_limits=limits) as cb,
+        standin_backend(cb) as backend,
+    ):
+        for project, count in occupied.items():
+            await cb.occupy(count, project=project)
+        request = BuildRequest(push_for("shop", "feature/q"), "shop", "bucket", "q.zip")
+        with pytest.raises(CapacityRefused) as refused:
+            await backend.start(request)
+        assert refused.value.reason == reason
+        assert cb.refusals == {"AccountLimitExceededException": 1}
+
+
+async def test_waiting_pushes_behind_a_throttle_and_a_project_limit(aws: AwsResources) -> None:
+    """A throttle (of a code other than ThrottlingException) holds the whole round back and
+    every push waits for it; a project at its concurrentBuildLimit holds back only its own
+    pushes; each push starts exactly once when its capacity returns, and the refusals are
+    counted by reason, apart from failures."""
+    async with (
+        CodeBuildStandIn(quota=5, project_limits={"a": 1}) as cb,
+        standin_backend(cb) as backend,
+    ):
+        scheduler, metrics = scheduler_for(aws)
+        rule = Rule.from_settings(scheduler.settings)
+        [other] = await cb.occupy(1, project="a")  # project a is at its limit
+        requests = [request_for(aws, name, "feature/w") for name in ("a", "b", "c")]
+        for request in requests:
+            await scheduler.wait(request, rule, "account_queue_full")
+        sample = metrics.registry.get_sample_value
+
+        cb.throttle(1, code="TooManyRequestsException")
+        assert await scheduler.dispatch(backend.start) == 3
+        assert cb.started_by() == []
+        assert sample("branchbuild_capacity_refusals_total", {"reason": "throttled"}) == 1
+        # The first refused (as it now says), the two behind it untried (their last reason).
+        assert sample("branchbuild_waiting_pushes", {"reason": "throttled"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "account_queue_full"}) == 2
+        assert {w.push.repository: w.reason for w in await scheduler.listing()} == {
+            "a": "throttled",
+            "b": "account_queue_full",
+            "c": "account_queue_full",
+        }
+
+        assert await scheduler.dispatch(backend.start) == 1  # b and c start, a waits
+        assert [b.project for b in cb.started_by()] == ["b", "c"]
+        [waiting] = await scheduler.listing()
+        assert (waiting.push.repository, waiting.reason) == ("a", "project_limit")
+        assert sample("branchbuild_capacity_refusals_total", {"reason": "project_limit"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "project_limit"}) == 1
+        assert sample("branchbuild_waiting_pushes", {"reason": "throttled"}) == 0
+
+        await cb.finish(other)
+        assert await scheduler.dispatch(backend.start) == 0
+        assert [b.project for b in cb.started_by()] == ["b", "c", "a"]
+        assert sample("branchbuild_wait_duration_seconds_count") == 3
+        assert await aws.count(aws.work_dlq_url) == 0
+
+
+async def test_a_push_held_back_by_its_rules_limit_says_so_and_starts_when_a_slot_frees(
+    aws: AwsResources,
+) -> None:
+    """A waiting push whose rule is at its ``max_running`` is skipped (others start), and the
+    gauge and ``branchbuild status`` (the store) say ``rule_limit``, not ``behind``; the final
+    event of the rule's running build frees the slot and the push starts."""
+    async with CodeBuildStandIn(quota=5) as cb, standin_backend(cb) as backend:
+        scheduler, metrics = scheduler_for(aws)
+        text = "version: 1\nrules:\n  - repository: lim\n    max_running: 1\n"
+        scheduler.pipelines.current = parse_config(text, "p.yaml", scheduler.settings)
+        limited = scheduler.pipelines.rule_for("lim")
+        running = request_for(aws, "lim", "feature/one")
+        assert await scheduler.admit(running, limited) is None  # the rule's one slot
+        build = await backend.start(running)
+        await scheduler.started(running, limited, build)
+        held, free = request_for(aws, "lim", "feature/two"), request_for(aws, "other", "x")
+        await scheduler.wait(held, limited, "behind")
+        await scheduler.wait(free, scheduler.pipelines.rule_for("other"), "behind")
+
+        assert await scheduler.dispatch(backend.start) == 1
+        assert [b.variables["REPOSITORY_NAME"] for b in cb.started_by()] == ["lim", "other"]
+        [waiting] = await scheduler.listing()
+        assert (waiting.push.name, waiting.reason) == ("feature/two", "rule_limit")
+        sample = metrics.registry.get_sample_value
+        assert sample("branchbuild_waiting_pushes", {"reason": "rule_limit"}) == 1
+        assert not sample("branchbuild_waiting_pushes", {"reason": "behind"})
+
+        assert await scheduler.dispatch(backend.start) == 1  # still held: nothing written
+        await cb.finish(build.build_id)
+        entry = Entry(
+            commit=running.commit, ref=running.push.ref, build_id=build.build_id, project="lim"
+        )
+        await scheduler.build_changed(
+            Change(archive=running.key, before=None, after=replace(entry, status="SUCCEEDED"))
+        )
+        assert await scheduler.dispatch(backend.start) == 0
+        assert [b.variables["BRANCH_NAME"] for b in cb.started_by()][-1] == "feature/two"
+        assert len(await running_builds(scheduler.records)) == 1  # feature/two's slot
+
+
+async def test_round_robin_holds_when_capacity_frees_one_build_at_a_time(
+    aws: AwsResources,
+) -> None:
+    """CodeBuild frees one place per round (builds end one by one, minutes apart): each round
+    starts one push, and the turns still go round the repositories, whatever instance
+    dispatches. Ranked afresh each round without memory, the big repository's burst went
+    first to its last push (first come, first served) and the small one waited behind it."""
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        first, _ = scheduler_for(aws)
+        second, _ = scheduler_for(aws)  # another instance: the turns are the fleet's
+        rule = Rule.from_settings(first.settings)
+        someone_else = await cb.occupy(6)  # one running, five queued: full
+        for repository, branch in [("big", "1"), ("big", "2"), ("big", "3"), ("small", "1")]:
+            await first.wait(request_for(aws, repository, branch), rule, "account_queue_full")
+        await first.wait(request_for(aws, "small", "2"), rule, "account_queue_full")
+        assert await first.dispatch(backend.start) == 5  # refused: nothing starts
+        started = []
+        for n, build_id in enumerate(someone_else[:5]):
+            await cb.finish(build_id)  # one place in CodeBuild's queue
+            assert await (first, second)[n % 2].dispatch(backend.start) == 4 - n
+            [newest] = cb.started_by()[n:]
+            started.append((newest.variables["REPOSITORY_NAME"], newest.variables["BRANCH_NAME"]))
+        assert started == [("big", "1"), ("small", "1"), ("big", "2"), ("small", "2"), ("big", "3")]
+
+
+async def test_reconciliation_frees_only_the_slots_of_builds_that_ended_or_never_started(
+    aws: AwsResources,
+) -> None:
+    """The running set after lost events and a crash: a build that ended without its event
+    (SUCCEEDED, FAILED, STOPPED), one CodeBuild no longer knows, and a reservation whose
+    StartBuild never happened (older than the lapse) are freed by BatchGetBuilds; a running
+    build, a queued one and a fresh reservation keep their slots."""
+    async with CodeBuildStandIn(quota=1) as cb, standin_backend(cb) as backend:
+        scheduler, _ = scheduler_for(aws, max_running=10)
+        scheduler.statuses = backend.statuses
+        rule = Rule.from_settings(scheduler.settings)
+        kept: set[str] = set()
+        freed: set[str] = set()
+        for n, ending in enumerate(["SUCCEEDED", "FAILED", "STOPPED", None, None]):
+            request = request_for(aws, "rec", f"feature/{n}")
+            assert await scheduler.admit(request, rule) is None
+            build = await backend.start(request)  # the first runs, the others queue
+            await scheduler.started(request, rule, build)
+            if ending is not None:
+                await cb.finish(build.build_id, ending, emit=False)  # its event is lost
+            (freed if ending else kept).add(request.idempotency_token)
+        gone = request_for(aws, "rec", "feature/gone")  # CodeBuild knows no such build
+        await scheduler.admit(gone, rule)
+        await scheduler.started(gone, rule, StartedBuild("rec:no-such-build", "rec"))
+        stale, fresh = request_for(aws, "rec", "feature/stale"), request_for(aws, "rec", "new")
+        await scheduler.admit(stale, rule)  # reserved, then its instance died
+        await scheduler.admit(fresh, rule)  # reserved, StartBuild about to happen
+        freed |= {gone.idempotency_token, stale.idempotency_token}
+        kept.add(fresh.idempotency_token)
+
+        def backdate(current: Any) -> Any:
+            builds = dict(current["builds"])
+            builds[stale.idempotency_token] = builds[stale.idempotency_token] | {"since": 0}
+            return {"builds": builds}
+
+        await scheduler.records.update(RUNNING_KEY, backdate)
+        assert await scheduler.reconcile_running() == len(freed)
+        assert set(await running_builds(scheduler.records)) == kept
+        assert await scheduler.reconcile_running() == 0
+
+
+async def test_a_rules_pull_request_builds_can_start_before_its_other_branches(
+    aws: AwsResources,
+) -> None:
+    """``pull_requests.priority``: a rule's merge builds (``pr/<id>/.merge``, the pull
+    requests' own builds) wait with that priority, ahead of the repository's other branches
+    and other repositories' pushes of the rule's priority; the rule's other pushes keep it."""
+    scheduler, _ = scheduler_for(aws)
+    text = (
+        "version: 1\nrules:\n  - repository: shop\n    priority: 1\n"
+        "    pull_requests:\n      merge_build: true\n      priority: 10\n"
+        "  - repository: '*'\n    priority: 1\n"
+    )
+    scheduler.pipelines.current = parse_config(text, "p.yaml", scheduler.settings)
+    shop, other = scheduler.pipelines.rule_for("shop"), scheduler.pipelines.rule_for("tools")
+    await scheduler.wait(request_for(aws, "shop", "feature/x"), shop, "account_queue_full")
+    await scheduler.wait(request_for(aws, "tools", "feature/y"), other, "behind")
+    await scheduler.wait(request_for(aws, "shop", "pr/7/.merge"), shop, "behind")
+    order = [(w.push.name, w.priority) for w in dispatch_order(await scheduler.listing())]
+    assert order == [("pr/7/.merge", 10), ("feature/x", 1), ("feature/y", 1)]
+    with pytest.raises(ConfigurationError, match=r"pull_requests.priority"):
+        parse_config(text.replace("priority: 10", "priority: 1001"), "p.yaml", scheduler.settings)
+
+
+async def test_max_wait_holds_for_a_push_behind_one_that_is_refused(aws: AwsResources) -> None:
+    """A push waiting longer than ``BRANCHBUILD_MAX_WAIT`` is dead-lettered though a newer
+    push ranked before it (a higher priority) is refused every round: the round stopped at
+    the refusal, and the pushes behind it were never checked for their wait."""
+    async with CodeBuildStandIn(quota=0) as cb, standin_backend(cb) as backend:  # always full
+        scheduler, _ = scheduler_for(aws, max_wait=0.5)
+        low = Rule.from_settings(scheduler.settings)
+        high = replace(low, name="high", priority=10)
+        old = request_for(aws, "tools", "feature/old")
+        await scheduler.wait(old, low, "account_queue_full")
+        await anyio.sleep(0.6)  # longer than max_wait: the point of this test
+        await scheduler.wait(request_for(aws, "shop", "feature/new"), high, "behind")
+        assert await scheduler.dispatch(backend.start) == 1
+        assert cb.refusals == {"AccountLimitExceededException": 1}
+        [(body, attributes)] = await aws.dlq_messages(aws.work_dlq_url)
+        assert parse_work(body) == old.push
+        assert attributes["branchbuild.error_kind"] == "capacity_timeout"
+        [waiting] = await scheduler.listing()
+        assert waiting.push.name == "feature/new"
