@@ -75,6 +75,10 @@ IDLE_INTERVAL = 30.0
 BEHIND = "behind"  # others were waiting already: it takes its turn
 FLEET_LIMIT = "fleet_limit"  # BRANCHBUILD_MAX_RUNNING
 RULE_LIMIT = "rule_limit"  # the rule's max_running
+# Its StartBuild (or what records it) failed for a reason other than capacity that may pass
+# (a timeout, a 5xx): it is tried again every round, until BRANCHBUILD_MAX_WAIT, and never
+# holds back the pushes behind it. The error is kept in the document's "error".
+START_FAILED = "start_failed"
 _EMPTY_SIZE = 2  # "{}"
 _STARTED = "started"
 
@@ -102,6 +106,7 @@ class WaitingPush:
     since: float  # when it began to wait (epoch seconds)
     claim_owner: str | None
     claim_until: float
+    error: str = ""  # the last failure of its start (reason START_FAILED)
 
     @property
     def push(self) -> Push:
@@ -125,6 +130,7 @@ class WaitingPush:
             if self.claim_owner
             else None,
             "retries": r.retries,
+            "error": self.error or None,
         }
 
     @classmethod
@@ -151,6 +157,7 @@ class WaitingPush:
                 since=float(data["since"]),
                 claim_owner=claim.get("owner"),
                 claim_until=float(claim.get("until", 0)),
+                error=str(data.get("error") or ""),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedEvent(f"unreadable waiting document {key}: {exc}") from None
@@ -337,6 +344,10 @@ class Scheduler:
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("dispatching waiting pushes failed: %s", exc)
                 waiting = 1
+            except Exception:  # a bug: the dispatcher goes on, the waiting pushes stay
+                self.metrics.errors.labels(kind="unexpected").inc()
+                log.exception("dispatching waiting pushes failed unexpectedly")
+                waiting = 1
             interval = self.settings.capacity_probe_interval if waiting else IDLE_INTERVAL
             if self.statuses is not None:
                 interval = min(interval, max(0.0, self._next_reconcile - time.monotonic()))
@@ -429,9 +440,22 @@ class Scheduler:
         except PermanentError as exc:
             await self._dead_letter(entry, str(exc), exc.kind)
             return _STARTED  # gone from the store, either way
-        except BranchbuildError:
-            await self._unclaim(entry, entry.reason)
-            raise
+        except Exception as exc:  # noqa: BLE001 (a bug included: it must not stop the round)
+            # This push's failure, not the round's: it is tried again next round and the
+            # pushes behind it go on (raising here stopped every round at this push, so all
+            # behind it waited until BRANCHBUILD_MAX_WAIT and were dead-lettered as timed out).
+            await self._unclaim(entry, START_FAILED, error=f"{type(exc).__name__}: {exc}")
+            kind = exc.kind if isinstance(exc, BranchbuildError) else "unexpected"
+            self.metrics.errors.labels(kind=kind).inc()
+            if refused is not None:
+                refused[entry.key] = START_FAILED
+            log.warning(
+                "starting the waiting push of %s %s failed; tried again next round: %s",
+                entry.push.repository,
+                entry.push.ref,
+                exc,
+            )
+            return None
         await self._done(entry)
         await self._serve(entry.push.repository)
         waited = max(0.0, time.time() - entry.since)
@@ -534,13 +558,13 @@ class Scheduler:
         except BranchbuildError as exc:  # only what status shows; the next round tries again
             log.warning("could not record why %s waits: %s", entry.key, exc)
 
-    async def _unclaim(self, entry: WaitingPush, reason: str) -> None:
+    async def _unclaim(self, entry: WaitingPush, reason: str, error: str | None = None) -> None:
         token = entry.request.idempotency_token
 
         def change(current: Document | None) -> Document | None:
             if not current or current.get("token") != token:
                 return None
-            return current | {"claim": None, "reason": reason}
+            return current | {"claim": None, "reason": reason, "error": error}
 
         try:
             await self.records.update(entry.key, change)
@@ -560,9 +584,20 @@ class Scheduler:
 
     async def _expire(self, entry: WaitingPush) -> None:
         hours = self.settings.max_wait / 3600
-        reason = f"waited longer than BRANCHBUILD_MAX_WAIT ({hours:g} h) for CodeBuild capacity"
+        if entry.reason == START_FAILED:  # not capacity: say what failed
+            reason = (
+                f"its build could not be started within BRANCHBUILD_MAX_WAIT ({hours:g} h); "
+                f"last error: {entry.error}"
+            )
+            kind = START_FAILED
+        else:
+            reason = (
+                f"waited longer than BRANCHBUILD_MAX_WAIT ({hours:g} h) for CodeBuild capacity"
+                f" (last: {entry.reason})"
+            )
+            kind = "capacity_timeout"
         if await self._claim(entry):
-            await self._dead_letter(entry, f"{reason} (last: {entry.reason})", "capacity_timeout")
+            await self._dead_letter(entry, reason, kind)
 
     async def _dead_letter(self, entry: WaitingPush, reason: str, kind: str) -> None:
         outgoing = work_message(entry.push)

@@ -21,6 +21,7 @@ import pytest
 from service.admin.build_history import render, to_run, with_outcomes
 from service.builds import BuildRequest, StartedBuild
 from service.cli import main as cli_main
+from service.errors import BuildError
 from service.events import Push, RefChange, codecommit_event, parse_event
 from service.metrics import Metrics
 from service.outcome import Outcome
@@ -395,6 +396,34 @@ async def test_status_shows_what_waits_for_codebuild_and_why(
     text = (await branchbuild(admin_env(aws, tmp_path), "status")).out
     assert "2 push(es) wait for CodeBuild capacity; 1 build(s) hold a running slot" in text
     assert re.search(r"^shop\s+feature/a\s+[0-9a-f]{12}\s+5\s+account_queue_full\s", text, re.M)
+
+
+async def test_status_shows_why_a_waiting_pushs_start_failed(
+    aws: AwsResources, tmp_path: Path
+) -> None:
+    settings = Settings(queue_url=aws.intake_url, work_queue_url=aws.work_url, bucket=aws.bucket)
+    work = Queue(aws.sqs, aws.work_url, name="work")
+    pipelines = Pipelines.from_settings(settings)
+    scheduler = Scheduler(Records(aws.s3, aws.bucket), settings, Metrics(), pipelines, work)
+    push = push_for("shop", "feature/broken")
+    request = BuildRequest(push=push, project="shop", bucket=aws.bucket, key="broken.zip")
+    assert await scheduler.wait(request, pipelines.rule_for("shop"), "throttled") is Outcome.WAITING
+
+    async def start(request: BuildRequest) -> StartedBuild:
+        raise BuildError("CodeBuild answered InternalFailure")
+
+    assert await scheduler.dispatch(start) == 1
+    report = json.loads((await branchbuild(admin_env(aws, tmp_path), "status", "--json")).out)
+    [waiting] = report["waiting"]
+    assert (waiting["reason"], waiting["error"]) == (
+        "start_failed",
+        "BuildError: CodeBuild answered InternalFailure",
+    )
+    text = (await branchbuild(admin_env(aws, tmp_path), "status")).out
+    assert (
+        "shop feature/broken: its last start failed: BuildError: CodeBuild answered "
+        "InternalFailure" in text
+    )
 
 
 async def test_status_of_an_unreachable_queue_is_one_line_and_exit_1(

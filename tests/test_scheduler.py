@@ -25,7 +25,7 @@ from botocore.retries import standard
 from localdev.codebuild import CodeBuildStandIn
 from service.build_state import Change
 from service.builds import THROTTLE_CODES, BuildRequest, CodeBuild, StartedBuild
-from service.errors import CapacityRefused, ConfigurationError
+from service.errors import BuildError, CapacityRefused, ConfigurationError
 from service.events import Action, codecommit_event, parse_work
 from service.ledger import Entry
 from service.metrics import Metrics
@@ -444,6 +444,52 @@ async def test_a_push_waiting_longer_than_max_wait_is_dead_lettered_with_that_re
     assert await scheduler.listing() == []
     sample = metrics.registry.get_sample_value
     assert sample("branchbuild_jobs_total", {"outcome": "dead_lettered"}) == 1
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [BuildError("CodeBuild answered InternalFailure"), RuntimeError("a bug in the start")],
+    ids=["transient", "unexpected"],
+)
+async def test_a_push_whose_start_keeps_failing_never_holds_back_the_pushes_behind_it(
+    aws: AwsResources, failure: Exception
+) -> None:
+    """A waiting push whose StartBuild fails for a reason other than capacity is tried again
+    every round, and the round goes on to the pushes behind it (it stopped every round, so
+    they waited until BRANCHBUILD_MAX_WAIT and were dead-lettered as capacity timeouts); once
+    its own wait is over it is dead-lettered with its last error, not as a capacity timeout."""
+    scheduler, metrics = scheduler_for(aws)
+    rule = Rule.from_settings(scheduler.settings)
+    failing = request_for(aws, "shop", "feature/broken")
+    behind = request_for(aws, "shop", "feature/fine")
+    assert await scheduler.wait(failing, rule, "account_queue_full") is Outcome.WAITING
+    assert await scheduler.wait(behind, rule, "behind") is Outcome.WAITING
+    tried: list[str] = []
+
+    async def start(request: BuildRequest) -> StartedBuild:
+        tried.append(request.push.ref)
+        if request.push.ref == failing.push.ref:
+            raise failure
+        return StartedBuild(f"shop:{len(tried)}", "shop")
+
+    for _ in range(2):
+        assert await scheduler.dispatch(start) == 1
+    assert tried == [failing.push.ref, behind.push.ref, failing.push.ref]
+    [waiting] = await scheduler.listing()
+    assert (waiting.push.ref, waiting.reason) == (failing.push.ref, "start_failed")
+    assert str(failure) in waiting.error
+    sample = metrics.registry.get_sample_value
+    assert sample("branchbuild_waiting_pushes", {"reason": "start_failed"}) == 1
+    assert await aws.dlq_messages(aws.work_dlq_url) == []
+
+    scheduler.settings = scheduler.settings.model_copy(update={"max_wait": 0.01})
+    await anyio.sleep(0.05)
+    assert await scheduler.dispatch(start) == 0
+    [(body, attributes)] = await aws.dlq_messages(aws.work_dlq_url)
+    assert parse_work(body) == failing.push
+    assert attributes["branchbuild.error_kind"] == "start_failed"
+    assert str(failure) in attributes["branchbuild.reason"]
+    assert "could not be started" in attributes["branchbuild.reason"]
 
 
 async def test_an_older_push_does_not_replace_a_newer_waiting_one(aws: AwsResources) -> None:

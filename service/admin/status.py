@@ -111,6 +111,7 @@ class WaitingStatus:
     reason: str
     waited_seconds: float
     claimed: bool  # an instance is starting it now
+    error: str = ""  # why its last start failed (reason start_failed)
 
 
 async def capacity_status(
@@ -132,6 +133,7 @@ async def capacity_status(
             reason=w.reason,
             waited_seconds=round(max(0.0, now - w.since), 1),
             claimed=w.claim_owner is not None and w.claim_until > now,
+            error=w.error,
         )
         for w in await waiting_pushes(records)
     ]
@@ -147,9 +149,12 @@ def render_capacity(waiting: Sequence[WaitingStatus], running: int) -> str:
         (w.repository, w.branch, w.commit[:12], str(w.priority), w.reason, age(w.waited_seconds))
         for w in waiting
     ]
+    errors = "".join(
+        f"{w.repository} {w.branch}: its last start failed: {w.error}\n" for w in waiting if w.error
+    )
     return (
         f"\n{len(waiting)} push(es) wait for CodeBuild capacity; "
-        f"{running} build(s) hold a running slot\n" + table([header, *rows])
+        f"{running} build(s) hold a running slot\n" + table([header, *rows]) + errors
     )
 
 
