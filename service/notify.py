@@ -73,7 +73,7 @@ BRANCHES_PREFIX = NOTIFY_PREFIX + "branches/"
 DEAD_LETTERS_PREFIX = NOTIFY_PREFIX + "dead-letters/"
 HISTORY = 20  # decided results kept per branch (for "fixed")
 # A pending claim older than this is taken over (its holder died); longer than a publish can
-# take with the SNS client's timeouts and retries (service.app: 10 s reads, 3 attempts).
+# take with the SNS client's timeouts and retries (service.app: 10 s reads, 3 retries: 4 attempts).
 LEASE_SECONDS = 60.0
 DEAD_LETTER_TIMEOUT = 20.0  # the dead-letter hook runs shielded: never hold a shutdown longer
 
