@@ -249,6 +249,122 @@ async def test_a_tag_sharing_a_branchs_keys_survives_the_branchs_deletion(
     assert sorted(left) == [f"repo/v1/{'c' * 40}.zip", f"repo/v1/{'c' * 40}.zip.build.json"]
 
 
+# -- two rules' templates: never one key for two repositories ---------------------------------
+
+_RULES = "version: 1\nrules:\n  - repository: {one}\n    key: '{key}'\n{rest}"
+_STAR = "  - repository: '*'\n    tags: true\n"
+
+# (a rule's key, its repository, the rules after it) -> what the refusal names
+MEETING = {
+    # The shipped example's old key: a repository named `monorepo` under the environment's
+    # template has the same keys for its branch `x` as platform-monorepo's branch `x`.
+    ("monorepo/{branch}/{commit}.zip", "platform-monorepo", _STAR): "rules[1]: BRANCHBUILD",
+    ("monorepo/{branch}/{commit}.zip", "platform-monorepo", ""): "as BRANCHBUILD_KEY_TEMPLATE",
+    # Repository `builds`, branch `web/x`: builds/web/x/<commit>.zip, as web's branch x.
+    ("builds/{repository}/{branch}/{commit}.zip", "web", ""): "BRANCHBUILD_KEY_TEMPLATE",
+    ("builds/{repository}/{branch}/{commit}.zip", "'web-*'", ""): "BRANCHBUILD_KEY_TEMPLATE",
+    ("{branch}/{commit}.zip", "web", ""): "BRANCHBUILD_KEY_TEMPLATE",
+    ("{repository}-x/{branch}/{commit}.zip", "'w*'", ""): "BRANCHBUILD_KEY_TEMPLATE",
+    # Two one-repository rules writing under one prefix.
+    (
+        "shared/{branch}/{commit}.zip",
+        "a",
+        "  - repository: b\n    key: 'shared/{ref}/{commit}'\n",
+    ): ("rules[1].key: 'shared/{ref}/{commit}' can name the same object as rules[0].key"),
+}
+APART = (
+    ("platform-monorepo/payments/{branch}/{commit}.zip", "platform-monorepo", _STAR),
+    ("{repository}/payments/{branch}/{commit}.zip", "platform-monorepo", ""),
+    ("{repository}/{ref}/{commit}.zip", "'web-*'", ""),  # {repository} pins the repository
+    ("ci~/{repository}/{branch}/{commit}.zip", "'web-*'", ""),  # no repository has a ~
+    ("a/{branch}/{commit}.zip", "a", "  - repository: b\n    key: 'b/{branch}/{commit}'\n"),
+    (
+        "monorepo/{branch}/{commit}.zip",
+        "platform-monorepo",
+        "  - repository: '*'\n    key: 'all/{repository}/{branch}/{commit}.zip'\n",
+    ),
+)
+
+
+@pytest.mark.parametrize(("key", "one", "rest"), sorted(MEETING))
+def test_two_rules_whose_keys_can_meet_are_refused(key: str, one: str, rest: str) -> None:
+    s = load_settings(queue_url="q", work_queue_url="w", bucket="bkt")
+    with pytest.raises(ConfigurationError) as refused:
+        parse_config(_RULES.format(one=one, key=key, rest=rest), "p.yaml", s)
+    assert MEETING[(key, one, rest)] in str(refused.value)
+    assert "for another repository" in str(refused.value)
+
+
+@pytest.mark.parametrize(("key", "one", "rest"), APART)
+def test_rules_whose_keys_never_meet_are_accepted(key: str, one: str, rest: str) -> None:
+    s = load_settings(queue_url="q", work_queue_url="w", bucket="bkt")
+    parse_config(_RULES.format(one=one, key=key, rest=rest), "p.yaml", s)
+
+
+_NAMES = st.sampled_from(["ci", "a", "x-a", "x-ci", "web", "builds", "v1"])
+_RULE_SEGMENT = st.sampled_from(["{repository}", "x-{repository}", "ci", "a", "builds", "x-a"])
+
+
+def _rule_template(one_repository: bool) -> st.SearchStrategy[str]:
+    def accepted(template: str) -> bool:
+        try:
+            check_key_template(template, one_repository=one_repository)
+        except ValueError:
+            return False
+        return True
+
+    return st.builds(
+        lambda head, branch, last: "/".join([*head, branch, last]),
+        st.lists(_RULE_SEGMENT, max_size=2),
+        st.sampled_from(["{branch}", "{ref}"]),
+        st.sampled_from(["{commit}.zip", "{commit}"]),
+    ).filter(accepted)
+
+
+@given(
+    first=_rule_template(True),
+    second=_rule_template(False),
+    one=_NAMES,
+    others=st.lists(_NAMES, min_size=1, max_size=3),
+    branches=st.lists(BRANCH | _NAMES, min_size=1, max_size=3),
+)
+@settings(max_examples=300, deadline=None)
+@example(
+    first="monorepo/{branch}/{commit}.zip",
+    second="{repository}/{branch}/{commit}.zip",
+    one="platform-monorepo",
+    others=["monorepo"],
+    branches=["x"],
+)
+def test_rules_the_configuration_accepts_never_share_a_key(
+    first: str, second: str, one: str, others: list[str], branches: list[str]
+) -> None:
+    """Over two rules (one repository's, then every other's, or the environment's), any
+    configuration accepted gives a branch of one repository no key of another's, and one
+    branch's keys (``branch_keys``) never own another's archive."""
+    s = load_settings(queue_url="q", work_queue_url="w", bucket="bkt", key_template=second)
+    text = f"version: 1\nrules:\n  - repository: {one}\n    key: '{first}'\n"
+    try:
+        config = parse_config(text, "p", s)
+    except ConfigurationError:
+        return
+    owners: dict[str, tuple[str, str]] = {}
+    for repository in dict.fromkeys([one, *others]):
+        template = config.rule_for(repository).key_template
+        for branch in branches:
+            push = push_for(repository, branch, SHARED)
+            key = archive_key(template, push)
+            assert owners.setdefault(key, (repository, branch)) == (repository, branch), key
+    for key, (repository, branch) in owners.items():
+        template = config.rule_for(repository).key_template
+        for other, (other_repository, other_branch) in owners.items():
+            if other != key:
+                keys = branch_keys(template, push_for(repository, branch))
+                assert not keys.owns(other), (
+                    f"{repository} {branch} owns {other_repository} {other_branch}'s {other}"
+                )
+
+
 # -- pull request events find the archive under the rule's own key template ------------------
 
 
