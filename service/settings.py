@@ -326,6 +326,15 @@ def check_key_template(template: str, *, one_repository: bool = False) -> None:
     """
     check_template(template, set(KEY_FIELDS), required={"commit"})
     example = "e.g. {repository}/{branch}/{commit}.zip"
+    import string
+
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is not None and (spec or conversion):
+            # {commit:.7} gave two commits one key, and no branch's pattern matched its keys
+            raise ValueError(
+                f"{{{field}}} may have no format spec or conversion (a shortened or padded "
+                f"name is no longer one key per branch and commit), {example}"
+            )
     segments = template.split("/")
     for field in ("branch", "ref"):
         for index, segment in enumerate(segments):

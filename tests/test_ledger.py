@@ -53,6 +53,11 @@ REFUSED = {
     "{repository}/{commit}/{branch}": "{branch} must be a whole path segment",
     "{repository}/{branch}/{commit}/{repository}.zip": "may not hold {repository}",
     "{branch}/{commit}.zip": "must contain {repository}",
+    # A format spec or conversion: {commit:.7} gives two commits one key (and the branch's
+    # pattern, made from a marker the spec cut, matched none of its keys).
+    "{repository}/{branch}/{commit:.7}.zip": "{commit} may have no format spec",
+    "{repository}/{branch!s}/{commit}.zip": "{branch} may have no format spec",
+    "{repository:.3}/{branch}/{commit}.zip": "{repository} may have no format spec",
 }
 ACCEPTED = (
     "{repository}/{branch}/{commit}.zip",
