@@ -355,6 +355,13 @@ def check_key_template(template: str, *, one_repository: bool = False) -> None:
             "the last path segment may not hold {repository} (a repository named "
             f"'<name>.build.json' would name another's ledger entry), {example}"
         )
+    if template.endswith(".json"):
+        # An archive named <x>.build.json read as the ledger entry of <x>: the clean-up of a
+        # branch deleted a tag's archive that it meant to keep.
+        raise ValueError(
+            "may not end in '.json' (the documents beside an archive are "
+            f"'<archive>.build.json', '.feedback.json' and '.merge.json'), {example}"
+        )
     if not one_repository and "{repository}" not in template:
         raise ValueError(
             "must contain {repository}: without it two repositories' branches of the same name "

@@ -58,6 +58,9 @@ REFUSED = {
     "{repository}/{branch}/{commit:.7}.zip": "{commit} may have no format spec",
     "{repository}/{branch!s}/{commit}.zip": "{branch} may have no format spec",
     "{repository:.3}/{branch}/{commit}.zip": "{repository} may have no format spec",
+    # Its archives read as ledger entries: a tag's archive went with a branch of its name.
+    "{repository}/{branch}/{commit}.build.json": "may not end in '.json'",
+    "{repository}/{ref}/{commit}.json": "may not end in '.json'",
 }
 ACCEPTED = (
     "{repository}/{branch}/{commit}.zip",
