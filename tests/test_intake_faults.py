@@ -38,15 +38,19 @@ from service.badges import Badges
 from service.badges import branch_key as badges_branch_key
 from service.build_state import Outcomes
 from service.builds import StartedBuild
+from service.events import Push
 from service.health import Health
-from service.intake import Intake
+from service.intake import Intake, work_message
+from service.job import JobResult
 from service.ledger import Entry, Ledger
 from service.metrics import Metrics
 from service.notify import Notifier
 from service.notify import build_key as notify_build_key
+from service.outcome import Outcome
 from service.pullrequests import FEEDBACK_SUFFIX, PullRequests
 from service.queue import Leases, Queue
 from service.records import Records
+from service.worker import Worker
 from tests.helpers import AwsResources, event_for, push_for, wait_for
 from tests.test_build_state import build_state_event, send_build_event
 from tests.test_intake import counts
@@ -287,3 +291,76 @@ async def test_every_intake_call_raising_each_botocore_error_never_stops_the_int
 async def queue_arn(aws: AwsResources, url: str) -> str:
     reply = await aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
     return reply["Attributes"]["QueueArn"]
+
+
+# -- the worker stage: a job, or the worker's own queue calls, raising each botocore error ----
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("operation", ["job", "ReceiveMessage", "DeleteMessageBatch"])
+async def test_a_job_or_a_work_queue_call_raising_each_botocore_error_never_stops_the_worker(
+    aws: AwsResources, operation: str
+) -> None:
+    """The job raises each botocore exception itself (an unmapped failure of any AWS call in
+    it), or the worker's receive or acknowledgement does: the worker keeps running, and the
+    push is built in the end, never dead-lettered."""
+    policy = {
+        "deadLetterTargetArn": await queue_arn(aws, aws.work_dlq_url),
+        "maxReceiveCount": 12,
+    }
+    await aws.sqs.set_queue_attributes(
+        QueueUrl=aws.work_url, Attributes={"RedrivePolicy": json.dumps(policy)}
+    )
+    armed = Armed(operation, sorted(FAULTS))
+    built: list[str] = []
+
+    async def job(push: Push, recovering: bool) -> JobResult:
+        if operation == "job" and armed.faults:
+            name = armed.faults.pop(0)
+            armed.fired.append(name)
+            raise FAULTS[name]("StartBuild")
+        built.append(str(push.commit))
+        return JobResult(Outcome.BUILT, f"build-{push.commit}", "key")
+
+    s = settings_for(aws, wait_time=0, visibility_timeout=2, retry_base_delay=0, retry_max_delay=0)
+    config = AioConfig(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10)
+    metrics = Metrics()
+    async with aioboto3.Session().client("sqs", config=config) as sqs:
+        sqs.meta.events.register("before-send", armed)
+        queue = Queue(sqs, aws.work_url, name="work")
+        await queue.describe()
+        leases = Leases(visibility=2, interval=2 / 3, metrics=metrics)
+        worker = Worker(
+            queue, leases, Health(liveness_timeout=60), settings=s, metrics=metrics, job=job
+        )
+        stopping, done = anyio.Event(), anyio.Event()
+
+        async def run() -> None:
+            await worker.run(stopping)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leases.run)
+            tg.start_soon(run)
+            message = work_message(push_for("shop", "feature/w", "d" * 40))
+            await aws.sqs.send_message(
+                QueueUrl=aws.work_url,
+                MessageBody=message.body,
+                MessageGroupId=message.group,
+                MessageDeduplicationId=message.dedup,
+            )
+
+            async def settled() -> bool:
+                assert not done.is_set(), f"the worker stopped on a failed {operation}"
+                if armed.faults or not built:
+                    return False
+                return await counts(aws, aws.work_url) == (0, 0)
+
+            await wait_for(settled, within=120, what=f"{operation}: the push settled")
+            assert sorted(armed.fired) == sorted(FAULTS)
+            assert not done.is_set()
+            stopping.set()
+            with anyio.fail_after(30):
+                await done.wait()
+            tg.cancel_scope.cancel()
+    assert await aws.count(aws.work_dlq_url) == 0
