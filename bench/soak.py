@@ -108,7 +108,7 @@ def main() -> int:
         work = Path(tmp)
         started = time.monotonic()
         # Each wave pushes one more commit to half of the branches (alternating halves).
-        commits = args.waves // 2 + 1
+        commits = (args.waves + 1) // 2 + 1  # wave w pushes commit (w + 1) // 2
         repos = make_repositories(work / "repos", args.repositories, args.branches, commits)
         print(  # noqa: T201
             f"{args.repositories} repositories, {args.repositories * args.branches} branches "

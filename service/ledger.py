@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import string
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
@@ -40,6 +41,8 @@ __all__ = [
     "archive_key",
     "branch_keys",
     "entry_key",
+    "KeySpace",
+    "may_share_keys",
 ]
 
 
@@ -76,6 +79,78 @@ def branch_keys(template: str, push: Push) -> BranchKeys:
     marker = "\0commit\0"
     parts = archive_key(template, push, commit=marker).split(marker)
     return BranchKeys(parts[0], re.compile(_COMMIT.join(re.escape(part) for part in parts)))
+
+
+@dataclass(frozen=True)
+class KeySpace:
+    """The keys of one rule: its ``template``, the ``repository`` it names exactly (None for
+    globs), and ``serves(name)``: whether a push of repository ``name`` takes this rule."""
+
+    template: str
+    repository: str | None
+    serves: Callable[[str], bool]
+
+    def head(self) -> list[str]:
+        """The template's path segments before its first ``{branch}``/``{ref}`` one, with
+        the one repository it names written in."""
+        template = self.template
+        if self.repository is not None:
+            template = template.replace("{repository}", self.repository)
+        segments = template.split("/")
+        cut = next(i for i, s in enumerate(segments) if s in ("{branch}", "{ref}"))
+        return segments[:cut]
+
+
+def may_share_keys(a: KeySpace, b: KeySpace) -> bool:
+    """Whether a key of rule ``a`` can be a key of another rule ``b`` (for another
+    repository, then: every repository takes one rule).
+
+    One template gives every (repository, ref, commit) its own key
+    (:func:`service.settings.check_key_template`), but two rules' templates can meet: the
+    environment's ``{repository}/{branch}/...`` for a repository named ``monorepo`` and a rule's
+    ``monorepo/{branch}/...`` for another repository write the same keys for two branches of
+    the same name, and deleting one took the other's archives and ledger entries. Branch
+    names may hold ``/``, so only the segments before each template's branch are compared:
+    they must differ somewhere (another literal, or a repository name the other rule does not
+    serve), or name the repository the same way. Conservative: True when unsure.
+    """
+    if a.template == b.template and "{repository}" in a.template:
+        return False  # one template: one key per (repository, ref, commit)
+    for x, y in zip(a.head(), b.head(), strict=False):
+        meet = _may_meet(x, y, b.serves) if _fields(y) else _may_meet(y, x, a.serves)
+        if not meet:
+            return False
+    return True
+
+
+def _fields(segment: str) -> list[str]:
+    return [f for _, f, _, _ in string.Formatter().parse(segment) if f is not None]
+
+
+def _may_meet(x: str, y: str, serves: Callable[[str], bool]) -> bool:
+    """Whether segment ``x`` (of one rule) and segment ``y`` (of the rule that ``serves``)
+    may be the same text for two repositories."""
+    if not _fields(y):  # two literals
+        return x == y
+    if not _fields(x):  # a literal and a pattern: is it the pattern's, for whom?
+        regex, named = "", False
+        for text, field, _, _ in string.Formatter().parse(y):
+            regex += re.escape(text)
+            if field == "commit":
+                regex += _COMMIT
+            elif field == "repository":
+                regex += "(?P=repository)" if named else r"(?P<repository>[A-Za-z0-9._-]+)"
+                named = True
+        match = re.fullmatch(regex, x)
+        return match is not None and (not named or serves(match.group("repository")))
+    if x == y and "repository" in _fields(x):
+        return False  # it pins the repository, and one repository takes one rule
+    # Two patterns: they may meet unless their literal ends differ.
+    head_x, head_y = x.split("{", 1)[0], y.split("{", 1)[0]
+    tail_x, tail_y = x.rsplit("}", 1)[-1], y.rsplit("}", 1)[-1]
+    return (head_x.startswith(head_y) or head_y.startswith(head_x)) and (
+        tail_x.endswith(tail_y) or tail_y.endswith(tail_x)
+    )
 
 
 @dataclass(frozen=True)

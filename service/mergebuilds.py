@@ -477,16 +477,18 @@ class MergeBuilds:
                 if error_code(exc) != "IdempotencyParameterMismatchException":
                     raise
         # Posted before with other content (the record of it was lost): find it by its token.
+        # Every page: CodeCommit returns 100 comments at most (the first alone missed it).
+        pages = client.get_paginator("get_comments_for_pull_request").paginate(
+            pullRequestId=pull_request_id,
+            repositoryName=str(data["repository"]),
+            afterCommitId=str(data["source_commit"]),
+        )
         with translated(f"read the comments of pull request {pull_request_id}"):
-            found = await client.get_comments_for_pull_request(
-                pullRequestId=pull_request_id,
-                repositoryName=str(data["repository"]),
-                afterCommitId=str(data["source_commit"]),
-            )
-        for group in found.get("commentsForPullRequestData", []):
-            for comment in group.get("comments", []):
-                if comment.get("clientRequestToken") == token and "commentId" in comment:
-                    return comment["commentId"]
+            async for page in pages:
+                for group in page.get("commentsForPullRequestData", []):
+                    for comment in group.get("comments", []):
+                        if comment.get("clientRequestToken") == token and "commentId" in comment:
+                            return comment["commentId"]
         raise PermanentError(f"the comment posted with token {token} cannot be found")
 
 

@@ -12,6 +12,7 @@ is refused, logged and counted, and the last good one stays in force.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from pydantic import (
 
 from .aws import region, translated
 from .errors import BranchbuildError, ConfigurationError, StorageError
+from .ledger import KeySpace, may_share_keys
 from .settings import Settings, check_key_template, check_notify_on, check_template, check_topics
 
 if TYPE_CHECKING:
@@ -403,7 +405,7 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
                         "BRANCHBUILD_NOTIFY_RULE_TOPICS: the stack's NotifyTopicArns and "
                         "NotifyRuleTopicArns)"
                     )
-    return PipelineConfig(
+    config = PipelineConfig(
         source=source,
         defaults=defaults,
         rules=rules,
@@ -411,6 +413,49 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
         reconcile_account=account,
         reconcile_region=reconcile.region or region(),
     )
+    _check_key_spaces(config, model, source, node)
+    return config
+
+
+def _check_key_spaces(
+    config: PipelineConfig, model: _FileModel, source: str, node: yaml.Node | None
+) -> None:
+    """Refuse two rules whose key templates can name one object for two repositories
+    (issue 21: deleting a branch of one deleted the other's archives and ledger entries)."""
+    spaces: list[tuple[int | None, KeySpace]] = []
+    for index, (patterns, rule) in enumerate(config.rules):
+        exact = len(patterns) == 1 and not any(c in patterns[0] for c in "*?[")
+        serves = functools.partial(_serves, config, rule)
+        spaces.append((index, KeySpace(rule.key_template, patterns[0] if exact else None, serves)))
+        if "*" in patterns:  # the rules after it, and the environment's, take no repository
+            break
+    else:
+        serves = functools.partial(_serves, config, config.defaults)
+        spaces.append((None, KeySpace(config.defaults.key_template, None, serves)))
+    for later, (j, b) in enumerate(spaces):
+        for i, a in spaces[:later]:
+            if not may_share_keys(a, b):
+                continue
+            # Blame a rule with its own key (two that take the environment's never meet).
+            own = j if j is not None and model.rules[j].key is not None else i
+            assert own is not None
+            other, theirs = (i, a.template) if own == j else (j, b.template)
+            named = (
+                f"rules[{other}].key"
+                if other is not None and model.rules[other].key is not None
+                else f"{'' if other is None else f'rules[{other}]: '}BRANCHBUILD_KEY_TEMPLATE"
+            )
+            line = _lines(node).get(("rules", own, "key"), 1)
+            raise ConfigurationError(
+                f"{source}:{line}: rules[{own}].key: {config.rules[own][1].key_template!r} "
+                f"can name the same object as {named} {theirs!r} for another repository "
+                "(deleting a branch of one would delete the other's archives): begin it with "
+                "a path segment only this rule writes, e.g. its repository's name"
+            )
+
+
+def _serves(config: PipelineConfig, rule: Rule, repository: str) -> bool:
+    return config.rule_for(repository) is rule
 
 
 def _lines(node: yaml.Node | None) -> dict[tuple[Any, ...], int]:

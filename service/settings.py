@@ -347,6 +347,15 @@ def check_key_template(template: str, *, one_repository: bool = False) -> None:
     """
     check_template(template, set(KEY_FIELDS), required={"commit"})
     example = "e.g. {repository}/{branch}/{commit}.zip"
+    import string
+
+    for _, field, spec, conversion in string.Formatter().parse(template):
+        if field is not None and (spec or conversion):
+            # {commit:.7} gave two commits one key, and no branch's pattern matched its keys
+            raise ValueError(
+                f"{{{field}}} may have no format spec or conversion (a shortened or padded "
+                f"name is no longer one key per branch and commit), {example}"
+            )
     segments = template.split("/")
     for field in ("branch", "ref"):
         for index, segment in enumerate(segments):
@@ -366,6 +375,13 @@ def check_key_template(template: str, *, one_repository: bool = False) -> None:
         raise ValueError(
             "the last path segment may not hold {repository} (a repository named "
             f"'<name>.build.json' would name another's ledger entry), {example}"
+        )
+    if template.endswith(".json"):
+        # An archive named <x>.build.json read as the ledger entry of <x>: the clean-up of a
+        # branch deleted a tag's archive that it meant to keep.
+        raise ValueError(
+            "may not end in '.json' (the documents beside an archive are "
+            f"'<archive>.build.json', '.feedback.json' and '.merge.json'), {example}"
         )
     if not one_repository and "{repository}" not in template:
         raise ValueError(

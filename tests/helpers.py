@@ -103,8 +103,11 @@ class AwsResources:
         ]
 
     async def keys(self) -> list[str]:
-        reply = await self.s3.list_objects_v2(Bucket=self.bucket)
-        return sorted(o["Key"] for o in reply.get("Contents", []))
+        """Every key of the bucket (every page: a shared bucket can hold more than 1,000)."""
+        found: list[str] = []
+        async for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket):
+            found += [o["Key"] for o in page.get("Contents", [])]
+        return sorted(found)
 
     async def object(self, key: str) -> bytes:
         reply = await self.s3.get_object(Bucket=self.bucket, Key=key)

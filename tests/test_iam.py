@@ -1319,12 +1319,12 @@ def test_the_example_configuration_is_allowed_as_the_walkthrough_deploys_it() ->
         )
     monorepo = config.rule_for("platform-monorepo")
     archive = object_key(monorepo.key_template, push)
-    assert archive.startswith("monorepo/")
+    assert archive.startswith("platform-monorepo/payments/")
     projects = {
         "monorepo": {
             "RepositoryName": "platform-monorepo",
             "ProjectBaseName": "monorepo-payments",
-            "ArchiveKeyPrefix": "monorepo/",
+            "ArchiveKeyPrefix": "platform-monorepo/payments/",
         },
         "web": {"RepositoryName": "web-shop", "CodeCommitSource": "true"},
         "other": {"RepositoryName": "other"},

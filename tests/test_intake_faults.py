@@ -34,15 +34,24 @@ from botocore.exceptions import (
 
 from localdev.codecommit import CodeCommitStandIn
 from service.aws import AccountClients, Clients
+from service.badges import Badges
+from service.badges import branch_key as badges_branch_key
 from service.build_state import Outcomes
+from service.builds import StartedBuild
+from service.events import Push
 from service.health import Health
-from service.intake import Intake
+from service.intake import Intake, work_message
+from service.job import JobResult
 from service.ledger import Entry, Ledger
 from service.metrics import Metrics
+from service.notify import Notifier
+from service.notify import build_key as notify_build_key
+from service.outcome import Outcome
 from service.pullrequests import FEEDBACK_SUFFIX, PullRequests
 from service.queue import Leases, Queue
 from service.records import Records
-from tests.helpers import AwsResources, event_for, wait_for
+from service.worker import Worker
+from tests.helpers import AwsResources, event_for, push_for, wait_for
 from tests.test_build_state import build_state_event, send_build_event
 from tests.test_intake import counts
 from tests.test_worker import settings_for
@@ -63,6 +72,9 @@ OPERATIONS = (
     "PostCommentForPullRequest",
     "UpdateComment",
     "UpdatePullRequestApprovalState",
+    # Added after the intake was proven: the badges' and the notifications' own calls.
+    "HeadObject",
+    "Publish",
 )
 URL = "http://127.0.0.1:9/"
 FAULTS: dict[str, Callable[[str], Exception]] = {
@@ -101,10 +113,13 @@ class Armed:
 
 @asynccontextmanager
 async def intake_stage(
-    aws: AwsResources, standin: CodeCommitStandIn, armed: Armed
-) -> AsyncIterator[tuple[Intake, anyio.Event, anyio.Event]]:
+    aws: AwsResources, standin: CodeCommitStandIn, armed: Armed, topic: str
+) -> AsyncIterator[tuple[Intake, Notifier, anyio.Event]]:
     s = settings_for(
         aws,
+        badges=True,
+        notify_topics=topic,
+        notify_on="succeeded",
         wait_time=0,
         intake_visibility_timeout=2,
         retry_base_delay=0,
@@ -120,17 +135,22 @@ async def intake_stage(
         codecommit = await stack.enter_async_context(
             session.client("codecommit", config=config, endpoint_url=standin.endpoint)
         )
-        for client in (sqs, s3, codecommit):
+        sns = await stack.enter_async_context(session.client("sns", config=config))
+        for client in (sqs, s3, codecommit, sns):
             client.meta.events.register("before-send", armed)
         clients = Clients(sqs, s3, codebuild, codecommit, session, config)
         metrics = Metrics()
         records = Records(s3, aws.bucket)
-        pull_requests = PullRequests(AccountClients(clients, stack, ""), records, s, metrics)
+        badges = Badges(records, s, metrics)
+        pull_requests = PullRequests(
+            AccountClients(clients, stack, ""), records, s, metrics, badges=badges
+        )
+        notifier = Notifier(sns, records, s, metrics, pull_requests=pull_requests.commented)
         outcomes = Outcomes(
             records,
             s,
             metrics,
-            listeners=(pull_requests.changed,),
+            listeners=(pull_requests.changed, notifier.changed, badges.changed),
             pull_requests=pull_requests.event,
         )
         intake_queue = Queue(sqs, aws.intake_url, name="intake")
@@ -155,7 +175,7 @@ async def intake_stage(
         async with anyio.create_task_group() as tg:
             tg.start_soon(leases.run)
             tg.start_soon(run)
-            yield intake, stopping, done
+            yield intake, notifier, done
             stopping.set()
             with anyio.fail_after(30):
                 await done.wait()
@@ -191,11 +211,13 @@ async def test_every_intake_call_raising_each_botocore_error_never_stops_the_int
 
     armed = Armed()
     ledger = Ledger(Records(aws.s3, aws.bucket))
+    async with aioboto3.Session().client("sns", endpoint_url=aws.endpoint) as sns:
+        topic = (await sns.create_topic(Name=f"builds-{uuid.uuid4().hex[:8]}"))["TopicArn"]
     developer = aioboto3.Session(aws_access_key_id="developer", aws_secret_access_key="x")
     async with (
         CodeCommitStandIn(resolve=resolve, on_event=forward) as standin,
         developer.client("codecommit", endpoint_url=standin.endpoint) as cc,
-        intake_stage(aws, standin, armed) as (intake, _, done),
+        intake_stage(aws, standin, armed, topic) as (intake, notifier, done),
     ):
         number = OPERATIONS.index(operation) + 1
         branch = f"feature/r{number}"
@@ -204,7 +226,10 @@ async def test_every_intake_call_raising_each_botocore_error_never_stops_the_int
         archive = f"shop/{branch}/{commit}.zip"
         build_id = f"shop:{uuid.uuid4()}"
         # What the job left: the build's ledger entry and its feedback document.
-        await ledger.started(archive, Entry(commit, f"refs/heads/{branch}", build_id, "shop"))
+        entry = Entry(commit, f"refs/heads/{branch}", build_id, "shop", repository="shop")
+        await ledger.started(archive, entry)
+        push = push_for("shop", branch, commit)
+        await notifier.started(push, StartedBuild(build_id, "shop"), archive)
         await Records(aws.s3, aws.bucket).write(
             archive + FEEDBACK_SUFFIX,
             {
@@ -257,8 +282,85 @@ async def test_every_intake_call_raising_each_botocore_error_never_stops_the_int
     # The pull request feedback went through in the end: the round's build approved.
     assert all(standin.approvals(pr) for pr in standin.pull_requests)
     assert len(standin.pull_requests) == 1
+    # The build's notification was published and its branch's badge written, once each.
+    record = await Records(aws.s3, aws.bucket).read(notify_build_key(archive))
+    assert record is not None and record.data["sent"][topic]["state"] == "published"
+    assert b"passing" in await aws.object(badges_branch_key("shop", branch))
 
 
 async def queue_arn(aws: AwsResources, url: str) -> str:
     reply = await aws.sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])
     return reply["Attributes"]["QueueArn"]
+
+
+# -- the worker stage: a job, or the worker's own queue calls, raising each botocore error ----
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("operation", ["job", "ReceiveMessage", "DeleteMessageBatch"])
+async def test_a_job_or_a_work_queue_call_raising_each_botocore_error_never_stops_the_worker(
+    aws: AwsResources, operation: str
+) -> None:
+    """The job raises each botocore exception itself (an unmapped failure of any AWS call in
+    it), or the worker's receive or acknowledgement does: the worker keeps running, and the
+    push is built in the end, never dead-lettered."""
+    policy = {
+        "deadLetterTargetArn": await queue_arn(aws, aws.work_dlq_url),
+        "maxReceiveCount": 12,
+    }
+    await aws.sqs.set_queue_attributes(
+        QueueUrl=aws.work_url, Attributes={"RedrivePolicy": json.dumps(policy)}
+    )
+    armed = Armed(operation, sorted(FAULTS))
+    built: list[str] = []
+
+    async def job(push: Push, recovering: bool) -> JobResult:
+        if operation == "job" and armed.faults:
+            name = armed.faults.pop(0)
+            armed.fired.append(name)
+            raise FAULTS[name]("StartBuild")
+        built.append(str(push.commit))
+        return JobResult(Outcome.BUILT, f"build-{push.commit}", "key")
+
+    s = settings_for(aws, wait_time=0, visibility_timeout=2, retry_base_delay=0, retry_max_delay=0)
+    config = AioConfig(retries={"mode": "standard", "max_attempts": 1}, read_timeout=10)
+    metrics = Metrics()
+    async with aioboto3.Session().client("sqs", config=config) as sqs:
+        sqs.meta.events.register("before-send", armed)
+        queue = Queue(sqs, aws.work_url, name="work")
+        await queue.describe()
+        leases = Leases(visibility=2, interval=2 / 3, metrics=metrics)
+        worker = Worker(
+            queue, leases, Health(liveness_timeout=60), settings=s, metrics=metrics, job=job
+        )
+        stopping, done = anyio.Event(), anyio.Event()
+
+        async def run() -> None:
+            await worker.run(stopping)
+            done.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(leases.run)
+            tg.start_soon(run)
+            message = work_message(push_for("shop", "feature/w", "d" * 40))
+            await aws.sqs.send_message(
+                QueueUrl=aws.work_url,
+                MessageBody=message.body,
+                MessageGroupId=message.group,
+                MessageDeduplicationId=message.dedup,
+            )
+
+            async def settled() -> bool:
+                assert not done.is_set(), f"the worker stopped on a failed {operation}"
+                if armed.faults or not built:
+                    return False
+                return await counts(aws, aws.work_url) == (0, 0)
+
+            await wait_for(settled, within=120, what=f"{operation}: the push settled")
+            assert sorted(armed.fired) == sorted(FAULTS)
+            assert not done.is_set()
+            stopping.set()
+            with anyio.fail_after(30):
+                await done.wait()
+            tg.cancel_scope.cancel()
+    assert await aws.count(aws.work_dlq_url) == 0

@@ -52,7 +52,7 @@ def test_the_shipped_example_loads_and_resolves() -> None:
     assert mono.skip_markers[-1] == "[wip]"
     assert dict(mono.environment) == {"SERVICE": "payments", "DEPLOY_STAGE": "preview"}
     assert mono.keep_running_branches == ("release/*",)
-    assert mono.key_template == "monorepo/{branch}/{commit}.zip"
+    assert mono.key_template == "platform-monorepo/payments/{branch}/{commit}.zip"
     assert mono.on_delete is OnDelete.DELETE
     web = config.rule_for("web-shop")
     assert web.source is SourceMode.CODECOMMIT and web.build_tags and web.skip_markers == ()

@@ -25,8 +25,11 @@ from localdev.githost import codecommit_event
 from service.aws import AccountClients, Clients
 from service.badges import Badges
 from service.ledger import Entry, Ledger
+from service.mergebuilds import MergeBuilds
 from service.metrics import Metrics
+from service.pipelines import Pipelines
 from service.pullrequests import FEEDBACK_SUFFIX, PullRequests, comment_token
+from service.queue import Queue
 from service.records import Records
 from tests.helpers import AwsResources, GitWorld, StartService, WorkCopy, create_project, wait_for
 from tests.test_build_state import build_state_event, counted, ledger, send_build_event, stop_builds
@@ -441,3 +444,49 @@ async def test_a_pull_request_badge_that_cannot_be_written_never_stops_the_comme
     sample = metrics.registry.get_sample_value
     assert sample("branchbuild_errors_total", {"kind": "access_denied"}) == 1
     assert not sample("branchbuild_pull_request_updates_total", {"action": "failed"})
+
+
+async def test_a_merge_builds_comment_whose_record_was_lost_is_found_beyond_the_first_page(
+    world: World,
+) -> None:
+    """After 101 reviews on the same commits, the merge build's comment (service.mergebuilds)
+    was posted and its record lost: posting again is refused (other content) and the comment
+    is found by its token on the second page (the first page alone was read: a permanent
+    error, "cannot be found")."""
+    await world.repo.checkout("feature/merge")
+    commit = await world.repo.commit({"merge.py": "pass\n"})
+    await world.repo.push("feature/merge")
+    pr = await world.open_pull_request("feature/merge")
+    [target] = (await world.developer.get_pull_request(pullRequestId=pr))["pullRequest"][
+        "pullRequestTargets"
+    ]
+    data: dict[str, Any] = {
+        "pull_request": pr, "repository": "shop", "commit": "9" * 40, "build_id": "shop:m-1",
+        "source_commit": commit, "destination_commit": target["destinationCommit"],
+    }  # fmt: skip
+    session = aioboto3.Session(aws_access_key_id="testing", aws_secret_access_key="x")
+    async with AsyncExitStack() as stack:
+        client = await stack.enter_async_context(
+            session.client("codecommit", endpoint_url=world.standin.endpoint)
+        )
+        settings = settings_for(world.aws)
+        clients = Clients(
+            world.aws.sqs, world.aws.s3, world.aws.codebuild, client, session, AioConfig()
+        )
+        merges = MergeBuilds(
+            AccountClients(clients, stack, ""),
+            Records(world.aws.s3, world.aws.bucket),
+            settings,
+            Metrics(),
+            Pipelines.from_settings(settings),
+            Queue(world.aws.sqs, world.aws.work_url, name="work"),
+        )
+        for n in range(101):  # the first page holds 100
+            await world.developer.post_comment_for_pull_request(
+                pullRequestId=pr, repositoryName="shop",
+                beforeCommitId=target["destinationCommit"], afterCommitId=commit,
+                content=f"review {n}",
+            )  # fmt: skip
+        first = await merges._post(client, data, "merge build started")
+        assert await merges._post(client, data, "merge build succeeded") == first
+    assert len(world.comments(pr)) == 102  # nothing posted twice
