@@ -127,7 +127,7 @@ $(IAM_STAMP): tests/iam/package.json tests/iam/package-lock.json
 PYTEST_WORKERS ?= 4
 
 pytest: venv system-deps $(LOCALSTACK_STAMP) $(IAM_STAMP) image
-	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --durations=20 $(PYTEST_ARGS)
 
 test: lint typecheck lint-deploy pytest
 

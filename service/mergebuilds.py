@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import AsyncIterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -418,19 +419,29 @@ class MergeBuilds:
     async def sync(self, archive: str) -> None:
         """Make the merge build's comment show its current state.
 
+        The job (started) and the build's events (its result) sync concurrently: a writer
+        that read an older state may write last, so each writer reads the state again after
+        its write, and writes again if it moved (the ledger only moves forward).
+
         Raises:
             TransientError: CodeCommit or S3 failed; nothing is lost by retrying.
         """
+        for _ in range(3):
+            if not await self._sync_once(archive):
+                return
+
+    async def _sync_once(self, archive: str) -> bool:
+        """One write of the comment, if it does not show the current state: whether it wrote."""
         doc = await self.records.read(archive + MERGE_SUFFIX)
         entry = await self.ledger.read(archive)
         if doc is None or entry is None or entry.build_id != doc.data.get("build_id"):
-            return
+            return False
         data = doc.data
         content = render(entry, data)
         digest = hashlib.sha256(content.encode()).hexdigest()
         known: dict[str, Any] = data.get("comment") or {}
         if known.get("digest") == digest:
-            return
+            return False
         pull_request_id = str(data["pull_request"])
         with naming(repositoryName=str(data["repository"])):
             try:
@@ -446,7 +457,7 @@ class MergeBuilds:
             except PermanentError as exc:
                 self.metrics.pull_request_updates.labels(action="failed").inc()
                 self._failed(exc, str(data["repository"]))
-                return
+                return False
         self.metrics.pull_request_updates.labels(action=action).inc()
         log.info("pull request %s: merge build %s", pull_request_id, action.replace("_", " "))
 
@@ -456,6 +467,7 @@ class MergeBuilds:
             return now | {"comment": {"id": comment_id, "digest": digest}}
 
         await self.records.update(archive + MERGE_SUFFIX, record)
+        return True
 
     async def _post(self, client: CodeCommitClient, data: Document, content: str) -> str:
         pull_request_id = str(data["pull_request"])
@@ -484,12 +496,22 @@ class MergeBuilds:
             afterCommitId=str(data["source_commit"]),
         )
         with translated(f"read the comments of pull request {pull_request_id}"):
-            async for page in pages:
-                for group in page.get("commentsForPullRequestData", []):
-                    for comment in group.get("comments", []):
-                        if comment.get("clientRequestToken") == token and "commentId" in comment:
-                            return comment["commentId"]
-        raise PermanentError(f"the comment posted with token {token} cannot be found")
+            found = await _comment_with_token(pages, token)
+        if found is None:
+            raise PermanentError(f"the comment posted with token {token} cannot be found")
+        # It shows what its poster rendered (another sync's, maybe older): this content.
+        with translated(f"update comment {found}"):
+            await client.update_comment(commentId=found, content=content)
+        return found
+
+
+async def _comment_with_token(pages: AsyncIterable[Any], token: str) -> str | None:
+    async for page in pages:
+        for group in page.get("commentsForPullRequestData", []):
+            for comment in group.get("comments", []):
+                if comment.get("clientRequestToken") == token and "commentId" in comment:
+                    return str(comment["commentId"])
+    return None
 
 
 def _same(data: Document, sides: Sides) -> bool:

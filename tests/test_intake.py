@@ -97,8 +97,10 @@ async def test_buildable_pushes_are_forwarded_skips_acknowledged_poison_dead_let
     await aws.send_event("not json")
     async with running(aws) as state:
 
-        async def settled() -> bool:
-            return await counts(aws, aws.intake_url) == (0, 0)
+        async def settled() -> bool:  # the poison's count follows its move to the DLQ
+            return await counts(aws, aws.intake_url) == (0, 0) and (
+                state.events(event="malformed", outcome="dead_lettered") == 1
+            )
 
         await wait_for(settled, what="the intake queue emptied")
         assert state.events(event="created", outcome="queued") == 1
