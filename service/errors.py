@@ -122,6 +122,13 @@ class NotificationRefused(PermanentError):
     kind = "notification_refused"
 
 
+class NotificationBusy(TransientError):
+    """Another holder (a build state event, another instance) is publishing this
+    notification now: it publishes it, or releases it and is retried."""
+
+    kind = "notification_busy"
+
+
 class LeaseLost(TransientError):
     """Raised when a message's visibility could not be extended: another consumer may own it."""
 

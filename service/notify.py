@@ -48,6 +48,7 @@ from .builds import StartedBuild
 from .errors import (
     BranchbuildError,
     MalformedEvent,
+    NotificationBusy,
     NotificationRefused,
     PermanentError,
     TransientError,
@@ -424,6 +425,10 @@ class Notifier:
                 # the build state event's path reports it (and dead-letters that event)
                 self.metrics.errors.labels(kind=exc.kind).inc()
                 log.error("the notification of %s could not be sent: %s", archive, exc)
+            except NotificationBusy as exc:  # its holder (the state event) sends it, or
+                # releases it and is retried: the built push's job must not fail for it (it
+                # was retried, then dead-lettered, with a "dead_lettered" notification)
+                log.info("the notification of %s is its holder's: %s", archive, exc)
 
     async def changed(self, change: Change) -> None:
         """Outcomes listener: a build's ledger entry changed (or a redelivery re-checks).
@@ -614,7 +619,7 @@ class Notifier:
             log.info("%s notification to %s was published before", notice.outcome, topic)
             return
         if state == "busy":
-            raise TransientError(f"the {notice.outcome} notification to {topic} is being sent")
+            raise NotificationBusy(f"the {notice.outcome} notification to {topic} is being sent")
         if state != "claimed":
             return
         try:

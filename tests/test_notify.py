@@ -7,6 +7,7 @@ and the real SSH git host.
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from aiohttp import web
 from localdev.githost import codecommit_event
 from service.build_state import Change
 from service.builds import StartedBuild
-from service.errors import ConfigurationError, NotificationRefused, TransientError
+from service.errors import ConfigurationError, NotificationBusy, NotificationRefused, TransientError
 from service.events import Action, Push, RefChange, RefType, parse_event, parse_work
 from service.ledger import Entry, Ledger
 from service.metrics import Metrics
@@ -661,6 +662,39 @@ async def test_a_build_that_ended_before_its_start_was_recorded_still_notifies(
         )
         assert published == 1
         assert await aws.count(url) == 1
+
+
+async def test_a_notification_another_holder_is_sending_never_fails_the_pushs_job(
+    aws: AwsResources,
+) -> None:
+    """A quick build's state event is publishing its notification (its claim is fresh) when
+    the job's start hook finds the build ended: the hook leaves it to that holder. It raised
+    'is being sent', so the built push's job was retried, then dead-lettered, and a
+    'dead_lettered' notification went out for a push that was built (seen in CI)."""
+    session = aioboto3.Session()
+    async with session.client("sns", endpoint_url=aws.endpoint) as sns:
+        arn = (await sns.create_topic(Name=f"notify-{uuid.uuid4().hex[:8]}"))["TopicArn"]
+        settings = load_settings(**(SETTINGS | {"bucket": aws.bucket}), notify_topics=arn)
+        records = Records(aws.s3, aws.bucket)
+        notifier = Notifier(sns, records, settings, Metrics())
+        push = Push(
+            "e", "123456789012", REGION, "shop", RefType.BRANCH, "held", Action.UPDATED, "d" * 40
+        )
+        archive = "shop/held/" + "d" * 40 + ".zip"
+        build = StartedBuild("shop:4", "shop")
+        await notifier.started(push, build, archive)  # the job, before the build ended
+        done = Entry("d" * 40, push.ref, "shop:4", "shop", status="FAILED")
+        await Ledger(records).update(archive, lambda _: done)
+        # The state event's handler decided the outcome and holds a fresh claim on the topic
+        # (it is publishing).
+        holder = {"state": "pending", "token": "theirs", "at": time.time()}
+        decided = {"outcome": "failed", "topics": [arn], "decided_at": "x", "sent": {arn: holder}}
+        await records.update(build_key(archive), lambda doc: (doc or {}) | decided)
+        with pytest.raises(NotificationBusy):  # what that state event's path would see
+            await notifier.changed(Change(archive=archive, before=None, after=done))
+        await notifier.started(push, build, archive)  # the job redelivered: no raise
+        document = json.loads(await aws.object(build_key(archive)))
+        assert document["sent"][arn] == holder  # left to its holder
 
 
 async def test_a_refused_notification_never_fails_the_pushs_job(aws: AwsResources) -> None:
