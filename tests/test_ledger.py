@@ -185,7 +185,7 @@ def _relatives(base: str) -> list[str]:
 
 @given(template=TEMPLATE, base=BRANCH, more=st.lists(BRANCH, max_size=2), victim=st.integers(0, 6))
 @settings(
-    max_examples=10,
+    max_examples=6,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
