@@ -370,19 +370,7 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
             f"{source}:{_lines(node).get(('reconcile',), 1)}: reconcile.account: required "
             "(the repositories' AWS account) unless BRANCHBUILD_ALLOWED_ACCOUNTS names one"
         )
-    allowed = settings.allowed_accounts
-    if (
-        account is not None
-        and reconcile.repositories
-        and allowed
-        and not any(fnmatchcase(account, a) for a in allowed)
-    ):
-        # Its pushes would all be refused (decide's allow-list), silently: refuse the file.
-        line = _lines(node).get(("reconcile", "account"), 1)
-        raise ConfigurationError(
-            f"{source}:{line}: reconcile.account: {account!r} is not in "
-            "BRANCHBUILD_ALLOWED_ACCOUNTS (every push it reconciles would be refused)"
-        )
+    _check_reconcile(reconcile, account, settings, source, node)
     defaults = Rule.from_settings(settings)
     rules = tuple(
         (rule.repository, rule.resolve(defaults, index)) for index, rule in enumerate(model.rules)
@@ -415,6 +403,43 @@ def parse_config(text: str | bytes, source: str, settings: Settings) -> Pipeline
     )
     _check_key_spaces(config, model, source, node)
     return config
+
+
+def _check_reconcile(
+    reconcile: _Reconcile,
+    account: str | None,
+    settings: Settings,
+    source: str,
+    node: yaml.Node | None,
+) -> None:
+    """Refuse reconciliation of what the allow-lists refuse: every push it found there was
+    skipped in silence."""
+    allowed = settings.allowed_accounts
+    if account is not None and reconcile.repositories and allowed and account not in allowed:
+        # Its pushes would all be refused (decide's allow-list), silently: refuse the file.
+        line = _lines(node).get(("reconcile", "account"), 1)
+        raise ConfigurationError(
+            f"{source}:{line}: reconcile.account: {account!r} is not in "
+            "BRANCHBUILD_ALLOWED_ACCOUNTS (every push it reconciles would be refused)"
+        )
+    # Likewise a repository or region the allow-lists refuse: reconciliation skipped them.
+    for index, name in enumerate(reconcile.repositories):
+        patterns = settings.allowed_repositories
+        if patterns and not any(fnmatchcase(name, p) for p in patterns):
+            line = _lines(node).get(("reconcile", "repositories", index), 1)
+            raise ConfigurationError(
+                f"{source}:{line}: reconcile.repositories[{index}]: {name!r} is not allowed by "
+                "BRANCHBUILD_ALLOWED_REPOSITORIES (every push it reconciles would be refused)"
+            )
+    regions = settings.allowed_regions
+    chosen = reconcile.region or region()
+    if reconcile.repositories and regions and chosen:
+        if not any(fnmatchcase(chosen, p) for p in regions):
+            line = _lines(node).get(("reconcile", "region"), _lines(node).get(("reconcile",), 1))
+            raise ConfigurationError(
+                f"{source}:{line}: reconcile.region: {chosen!r} is not allowed by "
+                "BRANCHBUILD_ALLOWED_REGIONS (every push it reconciles would be refused)"
+            )
 
 
 def _check_key_spaces(

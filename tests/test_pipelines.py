@@ -73,6 +73,34 @@ def test_reconciliation_needs_the_repositories_account() -> None:
     assert config.reconcile_account == "444455556666"
 
 
+def test_reconciliation_the_allow_lists_would_refuse_is_refused() -> None:
+    """Every push reconciliation found for a repository, region or account the allow-lists
+    refuse was skipped in silence: the file is refused instead, naming the line."""
+    text = (
+        "version: 1\nrules: []\nreconcile:\n  account: '444455556666'\n"
+        "  region: eu-west-1\n  repositories: [shop, other]\n"
+    )
+    allowed = {"allowed_accounts": ("444455556666",)}
+    with pytest.raises(
+        ConfigurationError,
+        match=r"p.yaml:6: reconcile.repositories\[1\]: 'other' is not allowed by "
+        "BRANCHBUILD_ALLOWED_REPOSITORIES",
+    ):
+        parse_config(text, "p.yaml", settings(**allowed, allowed_repositories=("shop*",)))
+    with pytest.raises(
+        ConfigurationError, match=r"p.yaml:5: reconcile.region: 'eu-west-1' is not allowed"
+    ):
+        parse_config(text, "p.yaml", settings(**allowed, allowed_regions=("us-*",)))
+    with pytest.raises(ConfigurationError, match=r"p.yaml:4: reconcile.account: '444455556666'"):
+        parse_config(text, "p.yaml", settings(allowed_accounts=("111122223333",)))
+    config = parse_config(
+        text,
+        "p.yaml",
+        settings(**allowed, allowed_repositories=("shop", "oth*"), allowed_regions=("eu-*",)),
+    )
+    assert config.reconcile_repositories == ("shop", "other")
+
+
 def test_first_match_wins_and_the_environment_is_the_default() -> None:
     text = """
 version: 1
