@@ -29,7 +29,6 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -46,7 +45,7 @@ from .intake import work_message
 from .ledger import Entry, Ledger, archive_key
 from .metrics import Metrics
 from .pipelines import MergeStrategy, Pipelines, Rule
-from .pullrequests import open_targets, parse_pull_request
+from .pullrequests import open_targets, parse_pull_request, post_comment_once
 from .queue import Queue
 from .records import STATE_PREFIX, Document, Records
 from .settings import Settings
@@ -474,44 +473,15 @@ class MergeBuilds:
         token = hashlib.sha256(
             f"merge\0{pull_request_id}\0{data['commit']}\0{data['build_id']}".encode()
         ).hexdigest()
-        with translated(f"comment on pull request {pull_request_id}"):
-            try:
-                reply = await client.post_comment_for_pull_request(
-                    pullRequestId=pull_request_id,
-                    repositoryName=str(data["repository"]),
-                    beforeCommitId=str(data["destination_commit"]),
-                    afterCommitId=str(data["source_commit"]),
-                    content=content,
-                    clientRequestToken=token,
-                )
-                return reply["comment"]["commentId"]
-            except ClientError as exc:
-                if error_code(exc) != "IdempotencyParameterMismatchException":
-                    raise
-        # Posted before with other content (the record of it was lost): find it by its token.
-        # Every page: CodeCommit returns 100 comments at most (the first alone missed it).
-        pages = client.get_paginator("get_comments_for_pull_request").paginate(
-            pullRequestId=pull_request_id,
-            repositoryName=str(data["repository"]),
-            afterCommitId=str(data["source_commit"]),
+        return await post_comment_once(
+            client,
+            pull_request_id=pull_request_id,
+            repository=str(data["repository"]),
+            before=str(data["destination_commit"]),
+            after=str(data["source_commit"]),
+            content=content,
+            token=token,
         )
-        with translated(f"read the comments of pull request {pull_request_id}"):
-            found = await _comment_with_token(pages, token)
-        if found is None:
-            raise PermanentError(f"the comment posted with token {token} cannot be found")
-        # It shows what its poster rendered (another sync's, maybe older): this content.
-        with translated(f"update comment {found}"):
-            await client.update_comment(commentId=found, content=content)
-        return found
-
-
-async def _comment_with_token(pages: AsyncIterable[Any], token: str) -> str | None:
-    async for page in pages:
-        for group in page.get("commentsForPullRequestData", []):
-            for comment in group.get("comments", []):
-                if comment.get("clientRequestToken") == token and "commentId" in comment:
-                    return str(comment["commentId"])
-    return None
 
 
 def _same(data: Document, sides: Sides) -> bool:

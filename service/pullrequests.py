@@ -205,6 +205,54 @@ async def open_targets(
     return found
 
 
+async def post_comment_once(
+    client: CodeCommitClient,
+    *,
+    pull_request_id: str,
+    repository: str,
+    before: str,
+    after: str,
+    content: str,
+    token: str,
+) -> str:
+    """Post ``content`` as the comment of ``token`` (idempotent), or, when a comment was
+    posted with that token before (its record lost, or a concurrent writer's), find it on
+    every page of the pull request's comments and make it show ``content``: its id.
+
+    Raises:
+        TransientError: CodeCommit could not be reached (every failure is translated).
+        PermanentError: CodeCommit refused, or the token's comment cannot be found.
+    """
+    with translated(f"comment on pull request {pull_request_id}"):
+        try:
+            reply = await client.post_comment_for_pull_request(
+                pullRequestId=pull_request_id,
+                repositoryName=repository,
+                beforeCommitId=before,
+                afterCommitId=after,
+                content=content,
+                clientRequestToken=token,
+            )
+            return reply["comment"]["commentId"]
+        except ClientError as exc:
+            if error_code(exc) != "IdempotencyParameterMismatchException":
+                raise
+    pages = client.get_paginator("get_comments_for_pull_request").paginate(
+        pullRequestId=pull_request_id, repositoryName=repository, afterCommitId=after
+    )
+    with translated(f"read the comments of pull request {pull_request_id}"):
+        async for page in pages:
+            for group in page.get("commentsForPullRequestData", []):
+                for comment in group.get("comments", []):
+                    if comment.get("clientRequestToken") == token and "commentId" in comment:
+                        if comment.get("content") != content:  # it shows another state
+                            await client.update_comment(
+                                commentId=comment["commentId"], content=content
+                            )
+                        return comment["commentId"]
+    raise PermanentError(f"the comment posted with token {token} cannot be found")
+
+
 def comment_token(pull_request_id: str, commit: str, build_id: str) -> str:
     return hashlib.sha256(f"{pull_request_id}\0{commit}\0{build_id}".encode()).hexdigest()
 
@@ -419,40 +467,15 @@ class PullRequests:
     async def _post(
         self, client: CodeCommitClient, doc: Document, target: Target, content: str
     ) -> str:
-        token = comment_token(target.pull_request_id, str(doc["commit"]), str(doc["build_id"]))
-        # Every failure is translated (a read timeout too), but the one code that means "posted
-        # before": then the comment is found by its token.
-        with translated(f"comment on pull request {target.pull_request_id}"):
-            try:
-                reply = await client.post_comment_for_pull_request(
-                    pullRequestId=target.pull_request_id,
-                    repositoryName=str(doc["repository"]),
-                    beforeCommitId=target.destination_commit,
-                    afterCommitId=target.source_commit,
-                    content=content,
-                    clientRequestToken=token,
-                )
-                return reply["comment"]["commentId"]
-            except ClientError as exc:
-                if error_code(exc) != "IdempotencyParameterMismatchException":
-                    raise
-        # Posted before with other content (the record of it was lost): find it by its token.
-        pages = client.get_paginator("get_comments_for_pull_request").paginate(
-            pullRequestId=target.pull_request_id,
-            repositoryName=str(doc["repository"]),
-            afterCommitId=target.source_commit,
+        return await post_comment_once(
+            client,
+            pull_request_id=target.pull_request_id,
+            repository=str(doc["repository"]),
+            before=target.destination_commit,
+            after=target.source_commit,
+            content=content,
+            token=comment_token(target.pull_request_id, str(doc["commit"]), str(doc["build_id"])),
         )
-        with translated(f"read the comments of pull request {target.pull_request_id}"):
-            async for page in pages:
-                for group in page.get("commentsForPullRequestData", []):
-                    for comment in group.get("comments", []):
-                        if comment.get("clientRequestToken") == token and "commentId" in comment:
-                            if comment.get("content") != content:  # it shows an earlier state
-                                await client.update_comment(
-                                    commentId=comment["commentId"], content=content
-                                )
-                            return comment["commentId"]
-        raise PermanentError(f"the comment posted with token {token} cannot be found")
 
     async def _approval(
         self, client: CodeCommitClient, archive: str, doc: Document, target: Target, status: str
